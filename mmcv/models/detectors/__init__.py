@@ -1,0 +1,1 @@
+"""Detectors registered in the standalone world."""
