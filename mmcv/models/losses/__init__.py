@@ -1,1 +1,3 @@
 """Distillation losses."""
+from .kd_losses import (  # noqa: F401
+    AttentionDistillLoss, CombinedKDLoss, FeatureDistillLoss, OutputDistillLoss, VLDistillLoss)
