@@ -218,6 +218,23 @@ def test_combined_uses_the_head_map_of_each_block():
     assert float(wrong["attention_distill_loss"]) > 0.0
 
 
+def test_combined_falls_back_to_the_head_map_recorded_in_the_taps():
+    s_taps, t_taps = _taps(heads=2, seed=0, blocks=(1,)), _taps(heads=4, seed=1, blocks=(1,))
+    t_taps.attn_logits[1][:, 3] = s_taps.attn_logits[1][:, 0]
+    t_taps.attn_logits[1][:, 2] = s_taps.attn_logits[1][:, 1]
+    loss = CombinedKDLoss(feature_distill_weight=0, output_distill_weight=0)
+    s_taps.head_map = [[0, 1], [3, 2]]
+    t_taps.head_map = [[0, 1, 2, 3], [0, 1, 2, 3]]
+    assert float(loss(s_taps, t_taps)["attention_distill_loss"]) == 0.0
+    # a teacher that itself keeps a subset: pairing goes through the original head indices
+    t_taps.head_map = [[0, 1, 2, 3], [5, 7, 3, 9]]
+    s_taps.head_map = [[0, 1], [9, 3]]
+    assert float(loss(s_taps, t_taps)["attention_distill_loss"]) == 0.0
+    s_taps.head_map = [[0, 1], [9, 4]]
+    with pytest.raises(ValueError, match=r"block 1.*\[4\] are not among the teacher's heads"):
+        loss(s_taps, t_taps)
+
+
 # ------------------------------------------------------------------ precision and gradients
 def test_losses_run_in_fp32_under_bf16_autocast():
     s_taps, t_taps = _taps(seed=0), _taps(seed=1)

@@ -490,16 +490,50 @@ class CombinedKDLoss(nn.Module):
                     s_index[b].to(t_index[b].device), t_index[b]):
                 raise ValueError(f"CombinedKDLoss attention (block {b}): teacher and student sampled "
                                  f"different query rows; pass the student's query_index to the teacher")
+        if head_map is None:
+            head_map = self._head_map_from_taps(student_taps, teacher_taps, blocks)
         return self.attention_loss(s_logits, t_logits, head_map)
+
+    @staticmethod
+    def _head_map_from_taps(student_taps: Any, teacher_taps: Any,
+                            blocks: List[int]) -> Optional[Dict[int, List[int]]]:
+        """Pairing from the taps' own ``head_map`` (original head index of each recorded head).
+
+        Student head ``j`` of block ``l`` is paired with the teacher head that
+        carries the same original index; ``None`` when the student taps have
+        no head map (then heads pair one to one).
+        """
+        s_map = _taps_field(student_taps, "head_map")
+        if not s_map:
+            return None
+        t_map = _taps_field(teacher_taps, "head_map")
+        pairing = {}  # type: Dict[int, List[int]]
+        for b in blocks:
+            if b >= len(s_map):
+                raise ValueError(f"CombinedKDLoss attention (block {b}): the student taps' head_map "
+                                 f"covers {len(s_map)} blocks")
+            heads = [int(h) for h in s_map[b]]
+            if t_map:
+                position = {int(h): i for i, h in enumerate(t_map[b])}
+                missing = [h for h in heads if h not in position]
+                if missing:
+                    raise ValueError(f"CombinedKDLoss attention (block {b}): student heads {missing} "
+                                     f"are not among the teacher's heads {list(t_map[b])}")
+                heads = [position[h] for h in heads]
+            pairing[b] = heads
+        return pairing
 
     def forward(self, student_taps: Any, teacher_taps: Any, head_map: Union[HeadMap, None] = None,
                 student_vl_tokens: Optional[Tensor] = None,
                 teacher_vl_tokens: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """Distillation parts and ``backbone_distill_loss`` from two ``BackboneTaps``.
 
-        ``head_map[l][j]`` is the teacher head of student head ``j`` in block
-        ``l`` (the student backbone's ``selected_heads``); ``None`` pairs heads
-        one to one and is only accepted when the head counts match.
+        ``head_map[l][j]`` is the teacher head (index into the teacher logits'
+        head dimension) of student head ``j`` in block ``l``: the student
+        backbone's ``selected_heads`` when the teacher keeps all heads. With
+        ``None`` the pairing comes from the taps' own ``head_map`` (student head
+        ``j`` <-> the teacher head with the same original index) and, when the
+        taps carry none, heads pair one to one (only if the head counts match).
         """
         s_feats = _taps_field(student_taps, "features")
         t_feats = _taps_field(teacher_taps, "features")
