@@ -1,0 +1,300 @@
+"""EVAViTStudent: exact equivalence with ORION's arithmetic, exact pruning, loading, taps, training modes."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from mmcv.models.backbones.eva_vit import EVAViT
+from mmcv.models.backbones.eva_vit_student import EVAViTStudent
+from mmcv.models.builder import build_backbone
+from tests.eva_reference import masked_teacher_mask, reference_forward
+
+SMALL = dict(img_size=112, patch_size=16, embed_dim=128, depth=3, window_size=4, window_block_indexes=(0, 1),
+             mlp_ratio=4 * 2 / 3, qkv_bias=True, pretrain_img_size=224)
+HEADS = 8
+ORION_L = dict(img_size=640, patch_size=16, window_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+               mlp_ratio=4 * 2 / 3, qkv_bias=True, drop_path_rate=0.3, flash_attn=True, with_cp=True, frozen=False,
+               window_block_indexes=[i for i in range(24) if i % 3 != 2])
+
+
+def make_teacher(seed: int = 0, **overrides) -> EVAViT:
+    torch.manual_seed(seed)
+    cfg = dict(SMALL, num_heads=HEADS, **overrides)
+    model = EVAViT(**cfg).eval()
+    with torch.no_grad():  # non-trivial biases and norms so that every parameter matters
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def ref(model_sd, img, subln=False, head_mask=None):
+    return reference_forward(model_sd, img, depth=SMALL["depth"], num_heads=HEADS, patch_size=16,
+                             window_size=SMALL["window_size"], window_block_indexes=SMALL["window_block_indexes"],
+                             subln=subln, head_mask=head_mask, img_size=SMALL["img_size"])
+
+
+def random_selection(rng: random.Random, counts):
+    return [sorted(rng.sample(range(HEADS), n)) for n in counts]
+
+
+@pytest.fixture(scope="module")
+def image():
+    torch.manual_seed(123)
+    return torch.randn(2, 3, 112, 112)
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "math"])
+def test_teacher_equals_independent_reference_with_padding_and_pos_resize(image, attn_impl):
+    teacher = make_teacher(attn_impl=attn_impl)
+    out = teacher(image)
+    assert isinstance(out, list) and len(out) == 1 and out[0].shape == (2, 128, 7, 7)
+    expected = ref(teacher.state_dict(), image)
+    assert (out[0].double() - expected).abs().max().item() <= 1e-5
+
+
+def test_full_student_loads_orion_keys_unchanged_and_matches_teacher(image):
+    teacher = make_teacher()
+    student = EVAViTStudent(**SMALL, num_heads=HEADS, teacher_num_heads=HEADS).eval()
+    result = student.load_state_dict(teacher.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(student(image)[0], teacher(image)[0])
+    other = EVAViTStudent(**SMALL, num_heads=HEADS, teacher_num_heads=HEADS).eval()
+    report = other.load_from_teacher({"state_dict": {"module.img_backbone." + k: v
+                                                     for k, v in teacher.state_dict().items()}})
+    assert report["sliced"] > 0
+    assert torch.equal(other(image)[0], teacher(image)[0])
+
+
+@pytest.mark.parametrize("counts", [[4, 4, 4], [1, 5, 7], [8, 2, 3]])
+def test_pruned_student_equals_teacher_with_other_heads_masked(image, counts):
+    teacher = make_teacher(seed=1)
+    selection = random_selection(random.Random(sum(counts)), counts)
+    student = EVAViTStudent(**SMALL, num_heads=counts, teacher_num_heads=HEADS,
+                            selected_heads_per_layer=selection).eval()
+    student.load_from_teacher(teacher.state_dict())
+    assert student.selected_heads == selection
+    out = student(image)[0].double()
+    expected = ref(teacher.state_dict(), image, head_mask=masked_teacher_mask(3, HEADS, selection))
+    assert (out - expected).abs().max().item() <= 1e-5
+    mask = masked_teacher_mask(3, HEADS, selection).float()
+    assert (out - teacher(image, head_mask=mask)[0].double()).abs().max().item() <= 1e-5
+
+
+def test_subln_slices_inner_layernorm_and_matches_its_own_reference(image):
+    teacher = make_teacher(seed=2, subln=True)
+    selection = [[0, 3, 5, 6], [1, 2, 4, 7], [0, 1, 2, 3]]
+    student = EVAViTStudent(**SMALL, subln=True, num_heads=4, teacher_num_heads=HEADS,
+                            selected_heads_per_layer=selection).eval()
+    student.load_from_teacher(teacher.state_dict())
+    t_sd, s_sd = teacher.state_dict(), student.state_dict()
+    for layer, heads in enumerate(selection):
+        rows = torch.cat([torch.arange(h * 16, (h + 1) * 16) for h in heads])
+        for name in ("inner_attn_ln.weight", "inner_attn_ln.bias", "q_proj.weight", "v_bias"):
+            key = f"blocks.{layer}.attn.{name}"
+            assert torch.equal(s_sd[key], t_sd[key][rows])
+        key = f"blocks.{layer}.attn.proj.weight"
+        assert torch.equal(s_sd[key], t_sd[key][:, rows])
+    assert (teacher(image)[0].double() - ref(t_sd, image, subln=True)).abs().max().item() <= 1e-5
+    # With subln the inner LayerNorm normalises over the kept heads only, so the pruned block is
+    # NOT the masked teacher (documented in README_KD.md): the outputs must differ.
+    masked = ref(t_sd, image, subln=True, head_mask=masked_teacher_mask(3, HEADS, selection))
+    assert (student(image)[0].double() - masked).abs().max().item() > 1e-3
+
+
+def test_orion_l_keys_shapes_and_parameter_counts_on_meta_device():
+    with torch.device("meta"):
+        teacher = build_backbone(dict(type="EVAViT", **ORION_L))
+        student = build_backbone(dict(type="EVAViTStudent", teacher_num_heads=16, **dict(ORION_L, num_heads=8)))
+    t_sd, s_sd = teacher.state_dict(), student.state_dict()
+    assert len(t_sd) == 511
+    head_keys = [k for k in s_sd if k.endswith(".attn.head_index")]
+    assert len(head_keys) == 24 and set(s_sd) - set(head_keys) == set(t_sd)
+    assert t_sd["pos_embed"].shape == (1, 197, 1024)
+    assert t_sd["patch_embed.proj.weight"].shape == (1024, 3, 16, 16)
+    assert t_sd["rope_win.freqs_cos"].shape == (256, 64) and t_sd["rope_glb.freqs_sin"].shape == (1600, 64)
+    assert t_sd["blocks.0.attn.rope.freqs_cos"].shape == (256, 64)
+    assert t_sd["blocks.2.attn.rope.freqs_cos"].shape == (1600, 64)
+    assert t_sd["blocks.5.mlp.w1.weight"].shape == (2730, 1024) and t_sd["blocks.5.mlp.ffn_ln.bias"].shape == (2730,)
+    assert t_sd["blocks.5.mlp.w3.weight"].shape == (1024, 2730)
+    assert "blocks.0.attn.k_bias" not in t_sd
+    assert s_sd["blocks.7.attn.q_proj.weight"].shape == (512, 1024)
+    assert s_sd["blocks.7.attn.v_bias"].shape == (512,)
+    assert s_sd["blocks.7.attn.proj.weight"].shape == (1024, 512)
+    assert s_sd["blocks.7.attn.proj.bias"].shape == (1024,)
+    assert round(sum(p.numel() for p in teacher.parameters()) / 1e6, 1) == 303.4
+    assert round(sum(p.numel() for p in student.parameters()) / 1e6, 1) == 253.0
+    assert round(teacher.analytic_macs() / 1e9, 1) == 592.9
+    assert round(teacher.analytic_macs() / student.analytic_macs(), 3) == 1.294
+
+
+def test_rope_tables_equal_the_formula():
+    from tests.eva_reference import rope_tables
+    model = make_teacher()
+    cos, sin = rope_tables(16, 4)
+    assert torch.allclose(model.rope_win.freqs_cos.double(), cos, atol=1e-6)
+    assert torch.allclose(model.rope_win.freqs_sin.double(), sin, atol=1e-6)
+    assert model.blocks[0].attn.rope is model.rope_win and model.blocks[2].attn.rope is model.rope_glb
+
+
+def test_taps_record_block_outputs_and_scaled_rope_logits(image):
+    teacher = make_teacher(seed=3)
+    selection = [[1, 3, 4, 6], [0, 2, 5, 7], [2, 3, 4, 5]]
+    student = EVAViTStudent(**SMALL, num_heads=4, teacher_num_heads=HEADS, selected_heads_per_layer=selection).eval()
+    student.load_from_teacher(teacher.state_dict())
+    gen = torch.Generator().manual_seed(7)
+    s_taps = student.forward_with_taps(image, hidden_blocks=(0, 2), attn_blocks=(1, 2), num_query_samples=5,
+                                       generator=gen)
+    t_taps = teacher.forward_with_taps(image, hidden_blocks=(0, 2), attn_blocks=(1, 2),
+                                       query_index=s_taps.query_index)
+    assert torch.equal(s_taps.features[0], student(image)[0])
+    assert s_taps.hidden_states[2].shape == (2, 7, 7, 128)
+    assert torch.allclose(s_taps.hidden_states[2].permute(0, 3, 1, 2), s_taps.features[0])
+    # window block 1: 4 windows per image of 16 tokens (padding included); global block 2: 49 tokens
+    assert s_taps.attn_logits[1].shape == (8, 4, 5, 16) and t_taps.attn_logits[1].shape == (8, 8, 5, 16)
+    assert s_taps.attn_logits[2].shape == (2, 4, 5, 49)
+    assert s_taps.head_map == selection
+    # Block 0 is identical in both models except for pruned heads' outputs; block 1's input therefore
+    # differs, so compare logits at block 0 via a dedicated tap where inputs are equal.
+    s0 = student.forward_with_taps(image, attn_blocks=(0,), num_query_samples=6, generator=torch.Generator().manual_seed(1))
+    t0 = teacher.forward_with_taps(image, attn_blocks=(0,), query_index=s0.query_index)
+    assert torch.allclose(s0.attn_logits[0], t0.attn_logits[0][:, selection[0]], atol=1e-6)
+    again = student.forward_with_taps(image, attn_blocks=(1, 2), num_query_samples=5,
+                                      generator=torch.Generator().manual_seed(7))
+    assert all(torch.equal(again.query_index[b], s_taps.query_index[b]) for b in (1, 2))
+
+
+def test_taps_logits_equal_reference_scores(image):
+    from tests.eva_reference import apply_rope, layer_norm, rope_tables
+    teacher = make_teacher(seed=4)
+    taps = teacher.forward_with_taps(image, hidden_blocks=(1,), attn_blocks=(2,), num_query_samples=3,
+                                     generator=torch.Generator().manual_seed(0))
+    sd = {k: v.double() for k, v in teacher.state_dict().items()}
+    x = taps.hidden_states[1][0].double().reshape(49, 128)
+    y = layer_norm(x, sd["blocks.2.norm1.weight"], sd["blocks.2.norm1.bias"])
+    cos, sin = rope_tables(16, 7)
+    q = y @ sd["blocks.2.attn.q_proj.weight"].T + sd["blocks.2.attn.q_bias"]
+    k = y @ sd["blocks.2.attn.k_proj.weight"].T
+    rows = taps.query_index[2]
+    for h in range(HEADS):
+        sl = slice(16 * h, 16 * h + 16)
+        logits = apply_rope(q[:, sl], cos, sin)[rows] @ apply_rope(k[:, sl], cos, sin).T / 4.0
+        assert (taps.attn_logits[2][0, h].double() - logits).abs().max().item() <= 1e-5
+
+
+def test_head_mask_is_differentiable(image):
+    teacher = make_teacher()
+    mask = torch.ones(3, HEADS, requires_grad=True)
+    teacher(image, head_mask=mask)[0].pow(2).mean().backward()
+    assert mask.grad is not None and mask.grad.abs().sum() > 0 and mask.grad.shape == (3, HEADS)
+
+
+def test_with_cp_gradients_reach_every_block_with_frozen_patch_embedding(image):
+    plain = make_teacher(seed=5, drop_path_rate=0.0).train()
+    ckpt = make_teacher(seed=5, drop_path_rate=0.0, with_cp=True).train()
+    for model in (plain, ckpt):
+        model.patch_embed.requires_grad_(False)
+        model.pos_embed.requires_grad_(False)
+        model(image)[0].pow(2).mean().backward()
+    for (name, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        if name.startswith("blocks."):
+            assert q.grad is not None, name
+            assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
+def test_drop_path_only_in_training_and_frozen_stays_eval(image):
+    model = make_teacher(seed=6, drop_path_rate=0.9)
+    model.eval()
+    a, b = model(image)[0], model(image)[0]
+    assert torch.equal(a, b)
+    model.train()
+    torch.manual_seed(0)
+    c = model(image)[0]
+    assert not torch.allclose(a, c)
+    frozen = EVAViTStudent(**SMALL, num_heads=HEADS, teacher_num_heads=HEADS, drop_path_rate=0.9, frozen=True)
+    frozen.train()
+    assert not frozen.training and not any(m.training for m in frozen.modules())
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_bf16_forward_on_cpu(image):
+    model = make_teacher()
+    out32 = model(image)[0]
+    out16 = model.to(torch.bfloat16)(image.to(torch.bfloat16))[0]
+    assert out16.dtype == torch.bfloat16
+    rel = (out16.float() - out32).norm() / out32.norm()
+    assert rel < 0.05
+
+
+def test_head_index_is_saved_and_checked_on_load():
+    selection = [[0, 1, 2, 3]] * 3
+    a = EVAViTStudent(**SMALL, num_heads=4, teacher_num_heads=HEADS, selected_heads_per_layer=selection)
+    sd = a.state_dict()
+    assert sd["blocks.1.attn.head_index"].tolist() == [0, 1, 2, 3]
+    b = EVAViTStudent(**SMALL, num_heads=4, teacher_num_heads=HEADS,
+                      selected_heads_per_layer=[[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]])
+    with pytest.raises(RuntimeError, match=r"blocks.1.attn.head_index: checkpoint keeps teacher heads \[0, 1, 2, 3\]"):
+        b.load_state_dict(sd)
+
+
+def test_load_from_teacher_path_uses_weights_only(tmp_path):
+    teacher = make_teacher()
+    path = tmp_path / "orion.pth"
+    torch.save({"meta": {"epoch": 1}, "state_dict": {"img_backbone." + k: v for k, v in teacher.state_dict().items()}},
+               path)
+    student = EVAViTStudent(**SMALL, num_heads=4, teacher_num_heads=HEADS)
+    report = student.load_from_teacher(str(path))
+    assert report["source"] == str(path)
+    assert torch.equal(student.state_dict()["blocks.0.attn.q_proj.weight"],
+                       teacher.state_dict()["blocks.0.attn.q_proj.weight"][:64])
+    bad = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "obj": random.Random()}, bad)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        student.load_from_teacher(str(bad))
+
+
+def test_load_errors_name_key_expected_and_got(tmp_path):
+    teacher = make_teacher()
+    sd = teacher.state_dict()
+    shallow = EVAViTStudent(**dict(SMALL, depth=2, window_block_indexes=(0,)), num_heads=4, teacher_num_heads=HEADS)
+    with pytest.raises(ValueError, match=r"unexpected 21 key\(s\), e.g. \['blocks.2"):
+        shallow.load_from_teacher(sd)
+    student = EVAViTStudent(**SMALL, num_heads=4, teacher_num_heads=HEADS)
+    missing = {k: v for k, v in sd.items() if k != "blocks.1.mlp.w3.bias"}
+    with pytest.raises(ValueError, match=r"missing 1 key\(s\), e.g. \['blocks.1.mlp.w3.bias'\]"):
+        student.load_from_teacher(missing)
+    wide = dict(sd)
+    wide["blocks.0.mlp.w1.weight"] = torch.zeros(99, 128)
+    with pytest.raises(ValueError, match=r"blocks.0.mlp.w1.weight: expected shape \(341, 128\), got \(99, 128\)"):
+        student.load_from_teacher(wide)
+    narrow = dict(sd)
+    narrow["blocks.2.attn.q_proj.weight"] = torch.zeros(64, 128)
+    with pytest.raises(ValueError, match=r"blocks.2.attn.q_proj.weight: expected 128 = 8 heads x 16 along dim 0"):
+        student.load_from_teacher(narrow)
+    pruned = EVAViTStudent(**SMALL, num_heads=HEADS, teacher_num_heads=HEADS).state_dict()
+    pruned["blocks.0.attn.head_index"] = torch.tensor([0, 2])
+    with pytest.raises(ValueError, match="already pruned"):
+        student.load_from_teacher(pruned)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nope.pth"):
+        student.load_from_teacher(str(tmp_path / "nope.pth"))
+    with pytest.raises(ValueError, match="no tensors found"):
+        student.load_from_teacher({"state_dict": {"meta": 1}})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_heads=4, selected_heads_per_layer=[[0, 1, 2, 3]] * 2), "expected 3 blocks, got 2"),
+    (dict(num_heads=4, selected_heads_per_layer=[[0, 1, 2, 9]] * 3), r"expected indices in \[0, 8\)"),
+    (dict(num_heads=4, selected_heads_per_layer=[[0, 1, 1, 2]] * 3), "duplicate head indices"),
+    (dict(num_heads=4, selected_heads_per_layer=[[3, 1, 2, 0]] * 3), "expected sorted indices"),
+    (dict(num_heads=2, selected_heads_per_layer=[[0, 1, 2]] * 3), "keeps 3 heads but num_heads says 2"),
+    (dict(num_heads=[4, 4], selected_heads_per_layer=None), r"one count per block \(3\), got 2"),
+    (dict(num_heads=0), r"expected 1..8 \(teacher_num_heads\), got 0"),
+    (dict(num_heads=[4, [], 4], selected_heads_per_layer=None), "expected an int or one int per block"),
+    (dict(num_heads=4, selected_heads_per_layer=[[0, 1, 2, 3], [], [0, 1, 2, 3]]), "at least one head"),
+    (dict(num_heads=4, attn_impl="flash"), "attn_impl"),
+])
+def test_invalid_head_configurations_are_refused(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        EVAViTStudent(**SMALL, teacher_num_heads=HEADS, **kwargs)
