@@ -1,0 +1,94 @@
+"""The ORION-KD plugin manifest: the one list of files the overlay copies into ORION.
+
+Everything that decides *what* goes into an ORION checkout lives here, so the
+installer, the setup check and the Python-3.8 compatibility tests agree. This
+module is standalone-only, imports nothing but the standard library, and must
+stay importable without any plugin file existing (they are checked when used).
+Python 3.8 compatible: the installer may run under ORION's own interpreter.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+#: Root of the ORION-KD checkout that holds this file (``tools/..``).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Files copied into ORION, as POSIX paths relative to the repository root.
+#: The same relative path is used inside the ORION checkout.
+PLUGIN_FILES: Tuple[str, ...] = (
+    "mmcv/models/backbones/eva_vit_student.py",
+    "mmcv/models/detectors/orion_student.py",
+    "mmcv/models/losses/kd_losses.py",
+    "adzoo/orion/apis/train_kd.py",
+    "adzoo/orion/train_kd.py",
+    "adzoo/orion/orion_dist_train.sh",
+    "adzoo/orion/configs/orion_stage3_kd_train.py",
+    "tools/head_pruning_utils.py",
+)
+
+#: Modules the KD config registers through ``custom_imports`` (in this order).
+CUSTOM_IMPORTS: Tuple[str, ...] = (
+    "mmcv.models.backbones.eva_vit_student",
+    "mmcv.models.detectors.orion_student",
+    "mmcv.models.losses.kd_losses",
+)
+
+#: Registry type names each custom-import module must register.
+REGISTERED_TYPES: Dict[str, Tuple[str, ...]] = {
+    "mmcv.models.backbones.eva_vit_student": ("EVAViTStudent",),
+    "mmcv.models.detectors.orion_student": ("OrionStudent",),
+    "mmcv.models.losses.kd_losses": ("CombinedKDLoss",),
+}
+
+#: Files that must exist in a checkout for it to count as ORION.
+ORION_MARKERS: Tuple[str, ...] = ("mmcv/models/builder.py", "adzoo")
+
+#: Name of the install record written into the ORION root.
+RECORD_NAME = ".orion_kd_install.json"
+
+#: Folder (in the ORION root) holding ORION's originals replaced under ``--force``.
+BACKUP_DIR_NAME = ".orion_kd_backup"
+
+
+def module_to_path(module: str) -> str:
+    """Relative source path of a dotted module name (``a.b.c`` -> ``a/b/c.py``)."""
+    return module.replace(".", "/") + ".py"
+
+
+def plugin_python_files() -> List[str]:
+    """Manifest entries that are Python files (the ones checked for Python 3.8)."""
+    return [p for p in PLUGIN_FILES if p.endswith(".py")]
+
+
+def custom_imports_line(modules: Tuple[str, ...] = CUSTOM_IMPORTS) -> str:
+    """The ``custom_imports`` line an ORION config needs to register the plugin."""
+    names = ", ".join(repr(m) for m in modules)
+    return "custom_imports = dict(imports=[{}], allow_failed_imports=False)".format(names)
+
+
+def missing_sources(source_root: Path = REPO_ROOT, files: Tuple[str, ...] = PLUGIN_FILES) -> List[str]:
+    """Manifest entries that do not exist as regular files under ``source_root``."""
+    return [rel for rel in files if not (Path(source_root) / rel).is_file()]
+
+
+def _self_check() -> None:
+    """Fail at import if the manifest contradicts itself (a custom import not shipped)."""
+    for module in CUSTOM_IMPORTS:
+        if module_to_path(module) not in PLUGIN_FILES:
+            raise RuntimeError(
+                "plugin manifest: custom import {!r} expects file {!r} in PLUGIN_FILES, "
+                "which does not list it".format(module, module_to_path(module)))
+        if module not in REGISTERED_TYPES:
+            raise RuntimeError("plugin manifest: no REGISTERED_TYPES entry for {!r}".format(module))
+    if len(set(PLUGIN_FILES)) != len(PLUGIN_FILES):
+        raise RuntimeError("plugin manifest: PLUGIN_FILES lists a file twice")
+
+
+_self_check()
+
+__all__ = [
+    "REPO_ROOT", "PLUGIN_FILES", "CUSTOM_IMPORTS", "REGISTERED_TYPES", "ORION_MARKERS",
+    "RECORD_NAME", "BACKUP_DIR_NAME", "module_to_path", "plugin_python_files",
+    "custom_imports_line", "missing_sources",
+]
