@@ -1,1 +1,2 @@
 """Detectors registered in the standalone world."""
+from .orion_student import OrionStudent  # noqa: F401

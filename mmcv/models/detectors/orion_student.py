@@ -1,0 +1,513 @@
+"""OrionStudent: ORION with a head-pruned backbone that learns from a frozen copy of the original.
+
+``OrionStudent(base_detector='Orion', ...)`` builds a real subclass of the base detector (ORION's
+registered ``Orion`` in an ORION checkout, ``TinyOrion`` in the miniature world), so ORION's own
+test and inference code works on it. Only ``img_backbone.*`` trains; the neck, heads, LLM and the
+teacher backbone stay frozen and in eval mode. One training step:
+
+    student backbone (inside the base forward, input captured after GridMask) -> task losses
+    teacher backbone (same input, no autograd)                                -> taps
+    CombinedKDLoss(student taps, teacher taps)                                -> distillation parts
+    total_loss = (1 - alpha) * task_loss + alpha * backbone_distill_loss
+
+``_parse_losses`` is overridden so that the optimised loss IS ``total_loss`` (ORION's version
+sums every key containing 'loss'). This file is a plugin: Python 3.8, torch 2.0-2.4, no mmengine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import OrderedDict
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from mmcv.models.backbones.eva_vit_student import (HEAD_INDEX_KEY, EVAViTStudent, load_checkpoint_file,
+                                                   resolve_head_selection)
+from mmcv.models.builder import DETECTORS, build_backbone, build_loss
+
+KD_CONFIG_KEYS = {
+    "teacher_backbone_path": None,
+    "distillation_alpha": None,
+    "alpha_schedule": "step",
+    "warmup_alpha": 0.8,
+    "finetune_alpha": 0.6,
+    "warmup_epochs": 1,
+    "distillation_temperature": 3.0,
+    "feature_distill_weight": 0.5,
+    "attention_distill_weight": 0.3,
+    "output_distill_weight": 0.2,
+    "vl_distill_weight": 0.0,
+    "freeze_non_backbone": True,
+    "pruning_ratio": None,
+    "teacher_dtype": None,
+}
+_HEAD_SLICED_ROWS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "q_bias", "v_bias",
+                     "inner_attn_ln.weight", "inner_attn_ln.bias")
+_TRAINABLE_PREFIX = "img_backbone."
+_AUGMENTATION_CHILDREN = ("img_backbone", "grid_mask")
+
+
+def _student_class_for(base: type) -> type:
+    """The (cached) class that is both OrionStudent and ``base``."""
+    cached = OrionStudent._specialised.get(base)
+    if cached is None:
+        cached = type("OrionStudent", (OrionStudent, base), {"__module__": __name__, "__qualname__": "OrionStudent",
+                                                              "base_detector_cls": base})
+        OrionStudent._specialised[base] = cached
+    return cached
+
+
+def _resolve_base(base_detector: Union[str, type]) -> type:
+    if isinstance(base_detector, type):
+        return base_detector
+    base = DETECTORS.get(base_detector)
+    if base is None:
+        raise KeyError(f"OrionStudent: base_detector {base_detector!r} is not registered in DETECTORS; in an "
+                       f"ORION checkout use 'Orion' (import ORION's mmcv.models first), standalone use 'TinyOrion'")
+    if isinstance(base, type) and issubclass(base, OrionStudent):
+        raise ValueError("OrionStudent: base_detector must be the plain detector, not OrionStudent")
+    return base
+
+
+def load_pruning_config(source: Union[str, os.PathLike, Mapping[str, Any], Sequence[Sequence[int]]]
+                        ) -> List[List[int]]:
+    """Per-block head lists from a pruning-config JSON file, its dict, or the lists themselves."""
+    label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "pruning_config"
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(label):
+            raise FileNotFoundError(f"pruning_config: file not found: {label}")
+        with open(label) as handle:
+            source = json.load(handle)
+    if isinstance(source, Mapping):
+        if "selected_heads_per_layer" not in source:
+            raise ValueError(f"{label}: expected key 'selected_heads_per_layer', got keys {sorted(source)}")
+        source = source["selected_heads_per_layer"]
+    if not isinstance(source, (list, tuple)) or not all(isinstance(h, (list, tuple)) for h in source):
+        raise ValueError(f"{label}: expected one list of head indices per block, got {type(source).__name__}")
+    return [list(heads) for heads in source]
+
+
+def magnitude_head_selection(backbone_state: Mapping[str, torch.Tensor], depth: int, teacher_num_heads: int,
+                             num_heads: Sequence[int]) -> Tuple[List[List[int]], torch.Tensor]:
+    """Keep, per block, the heads whose q/k/v weight rows have the largest joint L2 norm."""
+    scores = []
+    for layer in range(depth):
+        rows = [backbone_state[f"blocks.{layer}.attn.{p}_proj.weight"].float() for p in "qkv"]
+        per_head = sum(w.reshape(teacher_num_heads, -1).pow(2).sum(-1) for w in rows)
+        scores.append(per_head.sqrt())
+    scores = torch.stack(scores)
+    selection = [sorted(scores[layer].topk(num_heads[layer]).indices.tolist()) for layer in range(depth)]
+    return selection, scores
+
+
+@DETECTORS.register_module()
+class OrionStudent(nn.Module):
+    """Knowledge-distillation wrapper that IS the base detector with a pruned ``img_backbone``.
+
+    Args:
+        base_detector: registered name (or class) of the detector to extend.
+        teacher_backbone_path: ORION checkpoint holding the unpruned model (read once, memory-mapped):
+            fills the teacher backbone, the sliced student backbone and every frozen part.
+        freeze_non_backbone: only ``img_backbone.*`` requires gradients (the guide's setting).
+        kd_config: the guide's KD keys (see ``KD_CONFIG_KEYS``; unknown keys are errors).
+        distillation_loss: a ``CombinedKDLoss`` config (weights/temperature default to ``kd_config``).
+        pruning_config: JSON file / dict / lists with ``selected_heads_per_layer``; without it (and
+            without ``img_backbone.selected_heads_per_layer``) heads are chosen by q/k/v magnitude.
+        teacher_backbone: config of the teacher backbone; default: the student's config with every
+            head kept (``EVAViTStudent``, ORION's arithmetic on the fused attention path).
+        load_base_weights: fill the frozen parts from the teacher checkpoint (default True).
+        **base_kwargs: everything the base detector takes (``img_backbone`` included).
+    """
+
+    _specialised: Dict[type, type] = {}
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "OrionStudent":
+        if cls is OrionStudent:
+            cls = _student_class_for(_resolve_base(kwargs.get("base_detector", "Orion")))
+        return super().__new__(cls)
+
+    def __init__(self, base_detector: Union[str, type] = "Orion", teacher_backbone_path: Optional[str] = None,
+                 freeze_non_backbone: Optional[bool] = None, kd_config: Optional[Mapping[str, Any]] = None,
+                 distillation_loss: Optional[Mapping[str, Any]] = None,
+                 pruning_config: Union[str, Mapping[str, Any], Sequence[Sequence[int]], None] = None,
+                 teacher_backbone: Optional[Mapping[str, Any]] = None, load_base_weights: bool = True,
+                 img_backbone: Optional[Mapping[str, Any]] = None, **base_kwargs: Any) -> None:
+        kd = self._resolve_kd_config(kd_config, teacher_backbone_path, freeze_non_backbone)
+        if img_backbone is None or img_backbone.get("type") != "EVAViTStudent":
+            raise ValueError(f"OrionStudent: img_backbone must be dict(type='EVAViTStudent', ...), got "
+                             f"{None if img_backbone is None else img_backbone.get('type')!r}")
+        if not kd["teacher_backbone_path"]:
+            raise ValueError("OrionStudent: teacher_backbone_path is required (the unpruned ORION checkpoint, "
+                             "e.g. ckpt/orion/orion.pth)")
+        started = time.time()
+        checkpoint = load_checkpoint_file(kd["teacher_backbone_path"])
+        full_state = _strip_module_prefix(checkpoint.get("state_dict", checkpoint))
+        backbone_state = {k[len(_TRAINABLE_PREFIX):]: v for k, v in full_state.items()
+                          if k.startswith(_TRAINABLE_PREFIX)}
+        if not backbone_state:
+            raise ValueError(f"{kd['teacher_backbone_path']}: no 'img_backbone.*' keys; expected a full ORION "
+                             f"checkpoint with the unpruned backbone")
+
+        student_cfg = dict(img_backbone)
+        student_cfg, selection_source = self._resolve_student_heads(student_cfg, pruning_config, kd, backbone_state)
+        super().__init__(img_backbone=student_cfg, **base_kwargs)
+
+        self.kd_config = kd
+        self.base_detector_name = base_detector if isinstance(base_detector, str) else base_detector.__name__
+        self.student_backbone_cfg = student_cfg
+        self.freeze_non_backbone = bool(kd["freeze_non_backbone"])
+        self.distillation_alpha = self._initial_alpha(kd)
+        self.head_selection_source = selection_source
+        loss_cfg = dict(type="CombinedKDLoss", temperature=kd["distillation_temperature"],
+                        feature_distill_weight=kd["feature_distill_weight"],
+                        attention_distill_weight=kd["attention_distill_weight"],
+                        output_distill_weight=kd["output_distill_weight"],
+                        vl_distill_weight=kd["vl_distill_weight"])
+        loss_cfg.update(distillation_loss or {})
+        self.distill_loss = build_loss(loss_cfg)
+        if getattr(self.distill_loss, "vl_distill_weight", 0.0) > 0 and not callable(getattr(self, "vl_tokens", None)):
+            raise ValueError(f"OrionStudent: vl_distill_weight > 0 but {self.base_detector_name} has no side-effect-"
+                             f"free vl_tokens(img_feats, **data) (ORION's heads keep temporal memory); set "
+                             f"vl_distill_weight=0")
+
+        teacher_cfg = dict(teacher_backbone) if teacher_backbone else self._default_teacher_cfg(student_cfg)
+        teacher = build_backbone(teacher_cfg)
+        if not isinstance(teacher, EVAViTStudent) or teacher.teacher_num_heads != self.img_backbone.teacher_num_heads:
+            raise ValueError("OrionStudent: teacher_backbone must be an EVA backbone with all "
+                             f"{self.img_backbone.teacher_num_heads} heads")
+        teacher.load_from_teacher(backbone_state)
+        self.img_backbone.load_from_teacher(backbone_state)
+        for param in teacher.parameters():
+            param.requires_grad = False
+        teacher.eval()
+        # Held outside the module tree: not in state_dict(), parameters(), DDP or the optimizer.
+        object.__setattr__(self, "_teacher_backbone", teacher)
+
+        self.load_report = self._load_frozen_parts(full_state, kd["teacher_backbone_path"]) if load_base_weights \
+            else dict(loaded=0, unexpected=[])
+        del checkpoint, full_state, backbone_state
+        self._register_load_state_dict_pre_hook(self._slice_teacher_shaped_backbone_keys)
+        if self.freeze_non_backbone:
+            self._freeze_non_backbone()
+        self.train(self.training)
+        self._print(f"[OrionStudent] base={self.base_detector_name} heads kept per block "
+                    f"{self.img_backbone.num_heads_per_layer} of {self.img_backbone.teacher_num_heads} "
+                    f"({selection_source}); teacher from {kd['teacher_backbone_path']} in {time.time() - started:.1f}s; "
+                    f"trainable {sum(p.numel() for p in self.parameters() if p.requires_grad) / 1e6:.2f} M of "
+                    f"{sum(p.numel() for p in self.parameters()) / 1e6:.2f} M parameters")
+
+    # ------------------------------------------------------------------ configuration
+
+    @staticmethod
+    def _resolve_kd_config(kd_config: Optional[Mapping[str, Any]], teacher_backbone_path: Optional[str],
+                           freeze_non_backbone: Optional[bool]) -> Dict[str, Any]:
+        given = dict(kd_config or {})
+        unknown = sorted(set(given) - set(KD_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"kd_config: unknown key(s) {unknown}; expected some of {sorted(KD_CONFIG_KEYS)}")
+        kd = dict(KD_CONFIG_KEYS)
+        kd.update(given)
+        for key, value in (("teacher_backbone_path", teacher_backbone_path),
+                           ("freeze_non_backbone", freeze_non_backbone)):
+            if value is None:
+                continue
+            if key in given and given[key] != value:
+                raise ValueError(f"OrionStudent: {key} is {value!r} but kd_config.{key} is {given[key]!r}; "
+                                 f"give one value")
+            kd[key] = value
+        if kd["alpha_schedule"] not in ("step", "constant"):
+            raise ValueError(f"kd_config.alpha_schedule: expected 'step' or 'constant', got {kd['alpha_schedule']!r}")
+        if kd["alpha_schedule"] == "step" and kd["distillation_alpha"] is not None:
+            raise ValueError("kd_config: distillation_alpha is only used with alpha_schedule='constant'; with the "
+                             "default alpha_schedule='step' alpha is warmup_alpha (0.8) for warmup_epochs, then "
+                             "finetune_alpha (0.6). Remove distillation_alpha or set alpha_schedule='constant'")
+        if kd["alpha_schedule"] == "constant" and kd["distillation_alpha"] is None:
+            raise ValueError("kd_config: alpha_schedule='constant' needs distillation_alpha")
+        for key in ("distillation_alpha", "warmup_alpha", "finetune_alpha"):
+            value = kd[key]
+            if value is not None and not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"kd_config.{key}: expected a value in [0, 1], got {value}")
+        if kd["teacher_dtype"] not in (None, "fp32", "bf16", "fp16"):
+            raise ValueError(f"kd_config.teacher_dtype: expected None, 'fp32', 'bf16' or 'fp16', got "
+                             f"{kd['teacher_dtype']!r}")
+        if kd["freeze_non_backbone"] is not True:
+            raise ValueError("kd_config.freeze_non_backbone: only True is supported (backbone-only training)")
+        return kd
+
+    @staticmethod
+    def _initial_alpha(kd: Mapping[str, Any]) -> float:
+        if kd["alpha_schedule"] == "constant":
+            return float(kd["distillation_alpha"])
+        return float(kd["warmup_alpha"] if kd["warmup_epochs"] > 0 else kd["finetune_alpha"])
+
+    def _resolve_student_heads(self, cfg: Dict[str, Any], pruning_config: Any, kd: Mapping[str, Any],
+                               backbone_state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, Any], str]:
+        depth = cfg.get("depth", 12)
+        teacher_heads = cfg.get("teacher_num_heads", 16)
+        num_heads = cfg.get("num_heads", teacher_heads)
+        selection = cfg.get("selected_heads_per_layer")
+        if pruning_config is not None and selection is not None:
+            raise ValueError("OrionStudent: give the head selection once: pruning_config or "
+                             "img_backbone.selected_heads_per_layer, not both")
+        source = "img_backbone.selected_heads_per_layer"
+        if pruning_config is not None:
+            selection = load_pruning_config(pruning_config)
+            source = f"pruning_config {pruning_config}" if isinstance(pruning_config, (str, os.PathLike)) \
+                else "pruning_config"
+            if "num_heads" not in cfg or isinstance(num_heads, int) and any(len(h) != num_heads for h in selection):
+                num_heads = [len(heads) for heads in selection]
+        counts = [num_heads] * depth if isinstance(num_heads, int) else list(num_heads)
+        ratio = kd.get("pruning_ratio")
+        if ratio is not None:
+            if not 0.0 <= float(ratio) < 1.0:
+                raise ValueError(f"kd_config.pruning_ratio: expected the fraction of heads REMOVED in [0, 1), got {ratio}")
+            expected_total = round(teacher_heads * depth * (1.0 - float(ratio)))
+            if sum(counts) != expected_total:
+                raise ValueError(f"kd_config.pruning_ratio={ratio} means {ratio:.0%} of the heads are REMOVED "
+                                 f"({expected_total} of {teacher_heads * depth} kept), but img_backbone keeps "
+                                 f"{sum(counts)}; if you meant the fraction KEPT, use pruning_ratio={1 - float(ratio):g}")
+        if selection is None:
+            selection, _ = magnitude_head_selection(backbone_state, depth, teacher_heads,
+                                                    resolve_head_counts(depth, teacher_heads, num_heads))
+            source = "q/k/v weight magnitude of the teacher"
+        resolve_head_selection(depth, teacher_heads, num_heads, selection)
+        cfg.update(num_heads=num_heads, teacher_num_heads=teacher_heads, selected_heads_per_layer=selection)
+        return cfg, source
+
+    @staticmethod
+    def _default_teacher_cfg(student_cfg: Mapping[str, Any]) -> Dict[str, Any]:
+        cfg = dict(student_cfg)
+        cfg.update(type="EVAViTStudent", num_heads=cfg["teacher_num_heads"], selected_heads_per_layer=None,
+                   with_cp=False, drop_path_rate=0.0, frozen=True)
+        return cfg
+
+    # ------------------------------------------------------------------ weights
+
+    def _load_frozen_parts(self, full_state: Mapping[str, torch.Tensor], label: str) -> Dict[str, Any]:
+        """Copy every non-backbone tensor from the checkpoint; missing or mis-shaped ones are errors."""
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith(_TRAINABLE_PREFIX)}
+        missing = [k for k in own if k not in full_state]
+        misshaped = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(full_state[k].shape)}"
+                     for k in own if k in full_state and tuple(full_state[k].shape) != tuple(own[k].shape)]
+        if missing or misshaped:
+            parts = ([f"missing {len(missing)} key(s), e.g. {missing[:4]}"] if missing else []) + \
+                    ([f"mis-shaped: {'; '.join(misshaped[:4])}"] if misshaped else [])
+            raise ValueError(f"{label}: checkpoint does not fit {self.base_detector_name}'s frozen parts: "
+                             + "; ".join(parts))
+        unexpected = sorted(k for k in full_state if not k.startswith(_TRAINABLE_PREFIX) and k not in own)
+        with torch.no_grad():
+            targets = dict(self.named_parameters())
+            targets.update(dict(self.named_buffers()))
+            for key in own:
+                if key in targets:
+                    targets[key].copy_(full_state[key])
+        if unexpected:
+            self._print(f"[OrionStudent] {label}: {len(unexpected)} checkpoint key(s) not used by the model, "
+                        f"e.g. {unexpected[:3]}")
+        return dict(loaded=len(own), unexpected=unexpected)
+
+    def _slice_teacher_shaped_backbone_keys(self, state_dict: Dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+        """Load-time hook: slice teacher-shaped ``img_backbone`` attention tensors to the kept heads.
+
+        ORION's loader is non-strict and only warns on shape mismatches; without this hook a
+        ``load_from`` of the original checkpoint would leave the pruned attention random.
+        """
+        backbone = self.img_backbone
+        full = backbone.teacher_num_heads * backbone.head_dim
+        for layer, block in enumerate(backbone.blocks):
+            heads = torch.tensor(block.attn.selected_heads, dtype=torch.long)
+            index = (heads[:, None] * backbone.head_dim + torch.arange(backbone.head_dim)).reshape(-1)
+            base = f"{prefix}img_backbone.blocks.{layer}.attn."
+            for name in _HEAD_SLICED_ROWS + ("proj.weight",):
+                key = base + name
+                axis = 1 if name == "proj.weight" else 0
+                value = state_dict.get(key)
+                if value is None or value.ndim <= axis or value.shape[axis] != full or len(heads) == \
+                        backbone.teacher_num_heads:
+                    continue
+                state_dict[key] = value.index_select(axis, index)
+            index_key = base + HEAD_INDEX_KEY
+            if index_key not in state_dict and (base + "q_proj.weight") in state_dict:
+                state_dict[index_key] = block.attn.head_index.clone()
+
+    def _freeze_non_backbone(self) -> None:
+        for name, param in self.named_parameters():
+            param.requires_grad = name.startswith(_TRAINABLE_PREFIX)
+
+    @property
+    def teacher_backbone(self) -> EVAViTStudent:
+        """The frozen, unpruned backbone (not part of the state dict)."""
+        return self._teacher_backbone
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "OrionStudent":
+        super()._apply(fn, *args, **kwargs)
+        self._teacher_backbone._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True) -> "OrionStudent":
+        """Train the student backbone (and GridMask); every frozen part and the teacher stay in eval mode."""
+        super().train(mode)
+        if self.freeze_non_backbone:
+            for name, child in self.named_children():
+                if name not in _AUGMENTATION_CHILDREN:
+                    child.eval()
+            self._freeze_non_backbone()
+        self._teacher_backbone.eval()
+        return self
+
+    def set_distillation_alpha(self, alpha: float) -> None:
+        """Weight of the distillation loss; the training loop sets it from the schedule each epoch."""
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"distillation alpha must lie in [0, 1], got {alpha}")
+        self.distillation_alpha = float(alpha)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward_train(self, **data: Any) -> Dict[str, torch.Tensor]:
+        """Base task losses on the student backbone plus backbone distillation from the teacher."""
+        alpha = self.distillation_alpha
+        hidden_blocks, attn_blocks, num_queries = self.distill_loss.tap_request(self.img_backbone.depth)
+        if alpha < 1.0:
+            captured: List[torch.Tensor] = []
+            handle = self.img_backbone.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
+            try:
+                with self.img_backbone.tapping(hidden_blocks, attn_blocks, num_queries) as student_taps:
+                    losses = super().forward_train(**data)
+            finally:
+                handle.remove()
+            if len(captured) != 1:
+                raise RuntimeError(f"OrionStudent: the student backbone ran {len(captured)} times in one training "
+                                   f"step; distillation expects exactly one call")
+            backbone_input = captured[0]
+            task_loss = sum(value.mean() if torch.is_tensor(value) else sum(v.mean() for v in value)
+                            for key, value in losses.items() if "loss" in key)
+        else:
+            backbone_input = self.backbone_input(data["img"])
+            student_taps = self.img_backbone.forward_with_taps(backbone_input, hidden_blocks, attn_blocks, num_queries)
+            losses = OrderedDict()
+            task_loss = backbone_input.new_zeros((), dtype=torch.float32)
+        teacher_taps = self._teacher_taps(backbone_input, hidden_blocks, attn_blocks, num_queries,
+                                          student_taps.query_index)
+        vl_kwargs = {}
+        if getattr(self.distill_loss, "vl_distill_weight", 0.0) > 0:
+            vl_kwargs = dict(student_vl_tokens=self.vl_tokens(self._image_features(student_taps.features, data), **data),
+                             teacher_vl_tokens=self.vl_tokens(self._image_features(teacher_taps.features, data), **data))
+        parts = self.distill_loss(student_taps, teacher_taps, **vl_kwargs)
+        distill = parts["backbone_distill_loss"]
+        task_loss = torch.as_tensor(task_loss, dtype=torch.float32, device=distill.device)
+        losses["task_loss"] = task_loss.detach()
+        losses.update({k: v.detach() for k, v in parts.items()})
+        losses["total_loss"] = (1.0 - alpha) * task_loss + alpha * distill
+        losses["alpha"] = distill.new_tensor(alpha)
+        return losses
+
+    def backbone_input(self, img: torch.Tensor) -> torch.Tensor:
+        """The tensor the base detector hands its backbone: cameras flattened, GridMask in training."""
+        if img.dim() == 5:
+            img = img.flatten(0, 1)
+        if getattr(self, "use_grid_mask", False) and self.training and getattr(self, "grid_mask", None) is not None:
+            img = self.grid_mask(img)
+        return img
+
+    def _teacher_taps(self, backbone_input: torch.Tensor, hidden_blocks: Sequence[int], attn_blocks: Sequence[int],
+                      num_queries: int, query_index: Mapping[int, torch.Tensor]) -> Any:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.kd_config["teacher_dtype"])
+        with torch.no_grad(), torch.autocast(backbone_input.device.type, dtype=dtype or torch.bfloat16,
+                                             enabled=dtype is not None):
+            return self._teacher_backbone.forward_with_taps(backbone_input.detach(), hidden_blocks, attn_blocks,
+                                                            num_queries, query_index=query_index)
+
+    def _image_features(self, features: List[torch.Tensor], data: Mapping[str, Any]) -> Any:
+        """Backbone output -> what ``extract_img_feat`` returns ([B, N, C, H, W], neck applied)."""
+        img = data["img"]
+        feats = self.img_neck(features) if getattr(self, "img_neck", None) is not None else features
+        if img.dim() == 5:
+            b, n = img.shape[:2]
+            return [f.view(b, n, *f.shape[1:]) for f in feats] if isinstance(feats, (list, tuple)) \
+                else feats.view(b, n, *feats.shape[1:])
+        return feats
+
+    def _parse_losses(self, losses: Mapping[str, Any]) -> Tuple[torch.Tensor, "OrderedDict[str, float]"]:
+        """The optimised loss is ``total_loss``; every key is logged, averaged over ranks in a fixed order."""
+        if "total_loss" not in losses:
+            raise KeyError("OrionStudent._parse_losses: no 'total_loss' in the losses")
+        values = OrderedDict()
+        for key in sorted(losses):
+            value = losses[key]
+            if torch.is_tensor(value):
+                values[key] = value.detach().float().mean()
+            elif isinstance(value, (list, tuple)):
+                values[key] = sum(v.detach().float().mean() for v in value)
+            else:
+                values[key] = torch.tensor(float(value))
+        loss = losses["total_loss"]
+        values["loss"] = loss.detach().float()
+        if dist.is_available() and dist.is_initialized():
+            stacked = torch.stack([v.to(loss.device) for v in values.values()])
+            dist.all_reduce(stacked.div_(dist.get_world_size()))
+            values = OrderedDict(zip(values.keys(), stacked.unbind(0)))
+        return loss, OrderedDict((k, v.item()) for k, v in values.items())
+
+    # ------------------------------------------------------------------ export
+
+    def export_student(self, path: Union[str, os.PathLike], backbone_safetensors: bool = True) -> Dict[str, str]:
+        """Write an ORION-format checkpoint of the student detector (no teacher) and the backbone alone.
+
+        The checkpoint's ``meta`` carries the pruning configuration and KD settings; the base detector
+        built with ``img_backbone=meta['img_backbone']`` loads its ``state_dict`` strictly.
+        """
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        backbone_cfg = {k: v for k, v in self.student_backbone_cfg.items()}
+        meta = dict(
+            orion_kd_version="0.1.0", base_detector=self.base_detector_name, img_backbone=backbone_cfg,
+            pruning=dict(selected_heads_per_layer=self.img_backbone.selected_heads,
+                         num_heads=self.img_backbone.num_heads_per_layer,
+                         teacher_num_heads=self.img_backbone.teacher_num_heads,
+                         source=self.head_selection_source),
+            kd_config={k: v for k, v in self.kd_config.items()}, created=time.strftime("%Y-%m-%d %H:%M:%S"))
+        state = OrderedDict((k, v.detach().cpu().clone()) for k, v in self.state_dict().items())
+        _atomic_torch_save(dict(meta=meta, state_dict=state), path)
+        written = dict(checkpoint=path)
+        if backbone_safetensors:
+            try:
+                from safetensors.torch import save_file
+            except ImportError:
+                self._print("[OrionStudent] safetensors is not installed: skipped the backbone-only export")
+            else:
+                tensors = {k[len(_TRAINABLE_PREFIX):]: v.contiguous() for k, v in state.items()
+                           if k.startswith(_TRAINABLE_PREFIX)}
+                target = os.path.splitext(path)[0] + "_backbone.safetensors"
+                tmp = target + ".tmp"
+                save_file(tensors, tmp, metadata={"img_backbone": json.dumps(backbone_cfg)})
+                os.replace(tmp, target)
+                written["backbone"] = target
+        return written
+
+    @staticmethod
+    def _print(message: str) -> None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            print(message, flush=True)
+
+
+def resolve_head_counts(depth: int, teacher_num_heads: int, num_heads: Union[int, Sequence[int]]) -> List[int]:
+    """Per-block kept-head counts from an int or a list (validated)."""
+    return [len(h) for h in resolve_head_selection(depth, teacher_num_heads, num_heads, None)]
+
+
+def _strip_module_prefix(state: Mapping[str, Any]) -> Dict[str, Any]:
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
