@@ -96,7 +96,12 @@ def magnitude_head_selection(backbone_state: Mapping[str, torch.Tensor], depth: 
     """Keep, per block, the heads whose q/k/v weight rows have the largest joint L2 norm."""
     scores = []
     for layer in range(depth):
-        rows = [backbone_state[f"blocks.{layer}.attn.{p}_proj.weight"].float() for p in "qkv"]
+        keys = [f"blocks.{layer}.attn.{p}_proj.weight" for p in "qkv"]
+        absent = [key for key in keys if key not in backbone_state]
+        if absent:
+            raise ValueError(f"teacher checkpoint has no img_backbone.{absent[0]}: it does not match the student's "
+                             f"img_backbone (depth {depth}, {teacher_num_heads} teacher heads)")
+        rows = [backbone_state[key].float() for key in keys]
         per_head = sum(w.reshape(teacher_num_heads, -1).pow(2).sum(-1) for w in rows)
         scores.append(per_head.sqrt())
     scores = torch.stack(scores)

@@ -1,0 +1,200 @@
+"""OrionStudent on the miniature world: freezing, eval modes, loss bookkeeping, export, loading, errors."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmcv.models  # noqa: F401  (registers everything)
+from mmcv import Config
+from mmcv.datasets import build_dataset
+from mmcv.models.builder import DETECTORS, build_model
+from mmcv.models.detectors.orion_student import OrionStudent
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = Config.fromfile(str(ROOT / "adzoo/orion/configs/orion_tiny_train.py"))
+
+
+def student_backbone_cfg(**overrides):
+    cfg = copy.deepcopy(TINY.model.img_backbone.to_dict())
+    cfg.update(type="EVAViTStudent", num_heads=8, teacher_num_heads=16)
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    teacher = build_model(TINY.model.to_dict())
+    path = tmp_path_factory.mktemp("teacher") / "orion_tiny.pth"
+    torch.save({"meta": {"note": "random teacher"}, "state_dict": teacher.state_dict()}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    cfg = TINY.data.train.to_dict()
+    cfg.update(num_samples=4)
+    dataset = build_dataset(cfg)
+    return dataset.collate_fn([dataset[i] for i in range(2)])
+
+
+def make_student(teacher_ckpt, **kwargs):
+    model_cfg = TINY.model.to_dict()
+    model_cfg.pop("type")
+    model_cfg["img_backbone"] = kwargs.pop("img_backbone", student_backbone_cfg())
+    model_cfg.update(type="OrionStudent", base_detector="TinyOrion", teacher_backbone_path=teacher_ckpt)
+    model_cfg.update(kwargs)
+    return build_model(model_cfg)
+
+
+def test_student_is_a_real_subclass_of_the_base_detector(teacher_ckpt):
+    student = make_student(teacher_ckpt)
+    assert isinstance(student, DETECTORS.get("TinyOrion")) and isinstance(student, OrionStudent)
+    assert student.img_backbone.num_heads_per_layer == [8, 8, 8, 8]
+
+
+def test_only_student_backbone_gets_gradients_and_frozen_parts_stay_eval(teacher_ckpt, batch):
+    student = make_student(teacher_ckpt)
+    student.train()
+    assert student.img_backbone.training and student.grid_mask.training
+    for name in ("pts_bbox_head", "map_head", "lm_head", "vl_proj"):
+        assert not any(m.training for m in getattr(student, name).modules()), name
+    assert not any(m.training for m in student.teacher_backbone.modules())
+    out = student(batch, return_loss=True)
+    out["loss"].backward()
+    for name, param in student.named_parameters():
+        if name.startswith("img_backbone."):
+            assert param.requires_grad and param.grad is not None, name
+        else:
+            assert not param.requires_grad and param.grad is None, name
+    assert all(p.grad is None and not p.requires_grad for p in student.teacher_backbone.parameters())
+    assert not any("teacher" in key for key in student.state_dict())
+    assert sum(1 for _ in student.parameters()) == sum(1 for n, _ in student.named_parameters())
+    assert all(n.startswith("img_backbone.") for n, p in student.named_parameters() if p.requires_grad)
+
+
+def test_optimised_loss_is_total_loss(teacher_ckpt, batch):
+    student = make_student(teacher_ckpt, kd_config=dict(alpha_schedule="constant", distillation_alpha=0.3))
+    student.train()
+    torch.manual_seed(0)
+    out = student(batch, return_loss=True)
+    logs = out["log_vars"]
+    assert out["loss"].item() == pytest.approx(logs["total_loss"], rel=1e-6)
+    task = sum(v for k, v in logs.items() if k.startswith("loss_") or k in ("vlm_loss",))
+    assert logs["task_loss"] == pytest.approx(task, rel=1e-5)
+    assert logs["total_loss"] == pytest.approx(0.7 * logs["task_loss"] + 0.3 * logs["backbone_distill_loss"], rel=1e-5)
+    for key in ("feature_distill_loss", "attention_distill_loss", "output_distill_loss", "alpha"):
+        assert key in logs
+    assert logs["alpha"] == pytest.approx(0.3)
+
+
+def test_distillation_is_zero_without_pruning_and_positive_with_it(teacher_ckpt, batch):
+    full = make_student(teacher_ckpt, img_backbone=student_backbone_cfg(num_heads=16)).eval()
+    logs = full(batch, return_loss=True)["log_vars"]
+    for key in ("feature_distill_loss", "attention_distill_loss", "output_distill_loss", "backbone_distill_loss"):
+        assert logs[key] == 0.0, key
+    pruned = make_student(teacher_ckpt).eval()
+    logs = pruned(batch, return_loss=True)["log_vars"]
+    for key in ("feature_distill_loss", "attention_distill_loss", "output_distill_loss", "backbone_distill_loss"):
+        assert logs[key] > 0.0, key
+
+
+def test_backbone_only_path_gives_the_same_distillation_parts(teacher_ckpt, batch):
+    student = make_student(teacher_ckpt).eval()
+    student.set_distillation_alpha(0.5)
+    torch.manual_seed(3)
+    full = student.forward_train(**batch)
+    student.set_distillation_alpha(1.0)
+    torch.manual_seed(3)
+    only = student.forward_train(**batch)
+    assert "loss_cls" in full and "loss_cls" not in only and only["task_loss"].item() == 0.0
+    for key in ("feature_distill_loss", "attention_distill_loss", "output_distill_loss", "backbone_distill_loss"):
+        assert torch.allclose(full[key], only[key], rtol=1e-5, atol=1e-7), key
+
+
+def test_vl_distillation_through_side_effect_free_tokens(teacher_ckpt, batch):
+    student = make_student(teacher_ckpt, kd_config=dict(vl_distill_weight=0.1)).eval()
+    logs = student(batch, return_loss=True)["log_vars"]
+    assert logs["vl_distill_loss"] > 0
+
+
+def test_export_then_reload_in_the_base_detector_gives_identical_outputs(teacher_ckpt, batch, tmp_path):
+    student = make_student(teacher_ckpt).eval()
+    with torch.no_grad():
+        for p in student.img_backbone.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # as if trained
+    written = student.export_student(tmp_path / "student.pth")
+    ckpt = torch.load(written["checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["meta"]["pruning"]["selected_heads_per_layer"] == student.img_backbone.selected_heads
+    assert not any("teacher" in k for k in ckpt["state_dict"])
+    cfg = TINY.model.to_dict()
+    cfg["img_backbone"] = ckpt["meta"]["img_backbone"]
+    plain = build_model(cfg).eval()
+    plain.load_state_dict(ckpt["state_dict"], strict=True)
+    with torch.no_grad():
+        assert torch.equal(plain.extract_img_feat(batch["img"]), student.extract_img_feat(batch["img"]))
+    from safetensors.torch import load_file
+    backbone = load_file(written["backbone"])
+    assert torch.equal(backbone["blocks.0.attn.q_proj.weight"], student.img_backbone.blocks[0].attn.q_proj.weight)
+
+
+def test_non_strict_load_of_the_teacher_checkpoint_slices_heads(teacher_ckpt):
+    selection = [[0, 2, 4, 6, 8, 10, 12, 14], [1, 3, 5, 7, 9, 11, 13, 15], list(range(8)), list(range(8, 16))]
+    student = make_student(teacher_ckpt, pruning_config=dict(selected_heads_per_layer=selection))
+    with torch.no_grad():
+        for p in student.img_backbone.parameters():
+            p.zero_()
+    full = torch.load(teacher_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    result = student.load_state_dict(full, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    rows = torch.cat([torch.arange(h * 8, h * 8 + 8) for h in selection[1]])
+    assert torch.equal(student.img_backbone.blocks[1].attn.q_proj.weight, full["img_backbone.blocks.1.attn.q_proj.weight"][rows])
+    assert torch.equal(student.img_backbone.blocks[1].attn.proj.weight,
+                       full["img_backbone.blocks.1.attn.proj.weight"][:, rows])
+    assert torch.equal(student.img_backbone.blocks[1].attn.v_bias, full["img_backbone.blocks.1.attn.v_bias"][rows])
+
+
+def test_pruning_config_file_and_magnitude_default(teacher_ckpt, tmp_path):
+    selection = [list(range(8, 16))] * 4
+    path = tmp_path / "prune.json"
+    path.write_text(json.dumps({"selected_heads_per_layer": selection, "strategy": "uniform"}))
+    student = make_student(teacher_ckpt, pruning_config=str(path))
+    assert student.img_backbone.selected_heads == selection
+    default = make_student(teacher_ckpt)
+    state = torch.load(teacher_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    w = sum(state[f"img_backbone.blocks.0.attn.{p}_proj.weight"].reshape(16, -1).pow(2).sum(-1) for p in "qkv")
+    assert default.img_backbone.selected_heads[0] == sorted(w.topk(8).indices.tolist())
+    assert "magnitude" in default.head_selection_source
+
+
+def test_errors_are_clear(teacher_ckpt, tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*missing.pth"):
+        make_student(str(tmp_path / "missing.pth"))
+    deeper = student_backbone_cfg(depth=5, window_block_indexes=[0, 2])
+    with pytest.raises(ValueError, match=r"no img_backbone.blocks.4.attn.q_proj.weight: it does not match"):
+        make_student(teacher_ckpt, img_backbone=deeper)
+    with pytest.raises(ValueError, match=r"missing 21 key\(s\), e.g. \['blocks.4"):
+        make_student(teacher_ckpt, img_backbone=deeper, pruning_config=dict(selected_heads_per_layer=[[0, 1]] * 5))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['distill_alpha'\]"):
+        make_student(teacher_ckpt, kd_config=dict(distill_alpha=0.5))
+    with pytest.raises(ValueError, match="distillation_alpha is only used with alpha_schedule='constant'"):
+        make_student(teacher_ckpt, kd_config=dict(distillation_alpha=0.7))
+    with pytest.raises(ValueError, match=r"pruning_ratio=0.75 means 75% of the heads are REMOVED .*pruning_ratio=0.25"):
+        make_student(teacher_ckpt, img_backbone=student_backbone_cfg(num_heads=12), kd_config=dict(pruning_ratio=0.75))
+    with pytest.raises(ValueError, match="teacher_backbone_path is required"):
+        make_student(None)
+    with pytest.raises(ValueError, match="img_backbone must be dict\\(type='EVAViTStudent'"):
+        make_student(teacher_ckpt, img_backbone=dict(TINY.model.img_backbone.to_dict()))
+    with pytest.raises(KeyError, match="base_detector 'Orion' is not registered"):
+        build_model(dict(type="OrionStudent", teacher_backbone_path=teacher_ckpt, img_backbone=student_backbone_cfg()))
+    state = torch.load(teacher_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    broken = dict(state)
+    broken.pop("map_head.cls_out.weight", None) or broken.pop(next(k for k in state if k.startswith("map_head.")))
+    bad = tmp_path / "broken.pth"
+    torch.save({"state_dict": broken}, bad)
+    with pytest.raises(ValueError, match=r"does not fit TinyOrion's frozen parts: missing 1 key\(s\)"):
+        make_student(str(bad))
