@@ -434,3 +434,33 @@ def test_stage3_kd_config_overrides_orion_base_as_documented(tmp_path: Path) -> 
     except ImportError:
         return
     OrionStudent._resolve_kd_config(dict(cfg.kd_config), m.teacher_backbone_path, True)
+
+
+# --------------------------------------------------------------------------- OrionStudent errors reach the user
+def _tiny_student_config(tmp_path: Path, teacher: Path) -> Path:
+    base = ROOT / "adzoo" / "orion" / "configs" / "orion_tiny_train.py"
+    if not base.is_file():
+        pytest.skip("the miniature world (orion_tiny_train.py) is not in this checkout")
+    path = tmp_path / "tiny_student.py"
+    path.write_text(
+        "_base_ = [{!r}]\n".format(str(base))
+        + "model = dict(type='OrionStudent', base_detector='TinyOrion', teacher_backbone_path={!r},\n".format(
+            str(teacher))
+        + "             freeze_non_backbone=True, img_backbone=dict(type='EVAViTStudent', num_heads=8,"
+          " teacher_num_heads=16))\n")
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing", "other_architecture"])
+def test_teacher_checkpoint_errors_are_one_line(tmp_path: Path, case: str) -> None:
+    teacher = tmp_path / "teacher.pth"
+    if case == "other_architecture":
+        torch.manual_seed(0)
+        torch.save({"state_dict": orion_kd_toy.OrionKDTestToyDetector().state_dict()}, str(teacher))
+    res = run_entry(_tiny_student_config(tmp_path, teacher), "--work-dir", tmp_path / "wd")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    if case == "missing":
+        assert str(teacher) in res.stderr
+    else:
+        assert "img_backbone" in res.stderr or "shape" in res.stderr or "key" in res.stderr
