@@ -783,11 +783,22 @@ def _device_for(distributed: bool) -> torch.device:
 
 
 def _forward(model: nn.Module, batch: Any) -> Dict[str, Any]:
+    """``model(batch, return_loss=True)`` as ``dict(loss, log_vars, ...)``.
+
+    A model that returns the raw loss dict instead is reduced with its own
+    ``_parse_losses`` (ORION's convention), so the optimised total is the model's.
+    """
     outputs = model(batch, return_loss=True)
-    if not isinstance(outputs, Mapping) or "loss" not in outputs:
-        raise TypeError("model(data, return_loss=True) must return dict(loss, log_vars, num_samples), got {}"
-                        .format(type(outputs).__name__))
-    return outputs
+    if isinstance(outputs, Mapping) and "loss" not in outputs:
+        parse = getattr(_unwrap(model), "_parse_losses", None)
+        if callable(parse):
+            loss, log_vars = parse(outputs)
+            outputs = dict(loss=loss, log_vars=log_vars)
+    if not isinstance(outputs, Mapping) or not isinstance(outputs.get("loss"), torch.Tensor):
+        raise TypeError("model(data, return_loss=True) must return dict(loss=<tensor>, log_vars, num_samples), "
+                        "got {}".format(type(outputs).__name__ if not isinstance(outputs, Mapping)
+                                        else "a dict with keys {}".format(sorted(outputs))))
+    return dict(outputs)
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
