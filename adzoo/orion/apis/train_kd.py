@@ -821,9 +821,9 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
     does not train. Optional hooks: ``set_distillation_alpha(alpha)`` (called at
     every epoch start) and ``export_student(path)`` (called at the end, rank 0).
     """
-    rank, world_size = get_dist_info()
     if distributed and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("train_kd(distributed=True) needs torch.distributed to be initialised")
+    rank, world_size = get_dist_info() if distributed else (0, 1)
     timestamp = timestamp or time.strftime("%Y%m%d_%H%M%S", time.localtime())
     work_dir = _get(cfg, "work_dir")
     if not work_dir:
