@@ -1142,7 +1142,7 @@ def format_impact_table(analysis: Mapping[str, Any]) -> str:
     """A text table of :func:`analyze_pruning_impact`'s result."""
     full = analysis.get("full", {})
     head = (f"Head pruning impact ({analysis.get('method') or 'scores'}; {full.get('depth')} blocks x "
-            f"{full.get('num_heads')} heads" + (f"; {full['macs'] / 1e9:.1f} GMACs/image at "
+            f"{full.get('num_heads')} heads" + (f"; {full["macs"] / 1e9:.4g} GMACs/image at "
                                                 f"{full['img_hw'][0]}x{full['img_hw'][1]}" if full.get("macs") else "")
             + ")")
     cols = ("strategy", "ratio", "kept/block", "mass kept", "attn params -", "backbone params -", "GMACs",
@@ -1161,7 +1161,7 @@ def format_impact_table(analysis: Mapping[str, Any]) -> str:
         lines.append(" | ".join([
             r["strategy"], f"{r['pruning_ratio']:.3g}", kept, fmt(r.get("importance_mass_kept"), ".3f"),
             fmt(r.get("attention_params_removed_fraction"), ".1%"), fmt(r.get("backbone_params_removed_fraction"), ".1%"),
-            fmt(r["macs"] / 1e9 if r.get("macs") else None, ".1f"), fmt(r.get("speedup_ceiling"), ".3f"),
+            fmt(r["macs"] / 1e9 if r.get("macs") else None, ".4g"), fmt(r.get("speedup_ceiling"), ".3f"),
             fmt(r.get("cosine_similarity"), ".4f"), fmt(r.get("relative_l2_error"), ".4f")]))
     return "\n".join(lines)
 
