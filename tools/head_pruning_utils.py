@@ -1142,7 +1142,7 @@ def format_impact_table(analysis: Mapping[str, Any]) -> str:
     """A text table of :func:`analyze_pruning_impact`'s result."""
     full = analysis.get("full", {})
     head = (f"Head pruning impact ({analysis.get('method') or 'scores'}; {full.get('depth')} blocks x "
-            f"{full.get('num_heads')} heads" + (f"; {full["macs"] / 1e9:.4g} GMACs/image at "
+            f"{full.get('num_heads')} heads" + (f"; {full['macs'] / 1e9:.4g} GMACs/image at "
                                                 f"{full['img_hw'][0]}x{full['img_hw'][1]}" if full.get("macs") else "")
             + ")")
     cols = ("strategy", "ratio", "kept/block", "mass kept", "attn params -", "backbone params -", "GMACs",
