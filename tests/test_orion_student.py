@@ -181,7 +181,7 @@ def test_errors_are_clear(teacher_ckpt, tmp_path):
         make_student(teacher_ckpt, img_backbone=deeper, pruning_config=dict(selected_heads_per_layer=[[0, 1]] * 5))
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['distill_alpha'\]"):
         make_student(teacher_ckpt, kd_config=dict(distill_alpha=0.5))
-    with pytest.raises(ValueError, match="distillation_alpha is only used with alpha_schedule='constant'"):
+    with pytest.raises(ValueError, match=r"distillation_alpha=0.7 together with alpha_schedule='step'"):
         make_student(teacher_ckpt, kd_config=dict(distillation_alpha=0.7))
     with pytest.raises(ValueError, match=r"pruning_ratio=0.75 means 75% of the heads are REMOVED .*pruning_ratio=0.25"):
         make_student(teacher_ckpt, img_backbone=student_backbone_cfg(num_heads=12), kd_config=dict(pruning_ratio=0.75))

@@ -189,9 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from adzoo.orion.apis.train_kd import train_kd
 
     model = build_model(cfg.model, train_cfg=cfg.get("train_cfg", None), test_cfg=cfg.get("test_cfg", None))
-    # ORION's train.py calls init_weights(); a KD student already holds the teacher checkpoint's weights
-    # (loaded in its constructor), which an init_weights() pass (heads' init_cfg) would overwrite.
-    if callable(getattr(model, "init_weights", None)) and not callable(getattr(model, "set_distillation_alpha", None)):
+    if callable(getattr(model, "init_weights", None)):  # as ORION's train.py; OrionStudent's is a no-op
         model.init_weights()
     datasets = _build_datasets(cfg)
     meta = dict(seed=seed, exp_name=osp.basename(args.config), config_file=osp.abspath(args.config))

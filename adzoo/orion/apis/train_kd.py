@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mmcv.models.detectors.orion_student import resolve_distillation_alpha, validate_kd_config
 from mmcv.utils import get_dist_info
 
 __all__ = [
@@ -60,8 +61,6 @@ __all__ = [
 ]
 
 LOGGER_NAME = "orion_kd"
-ALPHA_SCHEDULES = ("step", "constant")
-_DEFAULT_ALPHA = dict(alpha_schedule="step", warmup_alpha=0.8, finetune_alpha=0.6, warmup_epochs=1)
 _CKPT_RE = re.compile(r"^(iter|epoch)_(\d+)\.pth$")
 
 
@@ -128,60 +127,6 @@ def _atomic_write_text(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- alpha schedule
-def validate_kd_config(kd_config: Optional[Mapping]) -> Dict[str, Any]:
-    """Check the alpha-related keys of ``kd_config`` and return them with defaults filled in.
-
-    Decided meaning (README_KD.md): ``alpha_schedule='step'`` (default) uses
-    ``warmup_alpha`` (0.8) for the first ``warmup_epochs`` (1) epochs and then
-    ``finetune_alpha`` (0.6); ``alpha_schedule='constant'`` uses
-    ``distillation_alpha`` for every epoch. ``distillation_alpha`` together with
-    the step schedule is rejected, because the original guide can be read both
-    ways. Alpha weights the distillation loss: total = (1-a)*task + a*distill.
-    """
-    kd = dict(kd_config or {})
-    schedule = kd.get("alpha_schedule", _DEFAULT_ALPHA["alpha_schedule"])
-    if schedule not in ALPHA_SCHEDULES:
-        raise ConfigError("kd_config.alpha_schedule must be one of {}, got {!r}".format(
-            ", ".join(repr(s) for s in ALPHA_SCHEDULES), schedule))
-    out: Dict[str, Any] = dict(alpha_schedule=schedule)
-    if schedule == "constant":
-        if "distillation_alpha" not in kd:
-            raise ConfigError("kd_config.alpha_schedule='constant' needs kd_config.distillation_alpha "
-                              "(the weight of the distillation loss for every epoch)")
-        out["distillation_alpha"] = _check_alpha("distillation_alpha", kd["distillation_alpha"])
-        return out
-    if "distillation_alpha" in kd:
-        raise ConfigError(
-            "kd_config has distillation_alpha={!r} together with alpha_schedule='step'. The original guide "
-            "reads both ways: either a constant alpha for every epoch (set alpha_schedule='constant' and keep "
-            "distillation_alpha) or the warmup/finetune schedule (remove distillation_alpha and set "
-            "warmup_alpha/finetune_alpha/warmup_epochs, defaults 0.8/0.6/1)".format(kd["distillation_alpha"]))
-    for key in ("warmup_alpha", "finetune_alpha"):
-        out[key] = _check_alpha(key, kd.get(key, _DEFAULT_ALPHA[key]))
-    warmup_epochs = kd.get("warmup_epochs", _DEFAULT_ALPHA["warmup_epochs"])
-    if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
-        raise ConfigError("kd_config.warmup_epochs must be a non-negative integer, got {!r}".format(warmup_epochs))
-    out["warmup_epochs"] = warmup_epochs
-    return out
-
-
-def _check_alpha(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise ConfigError("kd_config.{} must be a number in [0, 1], got {!r}".format(name, value))
-    return float(value)
-
-
-def resolve_distillation_alpha(kd_config: Optional[Mapping], epoch: int) -> float:
-    """The distillation weight alpha for 0-based ``epoch`` (see :func:`validate_kd_config`)."""
-    kd = validate_kd_config(kd_config)
-    if epoch < 0:
-        raise ValueError("epoch must be >= 0, got {}".format(epoch))
-    if kd["alpha_schedule"] == "constant":
-        return kd["distillation_alpha"]
-    return kd["warmup_alpha"] if epoch < kd["warmup_epochs"] else kd["finetune_alpha"]
 
 
 # --------------------------------------------------------------------------- optimiser

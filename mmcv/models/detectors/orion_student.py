@@ -73,6 +73,64 @@ def _resolve_base(base_detector: Union[str, type]) -> type:
     return base
 
 
+class KDConfigError(ValueError):
+    """A mistake in ``kd_config`` (reported by the entry point as one line)."""
+
+
+def validate_kd_config(kd_config: Optional[Mapping]) -> Dict[str, Any]:
+    """Check the alpha-related keys of ``kd_config`` and return them with defaults filled in.
+
+    Decided meaning (README_KD.md): ``alpha_schedule='step'`` (default) uses
+    ``warmup_alpha`` (0.8) for the first ``warmup_epochs`` (1) epochs and then
+    ``finetune_alpha`` (0.6); ``alpha_schedule='constant'`` uses
+    ``distillation_alpha`` for every epoch. ``distillation_alpha`` together with
+    the step schedule is rejected, because the original guide can be read both
+    ways. Alpha weights the distillation loss: total = (1-a)*task + a*distill.
+    """
+    kd = dict(kd_config or {})
+    schedule = kd.get("alpha_schedule", KD_CONFIG_KEYS["alpha_schedule"])
+    if schedule not in ("step", "constant"):
+        raise KDConfigError("kd_config.alpha_schedule must be one of {}, got {!r}".format(
+            ", ".join(repr(s) for s in ("step", "constant")), schedule))
+    out: Dict[str, Any] = dict(alpha_schedule=schedule)
+    if schedule == "constant":
+        if "distillation_alpha" not in kd:
+            raise KDConfigError("kd_config.alpha_schedule='constant' needs kd_config.distillation_alpha "
+                              "(the weight of the distillation loss for every epoch)")
+        out["distillation_alpha"] = _check_alpha("distillation_alpha", kd["distillation_alpha"])
+        return out
+    if "distillation_alpha" in kd:
+        raise KDConfigError(
+            "kd_config has distillation_alpha={!r} together with alpha_schedule='step'. The original guide "
+            "reads both ways: either a constant alpha for every epoch (set alpha_schedule='constant' and keep "
+            "distillation_alpha) or the warmup/finetune schedule (remove distillation_alpha and set "
+            "warmup_alpha/finetune_alpha/warmup_epochs, defaults 0.8/0.6/1)".format(kd["distillation_alpha"]))
+    for key in ("warmup_alpha", "finetune_alpha"):
+        out[key] = _check_alpha(key, kd.get(key, KD_CONFIG_KEYS[key]))
+    warmup_epochs = kd.get("warmup_epochs", KD_CONFIG_KEYS["warmup_epochs"])
+    if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+        raise KDConfigError("kd_config.warmup_epochs must be a non-negative integer, got {!r}".format(warmup_epochs))
+    out["warmup_epochs"] = warmup_epochs
+    return out
+
+
+def _check_alpha(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise KDConfigError("kd_config.{} must be a number in [0, 1], got {!r}".format(name, value))
+    return float(value)
+
+
+def resolve_distillation_alpha(kd_config: Optional[Mapping], epoch: int) -> float:
+    """The distillation weight alpha for 0-based ``epoch`` (see :func:`validate_kd_config`)."""
+    kd = validate_kd_config(kd_config)
+    if epoch < 0:
+        raise ValueError("epoch must be >= 0, got {}".format(epoch))
+    if kd["alpha_schedule"] == "constant":
+        return kd["distillation_alpha"]
+    return kd["warmup_alpha"] if epoch < kd["warmup_epochs"] else kd["finetune_alpha"]
+
+
+
 def load_pruning_config(source: Union[str, os.PathLike, Mapping[str, Any], Sequence[Sequence[int]]]
                         ) -> List[List[int]]:
     """Per-block head lists from a pruning-config JSON file, its dict, or the lists themselves."""
@@ -145,16 +203,16 @@ class OrionStudent(nn.Module):
         if img_backbone is None or img_backbone.get("type") != "EVAViTStudent":
             raise ValueError(f"OrionStudent: img_backbone must be dict(type='EVAViTStudent', ...), got "
                              f"{None if img_backbone is None else img_backbone.get('type')!r}")
-        if not kd["teacher_backbone_path"]:
+        if not kd.get("teacher_backbone_path"):
             raise ValueError("OrionStudent: teacher_backbone_path is required (the unpruned ORION checkpoint, "
                              "e.g. ckpt/orion/orion.pth)")
         started = time.time()
-        checkpoint = load_checkpoint_file(kd["teacher_backbone_path"])
+        checkpoint = load_checkpoint_file(kd.get("teacher_backbone_path"))
         full_state = _strip_module_prefix(checkpoint.get("state_dict", checkpoint))
         backbone_state = {k[len(_TRAINABLE_PREFIX):]: v for k, v in full_state.items()
                           if k.startswith(_TRAINABLE_PREFIX)}
         if not backbone_state:
-            raise ValueError(f"{kd['teacher_backbone_path']}: no 'img_backbone.*' keys; expected a full ORION "
+            raise ValueError(f"{kd.get('teacher_backbone_path')}: no 'img_backbone.*' keys; expected a full ORION "
                              f"checkpoint with the unpruned backbone")
 
         student_cfg = dict(img_backbone)
@@ -165,7 +223,7 @@ class OrionStudent(nn.Module):
         self.base_detector_name = base_detector if isinstance(base_detector, str) else base_detector.__name__
         self.student_backbone_cfg = student_cfg
         self.freeze_non_backbone = bool(kd["freeze_non_backbone"])
-        self.distillation_alpha = self._initial_alpha(kd)
+        self.distillation_alpha = resolve_distillation_alpha(kd, 0)
         self.head_selection_source = selection_source
         loss_cfg = dict(type="CombinedKDLoss", temperature=kd["distillation_temperature"],
                         feature_distill_weight=kd["feature_distill_weight"],
@@ -192,7 +250,7 @@ class OrionStudent(nn.Module):
         # Held outside the module tree: not in state_dict(), parameters(), DDP or the optimizer.
         object.__setattr__(self, "_teacher_backbone", teacher)
 
-        self.load_report = self._load_frozen_parts(full_state, kd["teacher_backbone_path"]) if load_base_weights \
+        self.load_report = self._load_frozen_parts(full_state, kd.get("teacher_backbone_path")) if load_base_weights \
             else dict(loaded=0, unexpected=[])
         del checkpoint, full_state, backbone_state
         self._register_load_state_dict_pre_hook(self._slice_teacher_shaped_backbone_keys)
@@ -201,7 +259,7 @@ class OrionStudent(nn.Module):
         self.train(self.training)
         self._print(f"[OrionStudent] base={self.base_detector_name} heads kept per block "
                     f"{self.img_backbone.num_heads_per_layer} of {self.img_backbone.teacher_num_heads} "
-                    f"({selection_source}); teacher from {kd['teacher_backbone_path']} in {time.time() - started:.1f}s; "
+                    f"({selection_source}); teacher from {kd.get('teacher_backbone_path')} in {time.time() - started:.1f}s; "
                     f"trainable {sum(p.numel() for p in self.parameters() if p.requires_grad) / 1e6:.2f} M of "
                     f"{sum(p.numel() for p in self.parameters()) / 1e6:.2f} M parameters")
 
@@ -214,7 +272,7 @@ class OrionStudent(nn.Module):
         unknown = sorted(set(given) - set(KD_CONFIG_KEYS))
         if unknown:
             raise ValueError(f"kd_config: unknown key(s) {unknown}; expected some of {sorted(KD_CONFIG_KEYS)}")
-        kd = dict(KD_CONFIG_KEYS)
+        kd = {key: value for key, value in KD_CONFIG_KEYS.items() if value is not None}
         kd.update(given)
         for key, value in (("teacher_backbone_path", teacher_backbone_path),
                            ("freeze_non_backbone", freeze_non_backbone)):
@@ -224,30 +282,13 @@ class OrionStudent(nn.Module):
                 raise ValueError(f"OrionStudent: {key} is {value!r} but kd_config.{key} is {given[key]!r}; "
                                  f"give one value")
             kd[key] = value
-        if kd["alpha_schedule"] not in ("step", "constant"):
-            raise ValueError(f"kd_config.alpha_schedule: expected 'step' or 'constant', got {kd['alpha_schedule']!r}")
-        if kd["alpha_schedule"] == "step" and kd["distillation_alpha"] is not None:
-            raise ValueError("kd_config: distillation_alpha is only used with alpha_schedule='constant'; with the "
-                             "default alpha_schedule='step' alpha is warmup_alpha (0.8) for warmup_epochs, then "
-                             "finetune_alpha (0.6). Remove distillation_alpha or set alpha_schedule='constant'")
-        if kd["alpha_schedule"] == "constant" and kd["distillation_alpha"] is None:
-            raise ValueError("kd_config: alpha_schedule='constant' needs distillation_alpha")
-        for key in ("distillation_alpha", "warmup_alpha", "finetune_alpha"):
-            value = kd[key]
-            if value is not None and not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"kd_config.{key}: expected a value in [0, 1], got {value}")
-        if kd["teacher_dtype"] not in (None, "fp32", "bf16", "fp16"):
+        validate_kd_config(kd)
+        if kd.get("teacher_dtype") not in (None, "fp32", "bf16", "fp16"):
             raise ValueError(f"kd_config.teacher_dtype: expected None, 'fp32', 'bf16' or 'fp16', got "
                              f"{kd['teacher_dtype']!r}")
         if kd["freeze_non_backbone"] is not True:
             raise ValueError("kd_config.freeze_non_backbone: only True is supported (backbone-only training)")
         return kd
-
-    @staticmethod
-    def _initial_alpha(kd: Mapping[str, Any]) -> float:
-        if kd["alpha_schedule"] == "constant":
-            return float(kd["distillation_alpha"])
-        return float(kd["warmup_alpha"] if kd["warmup_epochs"] > 0 else kd["finetune_alpha"])
 
     def _resolve_student_heads(self, cfg: Dict[str, Any], pruning_config: Any, kd: Mapping[str, Any],
                                backbone_state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, Any], str]:
@@ -364,6 +405,9 @@ class OrionStudent(nn.Module):
         self._teacher_backbone.eval()
         return self
 
+    def init_weights(self) -> None:
+        """No-op: every weight already came from the teacher checkpoint (ORION's train.py calls this)."""
+
     def set_distillation_alpha(self, alpha: float) -> None:
         """Weight of the distillation loss; the training loop sets it from the schedule each epoch."""
         if not 0.0 <= float(alpha) <= 1.0:
@@ -420,7 +464,7 @@ class OrionStudent(nn.Module):
 
     def _teacher_taps(self, backbone_input: torch.Tensor, hidden_blocks: Sequence[int], attn_blocks: Sequence[int],
                       num_queries: int, query_index: Mapping[int, torch.Tensor]) -> Any:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.kd_config["teacher_dtype"])
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.kd_config.get("teacher_dtype"))
         with torch.no_grad(), torch.autocast(backbone_input.device.type, dtype=dtype or torch.bfloat16,
                                              enabled=dtype is not None):
             return self._teacher_backbone.forward_with_taps(backbone_input.detach(), hidden_blocks, attn_blocks,
