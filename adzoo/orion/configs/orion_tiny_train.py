@@ -1,0 +1,71 @@
+# Miniature ORION (TinyOrion) trained from scratch on SyntheticChatB2D: the tiny teacher.
+# ORION config layout (model / data / optimizer / lr_config / runner / checkpoint_config /
+# log_config / work_dir). Train with:  python tools/train_tiny_teacher.py --config THIS_FILE
+# Shapes: 2 cameras of 80x80 px, patch 8 -> a 10x10 token grid; window blocks use 4x4
+# windows on the grid zero-padded to 12x12 (3x3 windows, like ORION's 40 -> 48 with 16x16).
+
+img_size = 80
+patch_size = 8
+num_cams = 2
+embed_dim = 128
+grid = img_size // patch_size
+plan_horizon = 6
+lm_hidden = 64
+
+model = dict(
+    type='TinyOrion',
+    use_grid_mask=True,
+    grid_mask=dict(prob=0.5, ratio=0.7, d_min=8, d_max=24),
+    img_backbone=dict(
+        type='EVAViT',
+        img_size=img_size,
+        patch_size=patch_size,
+        window_size=4,
+        in_chans=3,
+        embed_dim=embed_dim,
+        depth=4,
+        num_heads=16,
+        mlp_ratio=4 * 2 / 3,
+        qkv_bias=True,
+        drop_path_rate=0.05,
+        window_block_indexes=[0, 2],
+        pretrain_img_size=img_size,
+        pretrain_use_cls_token=False,
+        flash_attn=False,
+        with_cp=False,
+        frozen=False),
+    pts_bbox_head=dict(
+        type='TinyDetHead', in_channels=embed_dim, feat_channels=96, num_classes=3, num_light_states=3,
+        stride=patch_size, score_thr=0.4, nms_iou=0.5),
+    map_head=dict(type='TinyMapHead', in_channels=embed_dim, feat_channels=64, stride=patch_size, mask_stride=4),
+    vl_proj=dict(type='TinyVLProjector', in_channels=embed_dim, det_channels=96, out_channels=lm_hidden,
+                 num_cams=num_cams,
+                 grid_hw=(grid, grid), pool=5),
+    lm_head=dict(type='TinyCausalLM', hidden_size=lm_hidden, num_layers=2, num_attention_heads=4,
+                 intermediate_size=128, max_position_embeddings=128, plan_horizon=plan_horizon, frozen=False),
+    train_cfg=None,
+    test_cfg=dict(max_answer_len=3))
+
+dataset_type = 'SyntheticChatB2D'
+data = dict(
+    samples_per_gpu=8,
+    workers_per_gpu=0,
+    train=dict(type=dataset_type, split='train', num_samples=2048, seed=0, img_size=(img_size, img_size),
+               num_cams=num_cams, lane_mask_stride=4, plan_horizon=plan_horizon),
+    val=dict(type=dataset_type, split='val', num_samples=256, seed=0, img_size=(img_size, img_size),
+             num_cams=num_cams, lane_mask_stride=4, plan_horizon=plan_horizon),
+    test=dict(type=dataset_type, split='test', num_samples=256, seed=0, img_size=(img_size, img_size),
+              num_cams=num_cams, lane_mask_stride=4, plan_horizon=plan_horizon))
+
+optimizer = dict(type='AdamW', lr=2e-3, weight_decay=1e-4)
+optimizer_config = dict(grad_clip=dict(max_norm=5.0, norm_type=2))
+lr_config = dict(policy='CosineAnnealing', warmup='linear', warmup_iters=30, warmup_ratio=1.0 / 10,
+                 min_lr_ratio=1e-2)
+runner = dict(type='IterBasedRunner', max_iters=360)
+checkpoint_config = dict(interval=360)
+log_config = dict(interval=20, hooks=[dict(type='TextLoggerHook')])
+evaluation = dict(interval=360, max_samples=256)
+num_threads = 2
+seed = 0
+work_dir = 'work_dirs/orion_tiny'
+out_checkpoint = 'ckpt/orion_tiny/orion_tiny.pth'
