@@ -200,7 +200,7 @@ def test_short_teacher_training_lowers_the_loss(short_run):
 
 def test_checkpoint_has_orion_format_and_reloads_identically(short_run, batch):
     path = Path(short_run["path"])
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert set(ckpt) == {"meta", "state_dict"}
     assert ckpt["meta"]["seed"] == 0 and "TinyOrion" in ckpt["meta"]["config"]
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind

@@ -145,7 +145,7 @@ def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG,
 
     meta: Dict[str, Any] = dict(
         seed=seed, iter=max_iters, config=cfg.pretty_text, train_time_s=round(train_time, 2),
-        torch_version=torch.__version__, num_threads=torch.get_num_threads(),
+        torch_version=str(torch.__version__), num_threads=torch.get_num_threads(),
         time=datetime.datetime.now().isoformat(timespec="seconds"), model_type=cfg.model["type"])
     if evaluate_at_end:
         max_val = (cfg.get("evaluation") or {}).get("max_samples")
@@ -168,7 +168,7 @@ def load_tiny_teacher(path: Union[str, os.PathLike] = DEFAULT_CHECKPOINT, config
     if not path.is_file():
         raise FileNotFoundError(f"load_tiny_teacher: no checkpoint at {path}; create it with "
                                 f"`python tools/train_tiny_teacher.py --out {path}`")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         got = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"load_tiny_teacher: {path} is not an ORION-format checkpoint: expected keys "

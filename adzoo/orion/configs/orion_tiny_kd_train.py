@@ -1,0 +1,70 @@
+# The embedded default: KD on the miniature ORION world, same keys as orion_stage3_kd_train.py.
+# 8 of 16 heads per block, 3 epochs, backbone-only training; finishes in a few minutes on 2 CPU cores.
+#
+#   ./adzoo/orion/orion_dist_train.sh adzoo/orion/configs/orion_tiny_kd_train.py 1
+#   python adzoo/orion/train_kd.py adzoo/orion/configs/orion_tiny_kd_train.py
+#
+# The teacher checkpoint is made by `python tools/train_tiny_teacher.py` (the demo does it when
+# missing). alpha_schedule='step': alpha = 0.8 in the first epoch, then 0.6;
+# total = (1 - alpha) * task + alpha * distill. pruning_ratio is the fraction of heads REMOVED.
+
+_base_ = ['./orion_tiny_train.py']
+
+custom_imports = dict(
+    imports=[
+        'mmcv.models.backbones.eva_vit_student',
+        'mmcv.models.detectors.orion_student',
+        'mmcv.models.losses.kd_losses',
+    ],
+    allow_failed_imports=False)
+
+kd_config = dict(
+    teacher_backbone_path='ckpt/orion_tiny/orion_tiny.pth',
+    alpha_schedule='step',
+    warmup_alpha=0.8,
+    finetune_alpha=0.6,
+    warmup_epochs=1,
+    distillation_temperature=3.0,
+    feature_distill_weight=0.5,
+    attention_distill_weight=0.3,
+    output_distill_weight=0.2,
+    freeze_non_backbone=True,
+    pruning_ratio=0.5,
+)
+
+model = dict(
+    type='OrionStudent',
+    base_detector='TinyOrion',
+    teacher_backbone_path=kd_config['teacher_backbone_path'],
+    freeze_non_backbone=True,
+    kd_config=kd_config,
+    pruning_config=None,  # a JSON from tools/head_pruning_utils.py prune-config; None: q/k/v magnitude
+    distillation_loss=dict(
+        type='CombinedKDLoss',
+        temperature=kd_config['distillation_temperature'],
+        feature_distill_weight=kd_config['feature_distill_weight'],
+        attention_distill_weight=kd_config['attention_distill_weight'],
+        output_distill_weight=kd_config['output_distill_weight'],
+        vl_distill_weight=0.0),
+    img_backbone=dict(type='EVAViTStudent', num_heads=8, teacher_num_heads=16))
+
+data = dict(train=dict(num_samples=512))
+
+optimizer = dict(
+    _delete_=True,
+    constructor='LearningRateDecayOptimizerConstructor',
+    type='AdamW',
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    weight_decay=1e-5,
+    paramwise_cfg=dict(decay_rate=0.9, decay_type='vit_wise', num_layers=4))
+optimizer_config = dict(_delete_=True, grad_clip=dict(max_norm=35, norm_type=2))
+lr_config = dict(_delete_=True, policy='CosineAnnealing', by_epoch=False, warmup='linear', warmup_iters=20,
+                 warmup_ratio=1.0 / 3, min_lr_ratio=1e-2)
+runner = dict(_delete_=True, type='EpochBasedRunner', max_epochs=3)
+checkpoint_config = dict(_delete_=True, interval=1, max_keep_ckpts=3)
+log_config = dict(_delete_=True, interval=16, hooks=[dict(type='TextLoggerHook'), dict(type='TensorboardLoggerHook')])
+evaluation = dict(_delete_=True, interval=1, max_samples=256)
+work_dir = 'work_dirs/orion_tiny_kd_train'
+load_from = None
+resume_from = None

@@ -1,0 +1,238 @@
+"""Read-only checks that a KD run can start: environment, plugin, teacher checkpoint, data, disk.
+
+Used by ``python demo_kd_50_pruning.py --check-setup [--config CFG]``. Every check prints one
+PASS / WARN / FAIL line, with the fix when it is not PASS; nothing is written or changed. Runs
+in both modes: standalone (light core) and inside an ORION checkout (Python 3.8, no mmengine).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional
+
+PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
+PLUGIN_TYPES = ("EVAViTStudent", "OrionStudent", "CombinedKDLoss")
+INSTALL_RECORD = ".orion_kd_install.json"
+
+
+@dataclass
+class Check:
+    """One line of the setup report."""
+
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+def _version_tuple(version: str) -> tuple:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def check_python() -> Check:
+    version = platform.python_version()
+    if sys.version_info < (3, 8):
+        return Check("python", FAIL, version, "use Python 3.8 or newer (ORION pins 3.8)")
+    return Check("python", PASS, version)
+
+
+def check_torch() -> List[Check]:
+    try:
+        import torch
+    except ImportError:
+        return [Check("torch", FAIL, "not importable", "install PyTorch (ORION: the CUDA 11.8 build, 2.0-2.4)")]
+    checks = []
+    version = _version_tuple(torch.__version__)
+    if version < (2, 0):
+        checks.append(Check("torch", FAIL, torch.__version__, "ORION-KD needs torch >= 2.0"))
+    elif version < (2, 1):
+        checks.append(Check("torch", WARN, torch.__version__ + " (checkpoints cannot be memory-mapped)",
+                            "torch >= 2.1 loads the teacher checkpoint with mmap=True"))
+    else:
+        checks.append(Check("torch", PASS, torch.__version__))
+    if torch.cuda.is_available():
+        names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+        checks.append(Check("cuda", PASS, f"{torch.cuda.device_count()} GPU(s): {', '.join(names)}"))
+    else:
+        checks.append(Check("cuda", WARN, "no CUDA device: training runs on the CPU (Gloo)",
+                            "fine for the miniature world; real ORION needs CUDA GPUs"))
+    return checks
+
+
+def check_libraries(orion_mode: bool) -> List[Check]:
+    checks = []
+    for name, needed in (("mmengine", not orion_mode), ("transformers", True)):
+        try:
+            module = importlib.import_module(name)
+            checks.append(Check(name, PASS, getattr(module, "__version__", "installed")))
+        except ImportError:
+            if name == "mmengine" and orion_mode:
+                checks.append(Check(name, PASS, "not needed inside ORION (ORION's own mmcv provides Config)"))
+            else:
+                status = FAIL if needed else WARN
+                checks.append(Check(name, status, "not importable", f"pip install {name}"))
+    return checks
+
+
+def check_plugin(cfg: Any) -> Check:
+    """Import ``custom_imports`` (or the standalone package) and look the plugin types up."""
+    try:
+        imports = list((cfg.get("custom_imports") or {}).get("imports", []))
+        for name in imports:
+            importlib.import_module(name)
+        if not imports:
+            importlib.import_module("mmcv.models")
+        from mmcv.models.builder import MODELS
+    except Exception as exc:  # any import failure is the finding itself
+        return Check("plugin", FAIL, f"import failed: {type(exc).__name__}: {exc}",
+                     "install the plugin: python tools/install_into_orion.py PATH/TO/Orion")
+    missing = [name for name in PLUGIN_TYPES if MODELS.get(name) is None]
+    if missing:
+        return Check("plugin", FAIL, f"not registered: {missing}",
+                     "add the plugin modules to custom_imports (see README_KD.md)")
+    return Check("plugin", PASS, "registered: " + ", ".join(PLUGIN_TYPES))
+
+
+def _teacher_backbone_cfg(cfg: Any) -> Dict[str, Any]:
+    backbone = dict(cfg.model.get("img_backbone") or {})
+    if backbone.get("type") == "EVAViTStudent":
+        backbone.update(num_heads=backbone.get("teacher_num_heads", 16), selected_heads_per_layer=None)
+    backbone["type"] = "EVAViTStudent"
+    backbone.setdefault("teacher_num_heads", backbone.get("num_heads", 16))
+    return backbone
+
+
+def teacher_path_of(cfg: Any) -> Optional[str]:
+    model = cfg.get("model") or {}
+    kd = cfg.get("kd_config") or model.get("kd_config") or {}
+    return model.get("teacher_backbone_path") or kd.get("teacher_backbone_path") or cfg.get("load_from")
+
+
+def check_teacher(cfg: Any, fix_hint: str) -> Check:
+    """The teacher checkpoint exists, loads with ``weights_only=True`` and fits the config's backbone."""
+    import torch
+
+    path = teacher_path_of(cfg)
+    if not path:
+        return Check("teacher", FAIL, "the config names no teacher_backbone_path", "set model.teacher_backbone_path")
+    if not os.path.isfile(path):
+        return Check("teacher", FAIL, f"Teacher model not found at {path}", fix_hint)
+    try:
+        from mmcv.models.backbones.eva_vit_student import EVAViTStudent, extract_backbone_state_dict
+        teacher_state = extract_backbone_state_dict(path)
+    except Exception as exc:
+        return Check("teacher", FAIL, f"{path}: cannot be read with weights_only=True ({type(exc).__name__}: "
+                     f"{str(exc).splitlines()[0]})", "re-save it as an ORION checkpoint of tensors")
+    with torch.device("meta"):
+        kwargs = {k: v for k, v in _teacher_backbone_cfg(cfg).items() if k != "type"}
+        expected = EVAViTStudent(**kwargs).state_dict()
+    expected = {k: v for k, v in expected.items() if not k.endswith(".head_index")}
+    missing = [k for k in expected if k not in teacher_state]
+    wrong = [f"{k}: expected {tuple(v.shape)}, got {tuple(teacher_state[k].shape)}" for k, v in expected.items()
+             if k in teacher_state and tuple(teacher_state[k].shape) != tuple(v.shape)]
+    if missing or wrong:
+        detail = f"{path}: img_backbone does not match the config"
+        detail += f"; missing {len(missing)} e.g. {missing[:2]}" if missing else ""
+        detail += f"; mis-shaped {len(wrong)} e.g. {wrong[:2]}" if wrong else ""
+        return Check("teacher", FAIL, detail, "use the checkpoint the config's img_backbone was trained with")
+    size_gb = os.path.getsize(path) / 2 ** 30
+    return Check("teacher", PASS, f"{path} ({size_gb:.2f} GB): {len(expected)} img_backbone tensors fit the config")
+
+
+def check_data(cfg: Any) -> Check:
+    train = dict((cfg.get("data") or {}).get("train") or {})
+    if not train:
+        return Check("data", FAIL, "the config has no data.train", "add data.train")
+    if train.get("type") == "SyntheticChatB2D":
+        try:
+            from mmcv.datasets import build_dataset
+            sample = build_dataset(train)[0]
+            return Check("data", PASS, f"synthetic Chat-B2D, generated on the fly (img {tuple(sample['img'].shape)})")
+        except Exception as exc:
+            return Check("data", FAIL, f"synthetic data failed: {type(exc).__name__}: {exc}", "see the traceback")
+    roots = [train.get(key) for key in ("data_root", "ann_file") if train.get(key)]
+    if not roots:
+        roots = ["data/Chat-B2D/"]
+    missing = [root for root in roots if not os.path.exists(root)]
+    if missing:
+        return Check("data", FAIL, f"not found: {missing}", "put the Chat-B2D dataset under data/Chat-B2D/ "
+                     "(see ORION's data preparation guide) or fix data.train in the config")
+    return Check("data", PASS, "found: " + ", ".join(roots))
+
+
+def check_overlay(root: str) -> Check:
+    record = os.path.join(root, INSTALL_RECORD)
+    is_orion = os.path.isfile(os.path.join(root, "mmcv", "models", "detectors", "orion.py"))
+    if is_orion and os.path.isfile(record):
+        return Check("overlay", PASS, "ORION checkout with the ORION-KD plugin installed")
+    if is_orion:
+        return Check("overlay", FAIL, "ORION checkout without the plugin",
+                     "python tools/install_into_orion.py . (from the ORION-KD repository)")
+    return Check("overlay", PASS, "standalone ORION-KD (no ORION checkout here)")
+
+
+def check_work_dir(work_dir: str, need_gb: float) -> List[Check]:
+    existing = os.path.abspath(work_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    checks = []
+    if os.access(existing, os.W_OK):
+        checks.append(Check("work_dir", PASS, f"{work_dir} is writable"))
+    else:
+        checks.append(Check("work_dir", FAIL, f"{existing} is not writable", "pass --work-dir to a writable folder"))
+    free_gb = shutil.disk_usage(existing).free / 2 ** 30
+    status = PASS if free_gb >= need_gb else WARN
+    checks.append(Check("disk", status, f"{free_gb:.1f} GB free (want >= {need_gb:g} GB)",
+                        "" if status == PASS else "free disk space for checkpoints"))
+    return checks
+
+
+def run_setup_checks(config_path: str, root: str = ".") -> List[Check]:
+    """All checks for ``config_path``; never raises for a finding (it becomes a FAIL line)."""
+    from mmcv.utils import Config
+
+    orion_mode = os.path.isfile(os.path.join(root, "mmcv", "models", "detectors", "orion.py"))
+    checks = [check_python()] + check_torch() + check_libraries(orion_mode)
+    if not os.path.isfile(config_path):
+        return checks + [Check("config", FAIL, f"not found: {config_path}", "pass --config PATH")]
+    try:
+        cfg = Config.fromfile(config_path)
+    except Exception as exc:
+        return checks + [Check("config", FAIL, f"{config_path}: {type(exc).__name__}: {exc}",
+                               "fix the config (ORION's base config must be present for the stage-3 config)")]
+    checks.append(Check("config", PASS, config_path))
+    checks.append(check_plugin(cfg))
+    tiny = "tiny" in os.path.basename(config_path)
+    fix = ("python tools/train_tiny_teacher.py (or run the demo, which trains it)" if tiny else
+           "put the fully trained ORION checkpoint at that path (ckpt/orion/orion.pth) or set "
+           "model.teacher_backbone_path")
+    checks.append(check_teacher(cfg, fix))
+    checks.append(check_data(cfg))
+    checks.append(check_overlay(root))
+    checks.extend(check_work_dir(cfg.get("work_dir") or "work_dirs", 1.0 if tiny else 20.0))
+    return checks
+
+
+def format_checks(checks: List[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for check in checks:
+        lines.append(f"{check.status}  {check.name:<{width}}  {check.detail}")
+        if check.fix:
+            lines.append(f"{'':6}{'':<{width}}  fix: {check.fix}")
+    failed = sum(c.status == FAIL for c in checks)
+    warned = sum(c.status == WARN for c in checks)
+    lines.append(f"{len(checks)} checks: {len(checks) - failed - warned} PASS, {warned} WARN, {failed} FAIL")
+    return "\n".join(lines)
+
+
+def summary(checks: List[Check]) -> Mapping[str, int]:
+    return {status: sum(c.status == status for c in checks) for status in (PASS, WARN, FAIL)}
