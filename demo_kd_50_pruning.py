@@ -36,7 +36,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pruning-ratio", type=float, default=0.5, help="fraction of heads REMOVED")
     parser.add_argument("--strategy", choices=("uniform", "global"), default="uniform")
-    parser.add_argument("--method", choices=METHODS, default="gradient", help="importance used to prune")
+    parser.add_argument("--method", choices=METHODS, default="magnitude",
+                        help="importance used to prune (default: magnitude, the guide's and OrionStudent's default)")
     parser.add_argument("--work-dir", default="work_dirs/demo_kd_50_pruning")
     parser.add_argument("--random-draws", type=int, default=5, help="random head selections for the baseline")
     parser.add_argument("--skip-benchmark", action="store_true")
@@ -413,6 +414,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.check_setup:
         return check_setup(args.config)
+    if not (ROOT / "mmcv/models/detectors/tiny_orion.py").is_file():
+        print("error: the demo pipeline needs the miniature ORION of the standalone ORION-KD repository; inside an "
+              "ORION checkout run `python demo_kd_50_pruning.py --check-setup --config "
+              "adzoo/orion/configs/orion_stage3_kd_train.py`", file=sys.stderr)
+        return 2
     run_pipeline(args)
     return 0
 

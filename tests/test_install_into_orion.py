@@ -53,6 +53,18 @@ FAKE_ORION: Dict[str, str] = {
             return mods[0] if single else mods
 
 
+        class Config(dict):
+            """mmcv 1.x's Config, reduced to what the plugin reads: a dict of a .py file's names."""
+
+            @classmethod
+            def fromfile(cls, path):
+                import runpy
+                return cls({k: v for k, v in runpy.run_path(path).items() if not k.startswith('__')})
+
+            def __getattr__(self, name):
+                return self[name]
+
+
         def auto_fp16(apply_to=None, out_fp32=False):
             def wrap(fn):
                 @functools.wraps(fn)
@@ -576,7 +588,6 @@ def test_real_plugin_builds_orion_student_in_fake_orion(orion: Path, tmp_path: P
     inst.check_imports(orion, python=sys.executable)
     teacher = run_script(orion, TEACHER_SCRIPT, str(tmp_path / "teacher.pth"))
     assert teacher.returncode == 0, teacher.stderr
-    # TODO(lead): align the OrionStudent arguments (kd_config, pruning configuration) with its final signature.
     proc = run_script(orion, """
 import sys
 import torch
@@ -585,6 +596,8 @@ import_modules_from_strings(%r)
 from mmcv.models.builder import build_model
 from mmcv.models.detectors.orion import Orion
 model = build_model(dict(type='OrionStudent', teacher_backbone_path=sys.argv[1], freeze_non_backbone=True,
+                         kd_config=dict(alpha_schedule='step', warmup_alpha=0.8, finetune_alpha=0.6,
+                                        warmup_epochs=1, pruning_ratio=0.5),
                          img_backbone=dict(%r, num_heads=2), use_grid_mask=True, **%r))
 assert isinstance(model, Orion), type(model).__mro__
 model.train()
@@ -601,6 +614,9 @@ print('student ok')
 """ % (list(manifest.CUSTOM_IMPORTS), TINY_EVA, TINY_HEADS), str(tmp_path / "teacher.pth"))
     assert proc.returncode == 0, proc.stderr
     assert "student ok" in proc.stdout
+    setup = subprocess.run([sys.executable, "demo_kd_50_pruning.py", "--check-setup", "--config", "no/such.py"],
+                           cwd=str(orion), capture_output=True, text=True, timeout=300)
+    assert setup.returncode == 1 and "FAIL  config" in setup.stdout, setup.stdout + setup.stderr
 
 
 def test_cli_rejects_a_missing_interpreter_before_copying(orion: Path, source: Path) -> None:

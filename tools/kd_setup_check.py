@@ -210,7 +210,8 @@ def run_setup_checks(config_path: str, root: str = ".") -> List[Check]:
                                "fix the config (ORION's base config must be present for the stage-3 config)")]
     checks.append(Check("config", PASS, config_path))
     checks.append(check_plugin(cfg))
-    tiny = "tiny" in os.path.basename(config_path)
+    tiny = (cfg.model.get("base_detector") == "TinyOrion"
+            or ((cfg.get("data") or {}).get("train") or {}).get("type") == "SyntheticChatB2D")
     fix = ("python tools/train_tiny_teacher.py (or run the demo, which trains it)" if tiny else
            "put the fully trained ORION checkpoint at that path (ckpt/orion/orion.pth) or set "
            "model.teacher_backbone_path")

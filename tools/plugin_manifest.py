@@ -25,6 +25,8 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "adzoo/orion/orion_dist_train.sh",
     "adzoo/orion/configs/orion_stage3_kd_train.py",
     "tools/head_pruning_utils.py",
+    "tools/kd_setup_check.py",
+    "demo_kd_50_pruning.py",
 )
 
 #: Modules the KD config registers through ``custom_imports`` (in this order).
