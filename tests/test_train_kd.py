@@ -237,13 +237,13 @@ def test_cli_logs_checkpoints_json_tensorboard_and_export(tmp_path: Path) -> Non
     lines = [ln for ln in logs[0].read_text().splitlines() if "Iter [" in ln]
     assert all(ITER_LINE.search(ln) for ln in lines), lines
     assert [int(ITER_LINE.search(ln).group(1)) for ln in lines] == [2, 4, 5, 6, 8, 10, 12]
-    for key in ("task_loss", "backbone_distill_loss", "total_loss", "grad_norm", "distillation_alpha"):
+    for key in ("task_loss", "backbone_distill_loss", "total_loss", "grad_norm", "alpha"):
         assert key + ": " in lines[0]
     assert lines[0] in res.stdout  # also on the console
     records = [json.loads(x) for x in next(wd.glob("*.log.json")).read_text().splitlines()]
     assert [r["iter"] for r in records] == [2, 4, 5, 6, 8, 10, 12]
-    assert {"lr", "time", "data_time", "memory", "task_loss", "total_loss", "distillation_alpha"} <= set(records[0])
-    assert [r["distillation_alpha"] for r in records] == [0.8, 0.8, 0.8, 0.6, 0.6, 0.6, 0.6]
+    assert {"lr", "time", "data_time", "memory", "task_loss", "total_loss", "alpha"} <= set(records[0])
+    assert [r["alpha"] for r in records] == [0.8, 0.8, 0.8, 0.6, 0.6, 0.6, 0.6]
     # checkpoints: max_keep_ckpts=3, latest.pth is the newest, weights_only loadable, ORION's layout
     assert sorted(p.name for p in wd.glob("iter_*.pth")) == ["iter_10.pth", "iter_12.pth", "iter_8.pth"]
     ck = load(wd / "latest.pth")

@@ -977,7 +977,8 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
                     for k in key_order:
                         if k not in ("time", "data_time"):
                             values[k] = avg[k]
-                    values["distillation_alpha"] = alpha
+                    if has_alpha and "alpha" not in values:  # OrionStudent logs it itself as 'alpha'
+                        values["alpha"] = alpha
                     line = format_log_line(log_by_epoch, epoch + 1, inner, iters_per_epoch, it, max_iters, values)
                     scalars = dict(mode="train", epoch=epoch + 1, iter=it, inner_iter=inner)
                     scalars.update({k: v for k, v in values.items() if k != "eta"})
