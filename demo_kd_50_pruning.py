@@ -41,6 +41,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", default="work_dirs/demo_kd_50_pruning")
     parser.add_argument("--random-draws", type=int, default=5, help="random head selections for the baseline")
     parser.add_argument("--skip-benchmark", action="store_true")
+    parser.add_argument("--skip-ablation", action="store_true",
+                        help="skip the task-loss-only fine-tuning of the pruned student (the KD-vs-no-KD control)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.pruning_ratio < 1.0:
         parser.error(f"--pruning-ratio is the fraction of heads removed, in [0, 1); got {args.pruning_ratio}")
@@ -184,7 +186,7 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
     torch.manual_seed(args.seed)
     cfg = Config.fromfile(str(ROOT / args.config))
     teacher_path = cfg.model.teacher_backbone_path
-    total = 8
+    total = 9
     report: Dict[str, Any] = dict(seed=args.seed, pruning_ratio=args.pruning_ratio, strategy=args.strategy,
                                   method=args.method, config=args.config, torch=torch.__version__,
                                   threads=torch.get_num_threads())
@@ -285,19 +287,35 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
 
     with Stage(7, total, "evaluate the exported student"):
         export = kd_dir / "student_export.pth"
-        ckpt = torch.load(export, map_location="cpu", weights_only=True)
-        plain_cfg = Config.fromfile(str(ROOT / "adzoo/orion/configs/orion_tiny_train.py"))
-        plain_cfg.model.img_backbone = ckpt["meta"]["img_backbone"]
-        student = build_model(plain_cfg.model)
-        student.load_state_dict(ckpt["state_dict"], strict=True)
-        student.eval()
+        student = load_exported_student(export)
         after_metrics = evaluate(student, val_set)
         after_similarity = backbone_similarity(before.teacher_backbone, student.img_backbone, loader, 8)
         report.update(after_kd_metrics=after_metrics, after_kd_backbone=after_similarity, export=str(export))
         print("  after KD:", {k: round(v, 4) for k, v in after_metrics.items() if k in HIGHER_IS_BETTER},
               f"cosine {after_similarity['cosine']:.4f}")
 
-    with Stage(8, total, "benchmark"):
+    with Stage(8, total, "control: the same 3 epochs with the task loss only (alpha = 0, no distillation)"):
+        if args.skip_ablation:
+            print("  skipped (--skip-ablation)")
+        else:
+            task_dir = work / "task_only"
+            task_config = work / "orion_tiny_task_only_demo.py"
+            atomic_write(task_config, "\n".join([
+                "# Written by demo_kd_50_pruning.py: the demo's KD run with alpha = 0 (task loss only), as a control.",
+                f"_base_ = [{str(kd_config.resolve())!r}]",
+                "model = dict(kd_config=dict(alpha_schedule='constant', distillation_alpha=0.0))",
+                f"work_dir = {str(task_dir)!r}", ""]))
+            status = train_main([str(task_config), "--work-dir", str(task_dir), "--seed", str(args.seed)])
+            if status:
+                raise RuntimeError(f"task-only training failed with status {status}")
+            control = load_exported_student(task_dir / "student_export.pth")
+            report["task_only_metrics"] = evaluate(control, val_set)
+            report["task_only_backbone"] = backbone_similarity(before.teacher_backbone, control.img_backbone, loader, 8)
+            print("  task loss only:", {k: round(v, 4) for k, v in report["task_only_metrics"].items()
+                                        if k in HIGHER_IS_BETTER},
+                  f"cosine {report['task_only_backbone']['cosine']:.4f}")
+
+    with Stage(9, total, "benchmark"):
         params = dict(teacher=sum(p.numel() for p in teacher.img_backbone.parameters()),
                       student=sum(p.numel() for p in student.img_backbone.parameters()))
         image = next(iter(loader))["img"].flatten(0, 1)
@@ -322,6 +340,20 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
     return report
 
 
+def load_exported_student(path: Path) -> Any:
+    """TinyOrion with the exported pruned backbone (the base detector, no OrionStudent), loaded strictly."""
+    import torch
+    from mmcv import Config
+    from mmcv.models.builder import build_model
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = Config.fromfile(str(ROOT / "adzoo/orion/configs/orion_tiny_train.py"))
+    cfg.model.img_backbone = ckpt["meta"]["img_backbone"]
+    model = build_model(cfg.model)
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model.eval()
+
+
 def _spearman(a: Any, b: Any) -> float:
     import numpy as np
     ra = np.argsort(np.argsort(a)).astype(float)
@@ -341,7 +373,7 @@ def evaluate_targets(report: Dict[str, Any]) -> Dict[str, Any]:
     random_mean = report["fidelity_before_kd"]["random_mean"]
     gains = {k: report["after_kd_metrics"][k] - report["before_kd_metrics"][k] for k in HIGHER_IS_BETTER}
     better_after = sum((gains[k] > 0) == HIGHER_IS_BETTER[k] for k in gains)
-    return {
+    targets = {
         "student keeps >= 98% of the teacher on every metric": dict(value=worst, met=worst >= 0.98),
         "KD matters: after KD clearly better than before": dict(
             value=dict(cosine_before=before_cos, cosine_after=after_cos, metrics_improved=better_after),
@@ -350,26 +382,35 @@ def evaluate_targets(report: Dict[str, Any]) -> Dict[str, Any]:
                                                          met=chosen > random_mean),
         "demo within 5 minutes": dict(value=report["total_seconds"], met=report["total_seconds"] <= 300),
     }
+    if "task_only_backbone" in report:
+        control_cos = report["task_only_backbone"]["cosine"]
+        targets["KD beats task-loss-only training at equal cost (backbone cosine)"] = dict(
+            value=dict(kd=after_cos, task_only=control_cos), met=after_cos > control_cos)
+    return targets
 
 
 def write_report(report: Dict[str, Any], work: Path) -> None:
     rows = []
+    control = report.get("task_only_metrics")
     for key in HIGHER_IS_BETTER:
         arrow = "higher" if HIGHER_IS_BETTER[key] else "lower"
         rows.append(f"| {key} ({arrow} is better) | {report['chance_metrics'][key]:.4f} | "
                     f"{report['teacher_metrics'][key]:.4f} | {report['before_kd_metrics'][key]:.4f} | "
+                    f"{control[key] if control else float('nan'):.4f} | "
                     f"{report['after_kd_metrics'][key]:.4f} | {report['retained_after_kd'][key]:.1%} |")
     params = report["backbone_params"]
     speed = report["backbone_speed"]
+    control_cos = report["task_only_backbone"]["cosine"] if control else float("nan")
     rows.append(f"| backbone cosine to teacher | - | 1.0000 | {report['before_kd_backbone']['cosine']:.4f} | "
-                f"{report['after_kd_backbone']['cosine']:.4f} | - |")
+                f"{control_cos:.4f} | {report['after_kd_backbone']['cosine']:.4f} | - |")
     rows.append(f"| backbone parameters | - | {params['teacher'] / 1e6:.3f} M | {params['student'] / 1e6:.3f} M | "
-                f"{params['student'] / 1e6:.3f} M | {params['student'] / params['teacher']:.1%} |")
+                f"{params['student'] / 1e6:.3f} M | {params['student'] / 1e6:.3f} M | "
+                f"{params['student'] / params['teacher']:.1%} |")
     if speed:
         rows.append(f"| backbone speedup (median, CPU) | - | 1.000x | {speed['speedup']:.3f}x | {speed['speedup']:.3f}x "
-                    f"| ceiling {speed['ceiling']:.3f}x |")
-    table = "\n".join(["| metric | chance | teacher | pruned, before KD | student after KD | kept |",
-                       "|---|---|---|---|---|---|"] + rows)
+                    f"| {speed['speedup']:.3f}x | ceiling {speed['ceiling']:.3f}x |")
+    table = "\n".join(["| metric | chance | teacher | pruned, before KD | task loss only (3 ep.) | "
+                       "student after KD (3 ep.) | kept by KD |", "|---|---|---|---|---|---|---|"] + rows)
     fid = report["fidelity_before_kd"]
     targets = "\n".join(f"- {'MET' if t['met'] else 'MISSED'}: {name} (measured: {_fmt(t['value'])})"
                         for name, t in report["targets"].items())
@@ -378,6 +419,9 @@ def write_report(report: Dict[str, Any], work: Path) -> None:
 Miniature ORION (TinyOrion, synthetic Chat-B2D-shaped data), seed {report['seed']}: {report['pruning_ratio']:.0%} of
 the attention heads removed ({report['strategy']} allocation, {report['method']} importance), student backbone
 trained by KD for 3 epochs, everything else frozen. torch {report['torch']}, {report['threads']} threads.
+"task loss only" is the control: the same pruned student trained for the same 3 epochs with alpha = 0 (no
+distillation). "kept by KD" is the KD student's value as a fraction of the teacher's (teacher / student for
+plan L2). Metrics on {report['teacher_metrics'].get('num_samples', 'the')} validation samples.
 
 {table}
 

@@ -783,10 +783,18 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
     if samples_per_gpu <= 0 or workers_per_gpu < 0:
         raise ConfigError("data.samples_per_gpu must be > 0 and data.workers_per_gpu >= 0, got {} and {}".format(
             samples_per_gpu, workers_per_gpu))
-    kd_config = _get(cfg, "kd_config")
+    # One source of truth for alpha: the settings the KD model was built with (its resolved kd_config),
+    # else the config's model.kd_config, else the top-level kd_config.
+    kd_config = getattr(model, "kd_config", None)
     if kd_config is None:
         kd_config = _get(_get(cfg, "model"), "kd_config")
+    if kd_config is None:
+        kd_config = _get(cfg, "kd_config")
     kd_settings = validate_kd_config(kd_config)
+    top_level = _get(cfg, "kd_config")
+    if top_level is not None and validate_kd_config(top_level) != kd_settings:
+        logging.getLogger(LOGGER_NAME).warning(
+            "kd_config (top level) and the model's kd_config disagree on alpha; the model's wins: %s", kd_settings)
     seed = _get(cfg, "seed")
     seed = int(seed) if seed is not None else 0
     grad_clip = _get(_get(cfg, "optimizer_config"), "grad_clip")
