@@ -172,7 +172,7 @@ def test_pruning_config_file_and_magnitude_default(teacher_ckpt, tmp_path):
 
 
 def test_errors_are_clear(teacher_ckpt, tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*missing.pth"):
+    with pytest.raises(FileNotFoundError, match="Teacher model not found at .*missing.pth"):
         make_student(str(tmp_path / "missing.pth"))
     deeper = student_backbone_cfg(depth=5, window_block_indexes=[0, 2])
     with pytest.raises(ValueError, match=r"no img_backbone.blocks.4.attn.q_proj.weight: it does not match"):

@@ -77,6 +77,16 @@ def cuda_peak_memory_mb(model: EVAViTStudent, image: torch.Tensor) -> float:
     return torch.cuda.max_memory_allocated(image.device) / 2 ** 20
 
 
+def write_json_atomic(path: str, payload: Dict) -> Path:
+    """Write ``payload`` as JSON through a temporary file and a rename (no half-written results)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, out)
+    return out
+
+
 def _status_mb(field: str) -> float:
     with open("/proc/self/status") as status:
         for line in status:
@@ -178,12 +188,7 @@ def main(argv: List[str] = None) -> Dict:
         print(f"  sdpa vs math  {result['sdpa_vs_math_speedup']:.3f}x (teacher)")
     what = "peak CUDA memory" if device.type == "cuda" else "forward activation peak (RSS)"
     print(f"  memory        student/teacher {what} = {mem_ratio:.3f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
-    print(f"  wrote {out}")
+    print(f"  wrote {write_json_atomic(args.out, result)}")
     return result
 
 

@@ -14,7 +14,6 @@ that runs the steady-state step. bf16 autocast on CUDA, fp32 on CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -28,6 +27,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+
+from tools.benchmark_backbone import _status_mb, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "adzoo/orion/configs/orion_tiny_kd_train.py"
@@ -136,14 +137,6 @@ def time_alternating(kd_step: Callable[[], None], student_step: Callable[[], Non
     return times
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def peak_memory_mb(args: argparse.Namespace, setting: str, mode: str, device: torch.device) -> float:
     """Peak memory of a steady-state step: CUDA allocator peak, or a child process's VmHWM on CPU."""
     if device.type == "cuda":
@@ -231,12 +224,7 @@ def main(argv: List[str] = None) -> Dict:
               f"   ratio {entry['time_ratio']:.3f} (target <= 1.35)")
         print(f"  peak memory   kd {memory['kd']:8.0f} MB   student-only {memory['student_only']:8.0f} MB"
               f"   ratio {entry['memory_ratio']:.3f} (target <= 1.25)", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out)
-    print(f"  wrote {out}")
+    print(f"  wrote {write_json_atomic(args.out, results)}")
     return results
 
 

@@ -220,10 +220,10 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         rank, world_size = get_dist_info()
         prefix = "[rank {}] ".format(rank) if world_size > 1 else ""
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-        if isinstance(exc, pickle.UnpicklingError):  # torch's weights_only refusal: keep the reason only
+        if isinstance(exc, pickle.UnpicklingError) and "WeightsUnpickler error" in message:  # torch's own text
             reason = [ln.strip() for ln in message.splitlines() if "WeightsUnpickler error" in ln]
             message = "cannot load a checkpoint with weights_only=True (it holds objects other than tensors and " \
-                      "plain types): {}".format(reason[0] if reason else message.splitlines()[0])
+                      "plain types): {}".format(reason[0])
         print("{}error: {}".format(prefix, " ".join(message.split()) or type(exc).__name__), file=sys.stderr)
         return USER_ERROR_EXIT
     except Exception:

@@ -24,7 +24,6 @@ mmengine); ORION's own modules are only imported lazily and optionally.
 from __future__ import annotations
 
 import datetime
-import glob
 import inspect
 import json
 import logging
@@ -36,7 +35,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch

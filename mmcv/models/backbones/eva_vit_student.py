@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -630,13 +631,18 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except TypeError:  # torch < 2.1 has no mmap argument
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except RuntimeError as err:
-        if "mmap" in str(err) or "zipfile" in str(err):  # legacy (non-zip) format cannot be mapped
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except TypeError:  # torch < 2.1 has no mmap argument
             return torch.load(path, map_location="cpu", weights_only=True)
-        raise
+        except RuntimeError as err:
+            if "mmap" in str(err) or "zipfile" in str(err):  # legacy (non-zip) format cannot be mapped
+                return torch.load(path, map_location="cpu", weights_only=True)
+            raise
+    except pickle.UnpicklingError as err:
+        detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise pickle.UnpicklingError(f"{path}: refused to unpickle (weights_only=True allows tensors and plain "
+                                     f"types only; user files are never unpickled): {detail}") from None
 
 
 def extract_backbone_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]],

@@ -203,16 +203,21 @@ class OrionStudent(nn.Module):
         if img_backbone is None or img_backbone.get("type") != "EVAViTStudent":
             raise ValueError(f"OrionStudent: img_backbone must be dict(type='EVAViTStudent', ...), got "
                              f"{None if img_backbone is None else img_backbone.get('type')!r}")
-        if not kd.get("teacher_backbone_path"):
+        teacher_path = kd.get("teacher_backbone_path")
+        if not teacher_path:
             raise ValueError("OrionStudent: teacher_backbone_path is required (the unpruned ORION checkpoint, "
                              "e.g. ckpt/orion/orion.pth)")
+        if not os.path.isfile(teacher_path):
+            raise FileNotFoundError(f"Teacher model not found at {teacher_path}: put the fully trained ORION "
+                                    f"checkpoint there or set model.teacher_backbone_path (miniature world: "
+                                    f"python tools/train_tiny_teacher.py)")
         started = time.time()
-        checkpoint = load_checkpoint_file(kd.get("teacher_backbone_path"))
+        checkpoint = load_checkpoint_file(teacher_path)
         full_state = _strip_module_prefix(checkpoint.get("state_dict", checkpoint))
         backbone_state = {k[len(_TRAINABLE_PREFIX):]: v for k, v in full_state.items()
                           if k.startswith(_TRAINABLE_PREFIX)}
         if not backbone_state:
-            raise ValueError(f"{kd.get('teacher_backbone_path')}: no 'img_backbone.*' keys; expected a full ORION "
+            raise ValueError(f"{teacher_path}: no 'img_backbone.*' keys; expected a full ORION "
                              f"checkpoint with the unpruned backbone")
 
         student_cfg = dict(img_backbone)
@@ -250,7 +255,7 @@ class OrionStudent(nn.Module):
         # Held outside the module tree: not in state_dict(), parameters(), DDP or the optimizer.
         object.__setattr__(self, "_teacher_backbone", teacher)
 
-        self.load_report = self._load_frozen_parts(full_state, kd.get("teacher_backbone_path")) if load_base_weights \
+        self.load_report = self._load_frozen_parts(full_state, teacher_path) if load_base_weights \
             else dict(loaded=0, unexpected=[])
         del checkpoint, full_state, backbone_state
         self._register_load_state_dict_pre_hook(self._slice_teacher_shaped_backbone_keys)
@@ -259,7 +264,7 @@ class OrionStudent(nn.Module):
         self.train(self.training)
         self._print(f"[OrionStudent] base={self.base_detector_name} heads kept per block "
                     f"{self.img_backbone.num_heads_per_layer} of {self.img_backbone.teacher_num_heads} "
-                    f"({selection_source}); teacher from {kd.get('teacher_backbone_path')} in {time.time() - started:.1f}s; "
+                    f"({selection_source}); teacher from {teacher_path} in {time.time() - started:.1f}s; "
                     f"trainable {sum(p.numel() for p in self.parameters() if p.requires_grad) / 1e6:.2f} M of "
                     f"{sum(p.numel() for p in self.parameters()) / 1e6:.2f} M parameters")
 
