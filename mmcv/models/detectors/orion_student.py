@@ -267,6 +267,8 @@ class OrionStudent(nn.Module):
                     f"({selection_source}); teacher from {teacher_path} in {time.time() - started:.1f}s; "
                     f"trainable {sum(p.numel() for p in self.parameters() if p.requires_grad) / 1e6:.2f} M of "
                     f"{sum(p.numel() for p in self.parameters()) / 1e6:.2f} M parameters")
+        self._print("[OrionStudent] teacher heads kept, per block: " + "; ".join(
+            f"{layer}: {heads}" for layer, heads in enumerate(self.img_backbone.selected_heads)))
 
     # ------------------------------------------------------------------ configuration
 
