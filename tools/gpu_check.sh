@@ -18,6 +18,10 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
     echo "error: no CUDA device visible to $PYTHON; this script is for GPU machines" >&2
     exit 2
 fi
+if ! "$PYTHON" -c "import mmengine, transformers, safetensors, matplotlib, mmcv.models" 2>/dev/null; then
+    echo "error: $PYTHON lacks ORION-KD's dependencies; run 'pip install -e .' (or 'make setup') first" >&2
+    exit 2
+fi
 GPUS=$("$PYTHON" -c "import torch; print(min(2, torch.cuda.device_count()))")
 status=0
 

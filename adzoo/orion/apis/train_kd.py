@@ -24,7 +24,6 @@ mmengine); ORION's own modules are only imported lazily and optionally.
 from __future__ import annotations
 
 import datetime
-import inspect
 import json
 import logging
 import math
@@ -43,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mmcv.models.backbones.eva_vit_student import load_checkpoint_file as load_weights_only
 from mmcv.models.detectors.orion_student import resolve_distillation_alpha, validate_kd_config
 from mmcv.utils import get_dist_info
 
@@ -399,31 +399,12 @@ def move_batch_to_device(batch: Any, device: torch.device) -> Any:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _torch_load_kwargs() -> Dict[str, Any]:
-    params = inspect.signature(torch.load).parameters
-    kwargs: Dict[str, Any] = dict(map_location="cpu")
-    if "weights_only" in params:
-        kwargs["weights_only"] = True
-    if "mmap" in params:
-        kwargs["mmap"] = True
-    return kwargs
-
-
 def load_checkpoint_file(path: str) -> Dict[str, Any]:
     """Load a checkpoint on the CPU with ``weights_only=True`` (and ``mmap=True`` on torch >= 2.1)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError("checkpoint not found: {}".format(path))
-    kwargs = _torch_load_kwargs()
     try:
-        ckpt = torch.load(path, **kwargs)
-    except RuntimeError as exc:
-        if kwargs.pop("mmap", False) and "mmap" in str(exc):  # legacy (non-zip) format
-            ckpt = torch.load(path, **kwargs)
-        else:
-            raise ConfigError("cannot load checkpoint {}: {}".format(path, str(exc).splitlines()[0]))
-    except Exception as exc:  # weights_only refuses arbitrary pickled objects
-        raise ConfigError("cannot load checkpoint {} with weights_only=True: {}".format(
-            path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+        ckpt = load_weights_only(path)
+    except RuntimeError as exc:  # truncated or not a torch file
+        raise ConfigError("cannot load checkpoint {}: {}".format(path, str(exc).splitlines()[0]))
     if not isinstance(ckpt, Mapping):
         raise ConfigError("checkpoint {} holds a {}, expected a dict".format(path, type(ckpt).__name__))
     return dict(ckpt)
