@@ -354,3 +354,17 @@ def test_invalid_configuration_raises(kwargs):
     with pytest.raises(ValueError):
         CombinedKDLoss(**kwargs)
 
+
+
+def test_attention_kl_ignores_teacher_entries_with_zero_probability():
+    """A teacher logit of -inf (probability 0) contributes exactly 0, never NaN."""
+    from mmcv.models.losses.kd_losses import _kl_from_logits
+
+    torch.manual_seed(0)
+    s = torch.randn(4, 7, dtype=torch.float64)
+    t = torch.randn(4, 7, dtype=torch.float64)
+    t[1, 3] = float("-inf")
+    p_s, p_t = torch.softmax(s / 3.0, -1), torch.softmax(t / 3.0, -1)
+    expected = torch.where(p_t > 0, p_t * (p_t.log() - p_s.log()), torch.zeros_like(p_t)).sum(-1)
+    got = _kl_from_logits(s, t, 3.0)
+    assert torch.isfinite(got).all() and torch.allclose(got, expected, atol=1e-12)

@@ -92,10 +92,9 @@ def _kl_from_logits(student_logits: Tensor, teacher_logits: Tensor, temperature:
     probability (``-inf`` logits) contribute zero.
     """
     log_s = F.log_softmax(student_logits / temperature, dim=dim)
-    log_t = F.log_softmax(teacher_logits / temperature, dim=dim)
-    p_t = log_t.exp()
-    terms = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros_like(p_t))
-    return terms.sum(dim=dim)
+    # a finite floor makes exp(log_t) * (log_t - log_s) exactly 0 where the teacher has -inf logits
+    log_t = F.log_softmax(teacher_logits / temperature, dim=dim).clamp_min(torch.finfo(log_s.dtype).min)
+    return F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(dim=dim)
 
 
 def _check_modes(mode: str, allowed: Sequence[str], owner: str) -> str:
