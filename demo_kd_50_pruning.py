@@ -396,13 +396,13 @@ def write_report(report: Dict[str, Any], work: Path) -> None:
         arrow = "higher" if HIGHER_IS_BETTER[key] else "lower"
         rows.append(f"| {key} ({arrow} is better) | {report['chance_metrics'][key]:.4f} | "
                     f"{report['teacher_metrics'][key]:.4f} | {report['before_kd_metrics'][key]:.4f} | "
-                    f"{control[key] if control else float('nan'):.4f} | "
+                    f"{f'{control[key]:.4f}' if control else 'skipped'} | "
                     f"{report['after_kd_metrics'][key]:.4f} | {report['retained_after_kd'][key]:.1%} |")
     params = report["backbone_params"]
     speed = report["backbone_speed"]
-    control_cos = report["task_only_backbone"]["cosine"] if control else float("nan")
+    control_cos = f"{report['task_only_backbone']['cosine']:.4f}" if control else "skipped"
     rows.append(f"| backbone cosine to teacher | - | 1.0000 | {report['before_kd_backbone']['cosine']:.4f} | "
-                f"{control_cos:.4f} | {report['after_kd_backbone']['cosine']:.4f} | - |")
+                f"{control_cos} | {report['after_kd_backbone']['cosine']:.4f} | - |")
     rows.append(f"| backbone parameters | - | {params['teacher'] / 1e6:.3f} M | {params['student'] / 1e6:.3f} M | "
                 f"{params['student'] / 1e6:.3f} M | {params['student'] / 1e6:.3f} M | "
                 f"{params['student'] / params['teacher']:.1%} |")

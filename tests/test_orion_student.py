@@ -178,7 +178,7 @@ def test_errors_are_clear(teacher_ckpt, tmp_path):
     with pytest.raises(ValueError, match=r"no img_backbone.blocks.4.attn.q_proj.weight: it does not match"):
         make_student(teacher_ckpt, img_backbone=deeper)
     with pytest.raises(ValueError, match=r"missing 21 key\(s\), e.g. \['blocks.4"):
-        make_student(teacher_ckpt, img_backbone=deeper, pruning_config=dict(selected_heads_per_layer=[[0, 1]] * 5))
+        make_student(teacher_ckpt, img_backbone=deeper, pruning_config=dict(selected_heads_per_layer=[list(range(8))] * 5))
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['distill_alpha'\]"):
         make_student(teacher_ckpt, kd_config=dict(distill_alpha=0.5))
     with pytest.raises(ValueError, match=r"distillation_alpha=0.7 together with alpha_schedule='step'"):
@@ -189,6 +189,9 @@ def test_errors_are_clear(teacher_ckpt, tmp_path):
         make_student(None)
     with pytest.raises(ValueError, match="img_backbone must be dict\\(type='EVAViTStudent'"):
         make_student(teacher_ckpt, img_backbone=dict(TINY.model.img_backbone.to_dict()))
+    with pytest.raises(ValueError, match=r"head selection from pruning_config does not fit img_backbone \(num_heads=8.*"
+                                         r"keeps 12 heads but num_heads says 8"):
+        make_student(teacher_ckpt, pruning_config=dict(selected_heads_per_layer=[list(range(12))] * 4))
     with pytest.raises(KeyError, match="base_detector 'Orion' is not registered"):
         build_model(dict(type="OrionStudent", teacher_backbone_path=teacher_ckpt, img_backbone=student_backbone_cfg()))
     state = torch.load(teacher_ckpt, map_location="cpu", weights_only=True)["state_dict"]

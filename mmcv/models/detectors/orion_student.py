@@ -311,7 +311,7 @@ class OrionStudent(nn.Module):
             selection = load_pruning_config(pruning_config)
             source = f"pruning_config {pruning_config}" if isinstance(pruning_config, (str, os.PathLike)) \
                 else "pruning_config"
-            if "num_heads" not in cfg or isinstance(num_heads, int) and any(len(h) != num_heads for h in selection):
+            if "num_heads" not in cfg:
                 num_heads = [len(heads) for heads in selection]
         counts = [num_heads] * depth if isinstance(num_heads, int) else list(num_heads)
         ratio = kd.get("pruning_ratio")
@@ -327,7 +327,11 @@ class OrionStudent(nn.Module):
             selection, _ = magnitude_head_selection(backbone_state, depth, teacher_heads,
                                                     resolve_head_counts(depth, teacher_heads, num_heads))
             source = "q/k/v weight magnitude of the teacher"
-        resolve_head_selection(depth, teacher_heads, num_heads, selection)
+        try:
+            resolve_head_selection(depth, teacher_heads, num_heads, selection)
+        except ValueError as err:
+            raise ValueError(f"OrionStudent: the head selection from {source} does not fit img_backbone "
+                             f"(num_heads={num_heads!r}, depth {depth}, {teacher_heads} teacher heads): {err}") from None
         cfg.update(num_heads=num_heads, teacher_num_heads=teacher_heads, selected_heads_per_layer=selection)
         return cfg, source
 
