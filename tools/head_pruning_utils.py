@@ -761,6 +761,17 @@ def _data_pass(model: nn.Module, dataloader: Iterable, num_batches: Optional[int
     return images
 
 
+def _data_pass_with_pre_hooks(model: nn.Module, hooks: Sequence[Tuple[nn.Module, Callable]], dataloader: Iterable,
+                              num_batches: Optional[int], desc: str, progress: bool, backbone: nn.Module) -> int:
+    """:func:`_data_pass` with forward pre-hooks attached to the given modules for its duration."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
+    try:
+        return _data_pass(model, dataloader, num_batches, desc, progress, backbone)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def compute_head_importance_entropy(model: nn.Module, dataloader: Iterable, num_batches: Optional[int] = 8,
                                    num_query_samples: Optional[int] = 64, seed: int = 0, chunk_size: int = 64,
                                    save_path: Optional[Union[str, os.PathLike]] = None,
@@ -781,7 +792,6 @@ def compute_head_importance_entropy(model: nn.Module, dataloader: Iterable, num_
     sums = torch.zeros(len(sites), sites[0].num_heads, dtype=torch.float64)
     counts = torch.zeros(len(sites), dtype=torch.float64)
     max_entropy = torch.zeros(len(sites), dtype=torch.float64)
-    handles = []
 
     def make(site: AttentionSite, recorder: _GeometryRecorder) -> Callable:
         def hook(module: nn.Module, args: Tuple[Any, ...]) -> None:
@@ -804,13 +814,8 @@ def compute_head_importance_entropy(model: nn.Module, dataloader: Iterable, num_
         return hook
 
     with _preserved_state(model), _GeometryRecorder(sites) as recorder:
-        try:
-            for site in sites:
-                handles.append(site.attn.register_forward_pre_hook(make(site, recorder)))
-            images = _data_pass(model, dataloader, num_batches, "entropy importance", progress, backbone)
-        finally:
-            for handle in handles:
-                handle.remove()
+        images = _data_pass_with_pre_hooks(model, [(site.attn, make(site, recorder)) for site in sites], dataloader,
+                                           num_batches, "entropy importance", progress, backbone)
     mean_entropy = sums / counts.clamp_min(1.0)[:, None]
     scores = max_entropy[:, None] - mean_entropy
     return _finish(scores, "entropy", images, model, backbone,
@@ -831,7 +836,6 @@ def compute_head_importance_activation(model: nn.Module, dataloader: Iterable, n
     sites = find_attention_sites(backbone)
     sums = torch.zeros(len(sites), sites[0].num_heads, dtype=torch.float64)
     counts = torch.zeros(len(sites), dtype=torch.float64)
-    handles = []
 
     def make(site: AttentionSite, recorder: _GeometryRecorder) -> Callable:
         def hook(module: nn.Module, args: Tuple[Any, ...]) -> None:
@@ -844,13 +848,8 @@ def compute_head_importance_activation(model: nn.Module, dataloader: Iterable, n
         return hook
 
     with _preserved_state(model), _GeometryRecorder(sites) as recorder:
-        try:
-            for site in sites:
-                handles.append(site.head_input.register_forward_pre_hook(make(site, recorder)))
-            images = _data_pass(model, dataloader, num_batches, "activation importance", progress, backbone)
-        finally:
-            for handle in handles:
-                handle.remove()
+        images = _data_pass_with_pre_hooks(model, [(site.head_input, make(site, recorder)) for site in sites],
+                                           dataloader, num_batches, "activation importance", progress, backbone)
     scores = sums / counts.clamp_min(1.0)[:, None]
     return _finish(scores, "activation", images, model, backbone, {}, save_path, time.perf_counter() - start)
 
