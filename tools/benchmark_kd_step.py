@@ -18,7 +18,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -28,7 +27,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from tools.benchmark_backbone import _status_mb, write_json_atomic
+from tools.benchmark_backbone import _status_mb, time_alternating, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "adzoo/orion/configs/orion_tiny_kd_train.py"
@@ -122,21 +121,6 @@ def build_orion_l(device: torch.device, depth: int, image_size: int, batch: int
     return kd_step, student_step
 
 
-def time_alternating(kd_step: Callable[[], None], student_step: Callable[[], None], repeats: int,
-                     device: torch.device) -> Dict[str, List[float]]:
-    for step in (kd_step, student_step, kd_step, student_step):  # warm-up, optimizer state allocated
-        step()
-    times = {"kd": [], "student_only": []}
-    for _ in range(repeats):
-        for name, step in (("kd", kd_step), ("student_only", student_step)):
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def peak_memory_mb(args: argparse.Namespace, setting: str, mode: str, device: torch.device) -> float:
     """Peak memory of a steady-state step: CUDA allocator peak, or a child process's VmHWM on CPU."""
     if device.type == "cuda":
@@ -213,7 +197,8 @@ def main(argv: List[str] = None) -> Dict:
         label = setting if setting == "tiny" else f"orion-l depth={args.depth} {args.image_size}px batch {args.batch}"
         print(f"[benchmark_kd_step] {label}: {args.repeats} alternating rounds on {device}", flush=True)
         kd_step, student_step = build_setting(args, setting, device)
-        times = time_alternating(kd_step, student_step, args.repeats, device)
+        # two warm-up rounds of both steps: AdamW state is allocated before timing
+        times = time_alternating(dict(kd=kd_step, student_only=student_step), args.repeats, 2, device)
         del kd_step, student_step
         median = {k: statistics.median(v) for k, v in times.items()}
         memory = {mode: peak_memory_mb(args, setting, mode, device) for mode in ("kd", "student_only")}
