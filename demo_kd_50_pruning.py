@@ -159,12 +159,6 @@ def retained(student: Dict[str, float], teacher: Dict[str, float]) -> Dict[str, 
     return out
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- pipeline
 
 
@@ -172,6 +166,7 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
     import mmcv.models  # noqa: F401  (registers the standalone world)
+    from mmcv.models.utils.checkpoint_io import atomic_write_text
     from mmcv import Config
     from mmcv.datasets import build_dataset
     from mmcv.datasets.chat_b2d_baseline import chance_levels
@@ -259,7 +254,7 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
 
     kd_dir = work / "kd"
     kd_config = work / "orion_tiny_kd_demo.py"
-    atomic_write(kd_config, "\n".join([
+    atomic_write_text(kd_config, "\n".join([
         "# Written by demo_kd_50_pruning.py: the tiny KD config with the demo's pruning configuration.",
         f"_base_ = [{str(ROOT / args.config)!r}]",
         f"model = dict(pruning_config={str(pruning_path.resolve())!r}, img_backbone=dict("
@@ -300,7 +295,7 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
         else:
             task_dir = work / "task_only"
             task_config = work / "orion_tiny_task_only_demo.py"
-            atomic_write(task_config, "\n".join([
+            atomic_write_text(task_config, "\n".join([
                 "# Written by demo_kd_50_pruning.py: the demo's KD run with alpha = 0 (task loss only), as a control.",
                 f"_base_ = [{str(kd_config.resolve())!r}]",
                 "model = dict(kd_config=dict(alpha_schedule='constant', distillation_alpha=0.0))",
@@ -390,6 +385,8 @@ def evaluate_targets(report: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def write_report(report: Dict[str, Any], work: Path) -> None:
+    from mmcv.models.utils.checkpoint_io import atomic_write_json, atomic_write_text
+
     rows = []
     control = report.get("task_only_metrics")
     for key in HIGHER_IS_BETTER:
@@ -439,8 +436,8 @@ loss_curves.png, kd/ (training logs, checkpoints, student_export.pth).
 Stage times (s): {', '.join(f"{k}: {v:.1f}" for k, v in report['stage_seconds'].items())}; total
 {report['total_seconds']:.1f}s.
 """
-    atomic_write(work / "report.md", text)
-    atomic_write(work / "report.json", json.dumps(report, indent=2, default=str))
+    atomic_write_text(work / "report.md", text)
+    atomic_write_json(work / "report.json", json.loads(json.dumps(report, default=str)))
     print("\n" + table)
     print("\nTargets:\n" + targets)
     print(f"\nReport: {work / 'report.md'} (total {report['total_seconds']:.0f}s)")

@@ -135,6 +135,7 @@ FAKE_ORION: Dict[str, str] = {
 
         build_detector = build_model
         ''',
+    "mmcv/models/utils/__init__.py": '"""ORION keeps shared model helpers here."""\n',
     "mmcv/models/backbones/__init__.py": "from .vit import FakeViT  # noqa\n",
     "mmcv/models/backbones/vit.py": '''
         """ORION's own backbone, in miniature: one patch embedding."""
@@ -570,8 +571,8 @@ def run_script(root: Path, code: str, *args: str) -> subprocess.CompletedProcess
                     reason="EVAViTStudent (mmcv/models/backbones/eva_vit_student.py) not written yet")
 def test_real_backbone_plugin_runs_inside_orions_detector(orion: Path, tmp_path: Path) -> None:
     before = tree_snapshot(orion)
-    rel = "mmcv/models/backbones/eva_vit_student.py"
-    inst.install(orion, source_root=REPO_ROOT, files=[rel])
+    files = ["mmcv/models/utils/checkpoint_io.py", "mmcv/models/backbones/eva_vit_student.py"]
+    inst.install(orion, source_root=REPO_ROOT, files=files)
     inst.check_imports(orion, python=sys.executable, modules=["mmcv.models.backbones.eva_vit_student"])
     proc = run_script(orion, TEACHER_SCRIPT, str(tmp_path / "teacher.pth"))
     assert proc.returncode == 0, proc.stderr

@@ -11,8 +11,6 @@ for the teacher; writes everything to JSON. fp32 on CPU, bf16 on CUDA by default
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import subprocess
@@ -27,6 +25,7 @@ if __package__ in (None, ""):
 import torch
 
 from mmcv.models.backbones.eva_vit_student import EVAViTStudent
+from mmcv.models.utils.checkpoint_io import atomic_write_json
 
 ORION_L = dict(img_size=640, patch_size=16, window_size=16, in_chans=3, embed_dim=1024, num_heads=16,
                mlp_ratio=4 * 2 / 3, qkv_bias=True, drop_path_rate=0.0, teacher_num_heads=16)
@@ -75,16 +74,6 @@ def cuda_peak_memory_mb(model: EVAViTStudent, image: torch.Tensor) -> float:
         model(image)
     torch.cuda.synchronize(image.device)
     return torch.cuda.max_memory_allocated(image.device) / 2 ** 20
-
-
-def write_json_atomic(path: str, payload: Dict) -> Path:
-    """Write ``payload`` as JSON through a temporary file and a rename (no half-written results)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, out)
-    return out
 
 
 def _status_mb(field: str) -> float:
@@ -188,7 +177,7 @@ def main(argv: List[str] = None) -> Dict:
         print(f"  sdpa vs math  {result['sdpa_vs_math_speedup']:.3f}x (teacher)")
     what = "peak CUDA memory" if device.type == "cuda" else "forward activation peak (RSS)"
     print(f"  memory        student/teacher {what} = {mem_ratio:.3f}")
-    print(f"  wrote {write_json_atomic(args.out, result)}")
+    print(f"  wrote {atomic_write_json(args.out, result)}")
     return result
 
 

@@ -27,7 +27,8 @@ if __package__ in (None, ""):
 
 import torch
 
-from tools.benchmark_backbone import _status_mb, time_alternating, write_json_atomic
+from mmcv.models.utils.checkpoint_io import atomic_write_json
+from tools.benchmark_backbone import _status_mb, time_alternating
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "adzoo/orion/configs/orion_tiny_kd_train.py"
@@ -209,7 +210,7 @@ def main(argv: List[str] = None) -> Dict:
               f"   ratio {entry['time_ratio']:.3f} (target <= 1.35)")
         print(f"  peak memory   kd {memory['kd']:8.0f} MB   student-only {memory['student_only']:8.0f} MB"
               f"   ratio {entry['memory_ratio']:.3f} (target <= 1.25)", flush=True)
-    print(f"  wrote {write_json_atomic(args.out, results)}")
+    print(f"  wrote {atomic_write_json(args.out, results)}")
     return results
 
 

@@ -33,7 +33,6 @@ import math
 import os
 import pickle
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -49,6 +48,8 @@ import torch.nn.functional as F
 
 from mmcv.models.backbones.eva_vit_student import (analytic_backbone_macs, extract_backbone_state_dict,
                                                    resolve_head_selection)
+from mmcv.models.utils.checkpoint_io import (atomic_write, atomic_write_json, json_default, load_checkpoint_file,
+                                            state_dict_of)
 
 METHODS = ("magnitude", "gradient", "entropy", "activation")
 STRATEGIES = ("uniform", "global")
@@ -66,39 +67,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- files
-
-
-def _atomic_write(path: Union[str, os.PathLike], write: Callable[[Any], None], binary: bool) -> str:
-    """Write through ``write(file)`` into a temporary file next to ``path``, then ``os.replace`` it."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def _write_json(path: Union[str, os.PathLike], payload: Mapping[str, Any]) -> str:
-    return _atomic_write(path, lambda f: json.dump(payload, f, indent=2, default=_json_default), binary=False)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _extension(path: Union[str, os.PathLike]) -> str:
@@ -158,13 +126,13 @@ class HeadImportance:
         """Write ``.json`` (readable), ``.npz`` (scores array + JSON header) or ``.pkl`` (plain dict), atomically."""
         ext = _extension(path)
         if ext == ".json":
-            return _write_json(path, self.to_dict())
+            return atomic_write_json(path, self.to_dict())
         header = {k: v for k, v in self.to_dict().items() if k != "scores"}
         if ext == ".npz":
-            text = json.dumps(header, default=_json_default)
-            return _atomic_write(path, lambda f: np.savez(f, scores=self.numpy(), header=np.array(text)), binary=True)
+            text = json.dumps(header, default=json_default)
+            return atomic_write(path, lambda f: np.savez(f, scores=self.numpy(), header=np.array(text)), binary=True)
         payload = dict(header, scores=self.numpy())
-        return _atomic_write(path, lambda f: pickle.dump(payload, f, protocol=4), binary=True)
+        return atomic_write(path, lambda f: pickle.dump(payload, f, protocol=4), binary=True)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], allow_pickle: bool = False) -> "HeadImportance":
@@ -248,7 +216,7 @@ class PruningConfig:
         """Write the configuration as JSON (atomically)."""
         if os.path.splitext(os.fspath(path))[1].lower() != ".json":
             raise ValueError(f"{os.fspath(path)}: pruning configurations are saved as .json")
-        return _write_json(path, self.to_dict())
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "PruningConfig":
@@ -1133,7 +1101,7 @@ def analyze_pruning_impact(importance: Union[HeadImportance, ScoresLike],
     if verbose:
         print(format_impact_table(analysis))
     if save_path is not None:
-        _write_json(save_path, analysis)
+        atomic_write_json(save_path, analysis)
     return analysis
 
 
@@ -1178,7 +1146,7 @@ def _pyplot() -> Any:
 def _save_figure(fig: Any, path: Union[str, os.PathLike]) -> str:
     if os.path.splitext(os.fspath(path))[1].lower() != ".png":
         raise ValueError(f"{os.fspath(path)}: plots are written as .png")
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"), binary=True)
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"), binary=True)
 
 
 def plot_head_importance(importance: Union[HeadImportance, ScoresLike], path: Union[str, os.PathLike],
@@ -1300,10 +1268,7 @@ def _build_detector_from(cfg: Any, checkpoint: Optional[str]) -> nn.Module:
     model_cfg["img_backbone"] = _teacher_backbone_cfg(cfg)  # a student config's detector gets all the heads
     model = build_model(model_cfg, train_cfg=cfg.get("train_cfg", None), test_cfg=cfg.get("test_cfg", None))
     if checkpoint and not hasattr(model, "teacher_backbone"):
-        from mmcv.models.backbones.eva_vit_student import load_checkpoint_file
-        ckpt = load_checkpoint_file(checkpoint)
-        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else ckpt
-        state = {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
+        state = state_dict_of(load_checkpoint_file(checkpoint), checkpoint)
         result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if k.startswith("img_backbone.") and not k.endswith("head_index")]
         if missing:

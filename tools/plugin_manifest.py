@@ -17,6 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Files copied into ORION, as POSIX paths relative to the repository root.
 #: The same relative path is used inside the ORION checkout.
 PLUGIN_FILES: Tuple[str, ...] = (
+    "mmcv/models/utils/checkpoint_io.py",
     "mmcv/models/backbones/eva_vit_student.py",
     "mmcv/models/detectors/orion_student.py",
     "mmcv/models/losses/kd_losses.py",

@@ -30,6 +30,7 @@ if str(REPO_ROOT) not in sys.path:
 from mmcv import Config, DictAction  # noqa: E402
 from mmcv.datasets import build_dataloader, build_dataset, chance_levels, evaluate  # noqa: E402
 from mmcv.models import build_model  # noqa: E402
+from mmcv.models.utils.checkpoint_io import atomic_torch_save  # noqa: E402
 from mmcv.utils import set_random_seed  # noqa: E402
 
 DEFAULT_CONFIG = REPO_ROOT / "adzoo" / "orion" / "configs" / "orion_tiny_train.py"
@@ -68,20 +69,6 @@ def format_metrics_table(metrics: Dict[str, float], chance: Dict[str, float]) ->
         better = metrics[key] < chance[key] if key in LOWER_IS_BETTER else metrics[key] > chance[key]
         lines.append(f"{key:<26}{chance[key]:>10.3f}{metrics[key]:>10.3f}  {'yes' if better else 'NO'}")
     return "\n".join(lines)
-
-
-def save_checkpoint_atomic(checkpoint: Dict[str, Any], path: Union[str, os.PathLike]) -> str:
-    """``torch.save`` to a temporary file next to ``path``, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return str(path)
 
 
 def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG, seed: Optional[int] = None,
@@ -156,7 +143,7 @@ def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG,
     path = None
     if out is not None:
         state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        path = save_checkpoint_atomic(dict(meta=meta, state_dict=state_dict), out)
+        path = atomic_torch_save(dict(meta=meta, state_dict=state_dict), out)
         log(f"[train_tiny_teacher] wrote {path}")
     return dict(model=model, meta=meta, losses=losses, path=path)
 

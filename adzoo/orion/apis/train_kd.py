@@ -42,7 +42,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mmcv.models.backbones.eva_vit_student import load_checkpoint_file as load_weights_only
+from mmcv.models.utils.checkpoint_io import (atomic_torch_save, atomic_write_text, load_checkpoint_file,
+                                            state_dict_of)
 from mmcv.models.detectors.orion_student import resolve_distillation_alpha, validate_kd_config
 from mmcv.utils import get_dist_info
 
@@ -116,16 +117,6 @@ def _config_text(cfg: Any) -> str:
         except Exception:  # pretty_text needs yapf and may fail on exotic values
             continue
     return repr(_to_plain(cfg))
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    tmp = "{}.tmp.{}".format(path, os.getpid())
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- optimiser
@@ -399,24 +390,6 @@ def move_batch_to_device(batch: Any, device: torch.device) -> Any:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def load_checkpoint_file(path: str) -> Dict[str, Any]:
-    """Load a checkpoint on the CPU with ``weights_only=True`` (and ``mmap=True`` on torch >= 2.1)."""
-    try:
-        ckpt = load_weights_only(path)
-    except RuntimeError as exc:  # truncated or not a torch file
-        raise ConfigError("cannot load checkpoint {}: {}".format(path, str(exc).splitlines()[0]))
-    if not isinstance(ckpt, Mapping):
-        raise ConfigError("checkpoint {} holds a {}, expected a dict".format(path, type(ckpt).__name__))
-    return dict(ckpt)
-
-
-def _state_dict_of(ckpt: Mapping) -> Mapping[str, torch.Tensor]:
-    sd = ckpt.get("state_dict", ckpt)
-    if any(k.startswith("module.") for k in sd):
-        sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
-    return sd
-
-
 def _load_model_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str, exact: bool,
                         logger: logging.Logger) -> None:
     """Load weights; mis-shaped keys always fail, missing/unexpected ones fail when ``exact``."""
@@ -465,19 +438,6 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         cuda_states = list(state["cuda"])
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all([s.clone() for s in cuda_states])
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = "{}.tmp.{}".format(path, os.getpid())
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _link_latest(src: str, latest: str) -> None:
@@ -790,7 +750,7 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
         device = _device_for(distributed)
         if rank == 0:
             cfg_name = os.path.basename(_get(cfg, "filename", None) or "config.py")
-            _atomic_write_text(os.path.join(work_dir, cfg_name), _config_text(cfg))
+            atomic_write_text(os.path.join(work_dir, cfg_name), _config_text(cfg))
 
         # ---- data
         dataset = datasets[0] if isinstance(datasets, (list, tuple)) else datasets
@@ -826,7 +786,7 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
         load_from = _get(cfg, "load_from")
         if resume_from:
             ckpt = load_checkpoint_file(resume_from)
-            _load_model_weights(model, _state_dict_of(ckpt), resume_from, exact=True, logger=logger)
+            _load_model_weights(model, state_dict_of(ckpt, resume_from), resume_from, exact=True, logger=logger)
             if "optimizer" in ckpt:
                 try:
                     optimizer.load_state_dict(ckpt["optimizer"])
@@ -857,7 +817,7 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
             logger.info("resumed from %s: epoch %d, iter %d", resume_from, start_epoch, start_iter)
         elif load_from:
             ckpt = load_checkpoint_file(load_from)
-            _load_model_weights(model, _state_dict_of(ckpt), load_from, exact=False, logger=logger)
+            _load_model_weights(model, state_dict_of(ckpt, load_from), load_from, exact=False, logger=logger)
             del ckpt
             logger.info("loaded weights from %s", load_from)
 
@@ -1005,7 +965,7 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
                             scaler=scaler.state_dict() if scaler is not None else None,
                             rng=rngs, epoch=completed_epoch, iter=it)
                         path = os.path.join(ckpt_dir, name)
-                        _atomic_torch_save(checkpoint, path)
+                        atomic_torch_save(checkpoint, path)
                         _link_latest(path, os.path.join(ckpt_dir, "latest.pth"))
                         _prune_checkpoints(ckpt_dir, "epoch" if ckpt_by_epoch else "iter",
                                            int(max_keep) if max_keep is not None else -1)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import pickle
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mmcv.models.builder import BACKBONES
+from mmcv.models.utils.checkpoint_io import load_checkpoint_file, state_dict_of
 
 HeadMask = Union[torch.Tensor, Sequence[torch.Tensor], None]
 
@@ -625,26 +625,6 @@ def _split_block_key(key: str) -> Tuple[int, str]:
     return -1, key
 
 
-def load_checkpoint_file(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (memory-mapped when torch supports it)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except TypeError:  # torch < 2.1 has no mmap argument
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except RuntimeError as err:
-            if "mmap" in str(err) or "zipfile" in str(err):  # legacy (non-zip) format cannot be mapped
-                return torch.load(path, map_location="cpu", weights_only=True)
-            raise
-    except pickle.UnpicklingError as err:
-        detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-        raise pickle.UnpicklingError(f"{path}: refused to unpickle (weights_only=True allows tensors and plain "
-                                     f"types only; user files are never unpickled): {detail}") from None
-
-
 def extract_backbone_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]],
                                 prefix: str = "img_backbone.") -> Dict[str, torch.Tensor]:
     """Backbone tensors from a path, a checkpoint dict (``state_dict``) or a state dict.
@@ -653,12 +633,7 @@ def extract_backbone_state_dict(source: Union[str, os.PathLike, Mapping[str, Any
     """
     label = str(source) if isinstance(source, (str, os.PathLike)) else "<state dict>"
     ckpt = load_checkpoint_file(source) if isinstance(source, (str, os.PathLike)) else source
-    if not isinstance(ckpt, Mapping):
-        raise ValueError(f"{label}: expected a checkpoint dict, got {type(ckpt).__name__}")
-    state = ckpt.get("state_dict", ckpt)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{label}: 'state_dict' must be a dict of tensors, got {type(state).__name__}")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = state_dict_of(ckpt, label)
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

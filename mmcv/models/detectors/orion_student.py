@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from mmcv.models.backbones.eva_vit_student import (HEAD_INDEX_KEY, EVAViTStudent, load_checkpoint_file,
-                                                   resolve_head_selection)
+from mmcv.models.backbones.eva_vit_student import HEAD_INDEX_KEY, EVAViTStudent, resolve_head_selection
 from mmcv.models.builder import DETECTORS, build_backbone, build_loss
+from mmcv.models.utils.checkpoint_io import atomic_torch_save, atomic_write, load_checkpoint_file, state_dict_of
 
 KD_CONFIG_KEYS = {
     "teacher_backbone_path": None,
@@ -213,7 +213,7 @@ class OrionStudent(nn.Module):
                                     f"python tools/train_tiny_teacher.py)")
         started = time.time()
         checkpoint = load_checkpoint_file(teacher_path)
-        full_state = _strip_module_prefix(checkpoint.get("state_dict", checkpoint))
+        full_state = state_dict_of(checkpoint, teacher_path)
         backbone_state = {k[len(_TRAINABLE_PREFIX):]: v for k, v in full_state.items()
                           if k.startswith(_TRAINABLE_PREFIX)}
         if not backbone_state:
@@ -531,20 +531,19 @@ class OrionStudent(nn.Module):
                          source=self.head_selection_source),
             kd_config={k: v for k, v in self.kd_config.items()}, created=time.strftime("%Y-%m-%d %H:%M:%S"))
         state = OrderedDict((k, v.detach().cpu().clone()) for k, v in self.state_dict().items())
-        _atomic_torch_save(dict(meta=meta, state_dict=state), path)
+        atomic_torch_save(dict(meta=meta, state_dict=state), path)
         written = dict(checkpoint=path)
         if backbone_safetensors:
             try:
-                from safetensors.torch import save_file
+                from safetensors.torch import save as safetensors_bytes
             except ImportError:
                 self._print("[OrionStudent] safetensors is not installed: skipped the backbone-only export")
             else:
                 tensors = {k[len(_TRAINABLE_PREFIX):]: v.contiguous() for k, v in state.items()
                            if k.startswith(_TRAINABLE_PREFIX)}
                 target = os.path.splitext(path)[0] + "_backbone.safetensors"
-                tmp = target + ".tmp"
-                save_file(tensors, tmp, metadata={"img_backbone": json.dumps(backbone_cfg)})
-                os.replace(tmp, target)
+                payload = safetensors_bytes(tensors, metadata={"img_backbone": json.dumps(backbone_cfg)})
+                atomic_write(target, lambda handle: handle.write(payload))
                 written["backbone"] = target
         return written
 
@@ -557,17 +556,3 @@ class OrionStudent(nn.Module):
 def resolve_head_counts(depth: int, teacher_num_heads: int, num_heads: Union[int, Sequence[int]]) -> List[int]:
     """Per-block kept-head counts from an int or a list (validated)."""
     return [len(h) for h in resolve_head_selection(depth, teacher_num_heads, num_heads, None)]
-
-
-def _strip_module_prefix(state: Mapping[str, Any]) -> Dict[str, Any]:
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
