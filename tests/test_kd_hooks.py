@@ -151,10 +151,19 @@ def test_export_hook_writes_the_student_on_rank_zero_only(teacher_ckpt, tmp_path
     student = make_student(teacher_ckpt)
     KDExportStudentHook().after_run(make_runner(Wrapper(student), str(tmp_path / "rank1"), rank=1))
     assert not (tmp_path / "rank1").exists()
-    hook = KDExportStudentHook(filename="out/student.pth")
+    base = tmp_path / "orion_stage3_kd_infer.py"
+    base.write_text("model = dict(type='TinyOrion', img_backbone=dict(type='EVAViT', pretrained='eva02.pth'))\n")
+    hook = KDExportStudentHook(filename="out/student.pth", inference_config=str(base))
     hook.after_run(make_runner(Wrapper(student), str(tmp_path)))
     assert hook.written == dict(checkpoint=str(tmp_path / "out/student.pth"),
-                                backbone=str(tmp_path / "out/student_backbone.safetensors"))
+                                backbone=str(tmp_path / "out/student_backbone.safetensors"),
+                                inference_config=str(tmp_path / "out/student_infer.py"))
+    infer = Config.fromfile(hook.written["inference_config"])
+    assert infer.model.type == "TinyOrion" and dict(infer.model.img_backbone) == student.student_backbone_cfg
+    assert infer.model.img_backbone.selected_heads_per_layer == student.img_backbone.selected_heads
+    KDExportStudentHook(filename="plain.pth", inference_config=str(tmp_path / "missing.py")).after_run(
+        make_runner(student, str(tmp_path)))
+    assert not (tmp_path / "plain_infer.py").exists() and (tmp_path / "plain.pth").is_file()
     saved = torch.load(hook.written["checkpoint"], map_location="cpu", weights_only=True)
     assert set(saved["state_dict"]) == set(student.state_dict())
     assert not [p for p in os.listdir(tmp_path / "out") if p.endswith(".tmp")]

@@ -1,13 +1,15 @@
 # ORION's stage-3 inference with the KD student's head-pruned EVA-02-L backbone.
 #
-#   ./adzoo/orion/orion_dist_eval.sh adzoo/orion/configs/orion_stage3_kd_infer.py \
+# A KD run ends with KDExportStudentHook writing, into its work_dir, the student checkpoint and
+# an inference config that inherits THIS file with the trained backbone's exact settings (which
+# teacher heads each block kept); evaluate with ORION's own launcher:
+#
+#   ./adzoo/orion/orion_dist_eval.sh work_dirs/orion_stage3_kd_train/student_pruned_infer.py \
 #       work_dirs/orion_stage3_kd_train/student_pruned.pth 8
 #
-# student_pruned.pth is what KDExportStudentHook writes at the end of a KD run: ORION's Orion
-# with the pruned backbone, no teacher. Everything but img_backbone comes from ORION's own
-# inference config. num_heads must be the head count per block the student was trained with
-# (the checkpoint's meta['pruning']['num_heads']: an int, or one int per block for a global
-# selection); which teacher heads were kept does not matter here, only how many.
+# Everything but img_backbone comes from ORION's own inference config. The img_backbone below is
+# the template for a uniform 8-of-16 student; a checkpoint loads strictly only into a backbone
+# that keeps the same heads (its meta['img_backbone']), which is what the written config sets.
 
 _base_ = ['./orion_stage3_infer.py']
 
@@ -27,6 +29,8 @@ def _orion_kd_missing_module(modules):
 
 
 if _orion_kd_missing_module(custom_imports['imports']) is not None:
+    import sys
+    sys.unraisablehook = lambda unraisable: None  # mmcv's Config would print its temp file's cleanup at exit
     raise SystemExit(
         'orion_stage3_kd_infer.py: the ORION-KD plugin is not installed here (cannot import {}); run '
         '"python tools/install_into_orion.py PATH/TO/Orion" from the ORION-KD repository, then start this '
@@ -37,7 +41,7 @@ model = dict(
     img_backbone=dict(
         _delete_=True,
         type='EVAViTStudent',
-        num_heads=8,  # heads kept per block (meta['pruning']['num_heads'] of the exported student)
+        num_heads=8,  # heads kept per block
         teacher_num_heads=16,  # keeps head_dim 64 and the rope tables of the original backbone
         img_size=640,
         patch_size=16,

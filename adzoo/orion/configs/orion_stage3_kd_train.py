@@ -47,6 +47,8 @@ def _orion_kd_missing_module(modules):
 
 
 if _orion_kd_missing_module(custom_imports['imports']) is not None:
+    import sys
+    sys.unraisablehook = lambda unraisable: None  # mmcv's Config would print its temp file's cleanup at exit
     raise SystemExit(
         'orion_stage3_kd_train.py: the ORION-KD plugin is not installed here (cannot import {}); run '
         '"python tools/install_into_orion.py PATH/TO/Orion" from the ORION-KD repository, then start this '

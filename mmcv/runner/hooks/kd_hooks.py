@@ -11,8 +11,8 @@ The KD configs list:
 * ``KDAlphaScheduleHook``: before every iteration, sets the distillation alpha from
   ``runner.iter`` (a pure function of the iteration, so a resumed run continues the schedule
   where it stopped) and logs it.
-* ``KDExportStudentHook``: after the run, rank 0 writes the exported student (ORION checkpoint
-  plus backbone safetensors) into ``work_dir``, atomically.
+* ``KDExportStudentHook``: after the run, rank 0 writes the exported student (ORION checkpoint,
+  backbone safetensors, and an inference config for ORION's test.py) into ``work_dir``, atomically.
 
 Hooks read only these runner attributes: ``iter``, ``model`` (maybe wrapped: ``.module``),
 ``optimizer``, ``work_dir``, ``logger``, ``rank``, ``outputs`` and ``log_buffer``.
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mmcv.models.detectors.orion_student import OrionStudent, resolve_distillation_alpha
+from mmcv.models.utils.checkpoint_io import atomic_write_text
 from mmcv.runner.hooks import HOOKS, Hook
 
 _TRAINABLE_PREFIX = "img_backbone."
@@ -180,17 +181,22 @@ class KDExportStudentHook(Hook):
     """After the run, rank 0 exports the student (no teacher) into ``work_dir``.
 
     Writes ``work_dir/<filename>`` (an ORION checkpoint: ``meta`` with the pruning configuration,
-    ``state_dict``) and, with ``backbone_safetensors``, ``<stem>_backbone.safetensors``; both
-    atomically, so an interrupted export never leaves a half-written file.
+    ``state_dict``), with ``backbone_safetensors`` also ``<stem>_backbone.safetensors``, and, when
+    ``inference_config`` exists (a path relative to where training runs: ORION's root), the
+    inference config ``<stem>_infer.py``: it inherits ``inference_config`` and sets ``img_backbone``
+    to the trained student's exact configuration (kept heads included), so that ORION's test.py
+    loads the checkpoint strictly. Every file is written atomically.
     """
 
-    def __init__(self, filename: str = "student_pruned.pth", backbone_safetensors: bool = True) -> None:
+    def __init__(self, filename: str = "student_pruned.pth", backbone_safetensors: bool = True,
+                 inference_config: Optional[str] = "adzoo/orion/configs/orion_stage3_kd_infer.py") -> None:
         if not isinstance(filename, str) or not filename.endswith(".pth") or os.path.isabs(filename) \
                 or ".." in filename.replace("\\", "/").split("/"):
             raise KDRunError("KDExportStudentHook: filename must be a relative *.pth path inside work_dir, got {!r}"
                              .format(filename))
         self.filename = filename
         self.backbone_safetensors = bool(backbone_safetensors)
+        self.inference_config = inference_config
         self.written: Dict[str, str] = {}
 
     def after_run(self, runner: Any) -> None:
@@ -198,10 +204,28 @@ class KDExportStudentHook(Hook):
             return
         student = student_of(runner, "KDExportStudentHook")
         path = os.path.join(runner.work_dir, self.filename)
-        self.written = student.export_student(path, backbone_safetensors=self.backbone_safetensors)
+        self.written = dict(student.export_student(path, backbone_safetensors=self.backbone_safetensors))
+        if self.inference_config and os.path.isfile(self.inference_config):
+            self.written["inference_config"] = write_inference_config(
+                os.path.splitext(path)[0] + "_infer.py", os.path.abspath(self.inference_config),
+                dict(student.student_backbone_cfg), path)
+        elif self.inference_config:
+            _log(runner, "KDExportStudentHook: no {} here: no inference config written".format(self.inference_config))
         _log(runner, "KDExportStudentHook: exported the student to {}".format(
             ", ".join(self.written[k] for k in sorted(self.written))))
 
 
+def write_inference_config(path: str, base_config: str, backbone_cfg: Dict[str, Any], checkpoint: str) -> str:
+    """Write an inference config that inherits ``base_config`` with exactly ``backbone_cfg`` as img_backbone."""
+    backbone = dict(_delete_=True)
+    backbone.update(backbone_cfg)
+    text = ("# Written by KDExportStudentHook: ORION's inference with the KD student's pruned backbone.\n"
+            "#   ./adzoo/orion/orion_dist_eval.sh {config} {checkpoint} GPUS\n"
+            "_base_ = [{base!r}]\n"
+            "model = dict(img_backbone={backbone!r})\n").format(config=path, checkpoint=checkpoint,
+                                                                base=base_config, backbone=backbone)
+    return atomic_write_text(path, text)
+
+
 __all__: List[str] = ["KDAlphaScheduleHook", "KDCheckHook", "KDExportStudentHook", "KDRunError", "unwrap_model",
-                      "student_of"]
+                      "student_of", "write_inference_config"]
