@@ -14,7 +14,7 @@ from mmcv import Config
 from mmcv.models.detectors.orion_student import KDConfigError, resolve_distillation_alpha, warmup_iterations
 from mmcv.runner.hooks import HOOKS
 from mmcv.runner.hooks.kd_hooks import KDAlphaScheduleHook, KDCheckHook, KDExportStudentHook, KDRunError
-from tests.test_orion_student import batch, make_student, teacher_ckpt  # noqa: F401  (fixtures)
+from tests.test_orion_student import make_student, teacher_ckpt  # noqa: F401  (a fixture)
 from tools.plugin_manifest import CUSTOM_IMPORTS
 
 ROOT = Path(__file__).resolve().parents[1]
