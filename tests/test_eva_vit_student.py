@@ -298,3 +298,11 @@ def test_load_errors_name_key_expected_and_got(tmp_path):
 def test_invalid_head_configurations_are_refused(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         EVAViTStudent(**SMALL, teacher_num_heads=HEADS, **kwargs)
+
+
+def test_bf16_weights_take_an_fp32_image_as_orions_evavit_does(image):
+    """ORION's EVAViT casts its input to the weights' dtype; bf16 weights + fp32 images must work."""
+    student = EVAViTStudent(**SMALL, num_heads=4, teacher_num_heads=HEADS).eval().to(torch.bfloat16)
+    out = student(image)[0]
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 128, 7, 7) and torch.isfinite(out.float()).all()
+    assert torch.equal(out, student(image.to(torch.bfloat16))[0])

@@ -240,11 +240,34 @@ FAKE_ORION: Dict[str, str] = {
                 log_vars["loss"] = loss
                 return loss, OrderedDict((k, float(v)) for k, v in log_vars.items())
         ''',
+    "mmcv/runner/__init__.py": "from .hooks import HOOKS, Hook  # noqa\n",
+    "mmcv/runner/hooks/__init__.py": '''
+        """ORION's hook registry and base class, in miniature."""
+        from mmcv.models.builder import Registry
+
+        HOOKS = Registry("hook")
+
+
+        class Hook(object):
+            def before_run(self, runner):
+                pass
+
+            def after_run(self, runner):
+                pass
+        ''',
     "adzoo/__init__.py": "",
     "adzoo/orion/__init__.py": "",
-    "adzoo/orion/train.py": '"""ORION\'s training entry point (placeholder in the fake tree)."""\n',
-    "adzoo/orion/configs/orion_stage3_train.py": "model = dict(type='Orion')\n",
 }
+# ORION's own files next to the plugin's paths (names as in the public ORION tree): the overlay
+# must add beside them and change none of them.
+for _rel in ("adzoo/orion/train.py", "adzoo/orion/test.py", "adzoo/orion/apis/__init__.py",
+             "adzoo/orion/apis/train.py", "adzoo/orion/apis/mmdet_train.py", "adzoo/orion/apis/test.py",
+             "adzoo/orion/configs/orion_stage3_train.py", "adzoo/orion/configs/orion_stage3_infer.py",
+             "adzoo/orion/configs/orion_stage3.py", "mmcv/models/backbones/eva_vit.py",
+             "mmcv/models/utils/grid_mask.py", "mmcv/models/utils/layer_decay_optimizer_constructor.py",
+             "mmcv/runner/hooks/hook.py", "mmcv/runner/hooks/optimizer.py"):
+    FAKE_ORION.setdefault(_rel, "# ORION's {} (fake tree)\n".format(_rel))
+FAKE_ORION["adzoo/orion/orion_dist_train.sh"] = "#!/usr/bin/env bash\n# ORION's launcher: CONFIG GPUS [args]\n"
 
 # A miniature plugin source tree: the manifest's paths, registering the manifest's types.
 FAKE_PLUGIN_SOURCES: Dict[str, str] = {
@@ -274,7 +297,24 @@ FAKE_PLUGIN_SOURCES: Dict[str, str] = {
         class CombinedKDLoss(object):
             pass
         ''',
-    "adzoo/orion/orion_dist_train.sh": "#!/usr/bin/env bash\necho \"$@\"\n",
+    "mmcv/runner/hooks/kd_hooks.py": '''
+        from mmcv.runner.hooks import HOOKS, Hook
+
+
+        @HOOKS.register_module()
+        class KDAlphaScheduleHook(Hook):
+            pass
+
+
+        @HOOKS.register_module()
+        class KDCheckHook(Hook):
+            pass
+
+
+        @HOOKS.register_module()
+        class KDExportStudentHook(Hook):
+            pass
+        ''',
 }
 
 
@@ -290,6 +330,7 @@ def make_fake_orion(tmp_path: Path) -> Path:
     """A fake ORION checkout with its own mmcv, registry and Orion detector."""
     root = tmp_path / "Orion"
     write_tree(root, FAKE_ORION)
+    os.chmod(str(root / "adzoo/orion/orion_dist_train.sh"), 0o755)
     return root
 
 
@@ -299,7 +340,6 @@ def make_fake_source(tmp_path: Path) -> Path:
     files = {rel: FAKE_PLUGIN_SOURCES.get(rel, "# {} (fake plugin source)\n".format(rel))
              for rel in manifest.PLUGIN_FILES}
     write_tree(src, files)
-    os.chmod(str(src / "adzoo/orion/orion_dist_train.sh"), 0o755)
     return src
 
 
@@ -370,12 +410,29 @@ def test_install_copies_every_manifest_file_and_records_sha256(orion: Path, sour
     assert on_disk == record
     for rel in manifest.PLUGIN_FILES:
         assert (orion / rel).read_bytes() == (source / rel).read_bytes()
-        assert record["files"][rel]["sha256"] == hashlib.sha256((source / rel).read_bytes()).hexdigest()
-        assert record["files"][rel]["backup"] is None
-    assert os.access(str(orion / "adzoo/orion/orion_dist_train.sh"), os.X_OK)
+        assert record["files"][rel] == {"sha256": hashlib.sha256((source / rel).read_bytes()).hexdigest()}
     # folders that ORION lacked are recorded, shallow first; ORION's own folders are not
-    assert record["created_dirs"] == ["mmcv/models/losses", "adzoo/orion/apis", "tools"]
+    assert record["created_dirs"] == ["mmcv/models/losses", "tools"]
     assert not list(orion.glob("**/*.tmp"))
+
+
+def test_plain_install_beside_orions_launcher_changes_no_existing_file(orion: Path, source: Path) -> None:
+    before = tree_snapshot(orion)
+    assert "adzoo/orion/orion_dist_train.sh" in before and "adzoo/orion/train.py" in before
+    inst.install(orion, source_root=source)
+    after = tree_snapshot(orion)
+    assert {rel: after.get(rel) for rel in before} == before  # every existing file and folder unchanged
+    added = sorted(os.path.normpath(rel) for rel in after if rel not in before and not rel.endswith("/"))
+    assert added == sorted([manifest.RECORD_NAME] + list(manifest.PLUGIN_FILES))
+    assert inst.uninstall(orion) == []
+    assert tree_snapshot(orion) == before
+
+
+def test_manifest_ships_no_standalone_runner_or_launcher() -> None:
+    for rel in ("adzoo/orion/orion_dist_train.sh", "adzoo/orion/train_kd.py", "adzoo/orion/apis/train_kd.py"):
+        assert rel not in manifest.PLUGIN_FILES
+    assert "mmcv/runner/hooks/kd_hooks.py" in manifest.PLUGIN_FILES
+    assert manifest.registry_of("mmcv.runner.hooks.kd_hooks") == "mmcv.runner.hooks:HOOKS"
 
 
 def test_import_check_registers_plugin_types_without_touching_the_tree(orion: Path, source: Path) -> None:
@@ -389,7 +446,7 @@ def test_import_check_registers_plugin_types_without_touching_the_tree(orion: Pa
 def test_import_check_names_types_that_did_not_register(orion: Path, source: Path) -> None:
     (source / "mmcv/models/losses/kd_losses.py").write_text("X = 1\n")
     inst.install(orion, source_root=source)
-    with pytest.raises(inst.InstallError, match="CombinedKDLoss not registered"):
+    with pytest.raises(inst.InstallError, match=r"CombinedKDLoss \(in mmcv.models.builder:MODELS\) not registered"):
         inst.check_imports(orion, python=sys.executable)
 
 
@@ -400,29 +457,18 @@ def test_import_check_reports_the_import_error(orion: Path, source: Path) -> Non
         inst.check_imports(orion, python=sys.executable)
 
 
-def test_refuses_to_overwrite_orion_files_listing_every_conflict(orion: Path, source: Path) -> None:
-    write_tree(orion, {"adzoo/orion/train_kd.py": "# ORION's own\n", "tools/head_pruning_utils.py": "# theirs\n"})
+def test_refuses_existing_paths_listing_every_conflict_and_writes_nothing(orion: Path, source: Path) -> None:
+    write_tree(orion, {"mmcv/models/losses/kd_losses.py": "# someone's own\n",
+                       "tools/head_pruning_utils.py": "# theirs\n"})
     before = tree_snapshot(orion)
-    with pytest.raises(inst.InstallError) as err:
-        inst.install(orion, source_root=source)
-    assert "adzoo/orion/train_kd.py" in str(err.value) and "tools/head_pruning_utils.py" in str(err.value)
-    assert "--force" in str(err.value)
-    assert tree_snapshot(orion) == before
-
-
-def test_force_backs_up_orion_files_and_uninstall_restores_them(orion: Path, source: Path) -> None:
-    write_tree(orion, {"adzoo/orion/train_kd.py": "# ORION's own\n"})
-    before = tree_snapshot(orion)
-    record = inst.install(orion, source_root=source, force=True)
-    backup = record["files"]["adzoo/orion/train_kd.py"]["backup"]
-    assert backup == manifest.BACKUP_DIR_NAME + "/adzoo/orion/train_kd.py"
-    assert (orion / backup).read_text() == "# ORION's own\n"
-    assert (orion / "adzoo/orion/train_kd.py").read_bytes() == (source / "adzoo/orion/train_kd.py").read_bytes()
-    # a second install still knows the backup and does not take our own copy for ORION's
-    record = inst.install(orion, source_root=source)
-    assert record["files"]["adzoo/orion/train_kd.py"]["backup"] == backup
-    assert inst.uninstall(orion) == []
-    assert tree_snapshot(orion) == before
+    for dry_run in (False, True):
+        with pytest.raises(inst.InstallError) as err:
+            inst.install(orion, source_root=source, dry_run=dry_run)
+        message = str(err.value)
+        assert "mmcv/models/losses/kd_losses.py (ORION's file)" in message
+        assert "tools/head_pruning_utils.py (ORION's file)" in message
+        assert "only adds files and never replaces one" in message and "Nothing was written" in message
+        assert tree_snapshot(orion) == before
 
 
 def test_dry_run_changes_nothing(orion: Path, source: Path, capsys: pytest.CaptureFixture) -> None:
@@ -456,7 +502,7 @@ def test_uninstall_removes_bytecode_of_removed_modules(orion: Path, source: Path
     assert tree_snapshot(orion) == before
 
 
-def test_reinstall_updates_own_files_without_force(orion: Path, source: Path) -> None:
+def test_reinstall_updates_its_own_unedited_files(orion: Path, source: Path) -> None:
     inst.install(orion, source_root=source)
     (source / "tools/head_pruning_utils.py").write_text("# version 2\n")
     record = inst.install(orion, source_root=source)
@@ -470,13 +516,14 @@ def test_edited_installed_file_blocks_reinstall_and_is_kept_by_uninstall(orion: 
     inst.install(orion, source_root=source)
     edited = orion / "adzoo/orion/configs/orion_stage3_kd_train.py"
     edited.write_text("# my local paths\n")
-    with pytest.raises(inst.InstallError, match="modified since"):
+    with pytest.raises(inst.InstallError, match="orion_stage3_kd_train.py \\(installed by ORION-KD, edited since\\)"):
         inst.install(orion, source_root=source)
     assert inst.uninstall(orion) == ["adzoo/orion/configs/orion_stage3_kd_train.py"]
     assert edited.read_text() == "# my local paths\n"
     assert list(json.loads((orion / manifest.RECORD_NAME).read_text())["files"]) == \
         ["adzoo/orion/configs/orion_stage3_kd_train.py"]
-    assert inst.uninstall(orion, force=True) == []
+    edited.unlink()  # the user deletes it by hand, then uninstalls again
+    assert inst.uninstall(orion) == []
     assert tree_snapshot(orion) == before
 
 
@@ -518,21 +565,26 @@ def test_cli_installs_checks_imports_and_uninstalls(orion: Path, source: Path, p
     assert "import check ok" in proc.stdout
     assert manifest.custom_imports_line() in proc.stdout
     not_orion = run_cli([str(orion / "mmcv"), "--source", str(source)], python=python)
-    assert not_orion.returncode == 1 and not_orion.stderr.startswith("error: ")
+    assert not_orion.returncode == 2 and not_orion.stderr.startswith("error: ")
     assert "Traceback" not in not_orion.stderr
     proc = run_cli([str(orion), "--uninstall"], python=python)
     assert proc.returncode == 0, proc.stderr
     assert tree_snapshot(orion) == before
 
 
-def test_cli_reports_conflicts_in_one_error_with_exit_status_1(orion: Path, source: Path) -> None:
-    write_tree(orion, {"mmcv/models/losses/kd_losses.py": "# ORION's\n", "adzoo/orion/train_kd.py": "# x\n"})
+def test_cli_reports_conflicts_in_one_error_with_exit_status_2(orion: Path, source: Path) -> None:
+    write_tree(orion, {"mmcv/models/losses/kd_losses.py": "# ORION's\n", "tools/kd_setup_check.py": "# x\n"})
+    before = tree_snapshot(orion)
     proc = run_cli([str(orion), "--source", str(source), "--skip-import-check"])
-    assert proc.returncode == 1
-    assert proc.stderr.count("error: ") == 1
-    assert "mmcv/models/losses/kd_losses.py" in proc.stderr and "adzoo/orion/train_kd.py" in proc.stderr
-    dry = run_cli([str(orion), "--source", str(source), "--dry-run", "--force"])
-    assert dry.returncode == 0 and "replace" in dry.stdout
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("error: ") == 1 and "Traceback" not in proc.stderr
+    assert "mmcv/models/losses/kd_losses.py" in proc.stderr and "tools/kd_setup_check.py" in proc.stderr
+    assert tree_snapshot(orion) == before
+
+
+def test_no_option_replaces_a_file(orion: Path, source: Path) -> None:
+    proc = run_cli([str(orion), "--source", str(source), "--force"])
+    assert proc.returncode == 2 and "unrecognized arguments: --force" in proc.stderr
 
 
 TINY_EVA = dict(type="EVAViTStudent", img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=4,
@@ -623,5 +675,5 @@ print('student ok')
 def test_cli_rejects_a_missing_interpreter_before_copying(orion: Path, source: Path) -> None:
     before = tree_snapshot(orion)
     proc = run_cli([str(orion), "--source", str(source), "--python", str(orion / "no-such-python")])
-    assert proc.returncode == 1 and "expected an executable Python interpreter" in proc.stderr
+    assert proc.returncode == 2 and "expected an executable Python interpreter" in proc.stderr
     assert tree_snapshot(orion) == before

@@ -57,12 +57,15 @@ def test_student_is_a_real_subclass_of_the_base_detector(teacher_ckpt):
     assert student.img_backbone.num_heads_per_layer == [8, 8, 8, 8]
 
 
-def test_only_student_backbone_gets_gradients_and_frozen_parts_stay_eval(teacher_ckpt, batch):
+FROZEN_CHILDREN = ("pts_bbox_head", "map_head", "lm_head", "vl_proj")
+
+
+def test_only_student_backbone_gets_gradients_and_frozen_parts_keep_training_mode(teacher_ckpt, batch):
     student = make_student(teacher_ckpt)
     student.train()
     assert student.img_backbone.training and student.grid_mask.training
-    for name in ("pts_bbox_head", "map_head", "lm_head", "vl_proj"):
-        assert not any(m.training for m in getattr(student, name).modules()), name
+    for name in FROZEN_CHILDREN:  # ORION's training behaviour (dropout, denoising, checkpointing) stays on
+        assert all(m.training for m in getattr(student, name).modules()), name
     assert not any(m.training for m in student.teacher_backbone.modules())
     out = student(batch, return_loss=True)
     out["loss"].backward()
@@ -75,6 +78,58 @@ def test_only_student_backbone_gets_gradients_and_frozen_parts_stay_eval(teacher
     assert not any("teacher" in key for key in student.state_dict())
     assert sum(1 for _ in student.parameters()) == sum(1 for n, _ in student.named_parameters())
     assert all(n.startswith("img_backbone.") for n, p in student.named_parameters() if p.requires_grad)
+
+
+def test_frozen_parts_mode_eval_puts_frozen_parts_in_eval_mode(teacher_ckpt):
+    student = make_student(teacher_ckpt, kd_config=dict(frozen_parts_mode="eval")).train()
+    assert student.img_backbone.training and student.grid_mask.training
+    for name in FROZEN_CHILDREN:
+        assert not any(m.training for m in getattr(student, name).modules()), name
+    assert not any(m.training for m in student.teacher_backbone.modules())
+    student.eval()
+    assert not student.img_backbone.training
+    with pytest.raises(ValueError, match=r"kd_config.frozen_parts_mode: expected one of \('train', 'eval'\).*'frozen'"):
+        make_student(teacher_ckpt, kd_config=dict(frozen_parts_mode="frozen"))
+
+
+def _dtype_recorder(module):
+    seen = []
+    module.register_forward_hook(lambda mod, inputs, output: seen.append(output.dtype))
+    return seen
+
+
+def test_teacher_runs_in_the_precision_of_an_enclosing_autocast(teacher_ckpt, batch):
+    student = make_student(teacher_ckpt).train()
+    student_dtypes = _dtype_recorder(student.img_backbone.blocks[0].attn.proj)
+    teacher_dtypes = _dtype_recorder(student.teacher_backbone.blocks[0].attn.proj)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = student(batch, return_loss=True)
+    assert student_dtypes == [torch.bfloat16] and teacher_dtypes == [torch.bfloat16]
+    assert torch.isfinite(out["loss"])
+    student(batch, return_loss=True)  # no autocast: both in fp32
+    assert student_dtypes[-1] == torch.float32 and teacher_dtypes[-1] == torch.float32
+
+
+def test_teacher_follows_autocast_that_only_wraps_the_base_extract_feat(teacher_ckpt, batch):
+    """ORION's auto_fp16 runs only extract_feat under autocast; the teacher runs after it, outside."""
+    tiny = DETECTORS.get("TinyOrion")
+
+    class AutocastExtractOrion(tiny):
+        def extract_feat(self, img, img_metas=None):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return super().extract_feat(img, img_metas).float()
+
+    student = make_student(teacher_ckpt, base_detector=AutocastExtractOrion).train()
+    teacher_dtypes = _dtype_recorder(student.teacher_backbone.blocks[0].attn.proj)
+    student(batch, return_loss=True)
+    assert teacher_dtypes == [torch.bfloat16]
+    student.set_distillation_alpha(1.0)  # backbone-only path: no enclosing autocast, fp32 as the base would run
+    student(batch, return_loss=True)
+    assert teacher_dtypes[-1] == torch.float32
+    forced = make_student(teacher_ckpt, base_detector=AutocastExtractOrion, kd_config=dict(teacher_dtype="fp32"))
+    forced_dtypes = _dtype_recorder(forced.teacher_backbone.blocks[0].attn.proj)
+    forced.train()(batch, return_loss=True)
+    assert forced_dtypes == [torch.float32]
 
 
 def test_optimised_loss_is_total_loss(teacher_ckpt, batch):

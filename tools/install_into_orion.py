@@ -1,18 +1,20 @@
 #!/usr/bin/env python
-"""Install the ORION-KD plugin files into an ORION checkout, or remove them again.
+"""Add the ORION-KD plugin files to an ORION checkout, or remove them again.
 
-    python tools/install_into_orion.py PATH/TO/Orion [--dry-run] [--force]
-    python tools/install_into_orion.py PATH/TO/Orion --uninstall [--dry-run] [--force]
+    python tools/install_into_orion.py PATH/TO/Orion [--dry-run]
+    python tools/install_into_orion.py PATH/TO/Orion --uninstall [--dry-run]
 
 Copies the files of the plugin manifest (``tools/plugin_manifest.py``) to the
-same relative paths in ORION, creating folders as needed. It never overwrites
-a file it did not install: such conflicts are all listed in one error, unless
-``--force``, which first moves ORION's original into ``.orion_kd_backup/`` so
-that ``--uninstall`` puts it back. What was copied (with sha256), the backups
-and the folders created are recorded in ``.orion_kd_install.json`` in the ORION
-root (written atomically); ``--uninstall`` removes exactly that. After
-installing, the plugin modules are imported by ORION's interpreter
-(``--python``) in the ORION root to prove that they register there.
+same relative paths in ORION, creating folders as needed. The overlay only
+adds: it never replaces a file it did not install. If any target path already
+exists as ORION's file (or as one of ours edited since), every such conflict is
+listed in one error and nothing is written. What was copied (with sha256) and
+the folders created are recorded in ``.orion_kd_install.json`` in the ORION root
+(written atomically); ``--uninstall`` removes exactly that, so the tree is
+restored byte for byte (files edited since install are kept and reported).
+After installing, the plugin modules are imported by ORION's interpreter
+(``--python``, bytecode writing off) in the ORION root to prove that they
+register there.
 
 Python 3.8 compatible and standard library only: it may run under ORION's
 interpreter.
@@ -37,7 +39,7 @@ else:  # run as a script: the manifest is the sibling file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import plugin_manifest as manifest  # noqa: E402
 
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2
 CHECK_MARKER = "@@ORION_KD_IMPORT_CHECK@@"
 DEFAULT_IMPORT_TIMEOUT_S = 600.0
 
@@ -136,8 +138,6 @@ def load_record(root: Path) -> Optional[dict]:
         check_relpath(rel, "install record file")
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
             raise InstallError("install record {}: entry {!r} has no sha256".format(path, rel))
-        if entry.get("backup") is not None:
-            check_relpath(entry["backup"], "install record backup")
     for rel in dirs:
         check_relpath(rel, "install record folder")
     return record
@@ -164,12 +164,11 @@ def new_record(source_root: Path) -> dict:
 
 # --------------------------------------------------------------------------- install
 class Action(object):
-    """One planned file operation: ``kind`` is new, update, same, replace or overwrite."""
+    """One planned file operation: ``kind`` is new, update (our own file) or same."""
 
-    def __init__(self, kind: str, rel: str, note: str = "") -> None:
+    def __init__(self, kind: str, rel: str) -> None:
         self.kind = kind
         self.rel = rel
-        self.note = note
 
     def __repr__(self) -> str:
         return "Action({!r}, {!r})".format(self.kind, self.rel)
@@ -191,8 +190,8 @@ def _dirs_to_create(root: Path, rels: Sequence[str]) -> List[str]:
 
 
 def plan_install(root: Path, source_root: Path, files: Sequence[str],
-                 record: Optional[dict], force: bool) -> Tuple[List[Action], List[str], List[str]]:
-    """Plan an install: (actions, folders to create, conflicts that block it without --force)."""
+                 record: Optional[dict]) -> Tuple[List[Action], List[str], List[str]]:
+    """Plan an install: (actions, folders to create, conflicts: paths the overlay may not write)."""
     missing = [rel for rel in files if not (source_root / rel).is_file()]
     if missing:
         raise InstallError("plugin source files missing under {} (expected every manifest file): {}".format(
@@ -204,57 +203,43 @@ def plan_install(root: Path, source_root: Path, files: Sequence[str],
         check_relpath(rel, "manifest entry")
         src, dst = source_root / rel, root / rel
         if dst.is_symlink() or (dst.exists() and not dst.is_file()):
-            raise InstallError("{} is a symlink or not a regular file: expected a file or nothing; "
-                               "refusing to touch it even with --force".format(dst))
-        if not dst.exists():
+            conflicts.append("{} (exists and is not a regular file)".format(rel))
+        elif not dst.exists():
             actions.append(Action("new", rel))
-            continue
-        current = sha256_file(dst)
-        if rel in recorded:
-            if current != recorded[rel]["sha256"]:
-                conflicts.append("{} (installed by ORION-KD, modified since)".format(rel))
-                actions.append(Action("overwrite", rel, "modified since install; local edits are lost"))
-            elif current == sha256_file(src):
-                actions.append(Action("same", rel))
-            else:
-                actions.append(Action("update", rel))
-            continue
-        if (root / manifest.BACKUP_DIR_NAME / rel).exists():
-            raise InstallError("backup {} already exists but is not in the install record; move it away "
-                               "first".format(root / manifest.BACKUP_DIR_NAME / rel))
-        same = " (same content)" if current == sha256_file(src) else ""
-        conflicts.append("{} (ORION's file{})".format(rel, same))
-        actions.append(Action("replace", rel, "ORION's original backed up to {}/{}".format(
-            manifest.BACKUP_DIR_NAME, rel)))
-    return actions, _dirs_to_create(root, list(files)), conflicts
+        elif rel not in recorded:
+            conflicts.append("{} (ORION's file)".format(rel))
+        elif sha256_file(dst) != recorded[rel]["sha256"]:
+            conflicts.append("{} (installed by ORION-KD, edited since)".format(rel))
+        else:
+            actions.append(Action("same" if sha256_file(dst) == sha256_file(src) else "update", rel))
+    return actions, _dirs_to_create(root, [a.rel for a in actions]), conflicts
 
 
 def install(orion_root: Path, source_root: Path = manifest.REPO_ROOT,
-            files: Sequence[str] = manifest.PLUGIN_FILES, force: bool = False,
-            dry_run: bool = False) -> dict:
+            files: Sequence[str] = manifest.PLUGIN_FILES, dry_run: bool = False) -> dict:
     """Copy the manifest files from ``source_root`` into ``orion_root`` and record them.
 
-    Returns the install record (the planned one under ``dry_run``). Raises
-    :class:`InstallError` on conflicts (without ``force``) and bad inputs.
+    Only adds: a target path that exists and is not an unedited file of a previous
+    install is a conflict; all conflicts are reported in one :class:`InstallError`
+    and nothing is written. Returns the install record (the planned one under ``dry_run``).
     """
     root = check_orion_root(orion_root)
     source_root = Path(source_root).resolve()
     if root == source_root:
         raise InstallError("target {} is the ORION-KD checkout itself; expected an ORION checkout".format(root))
     record = load_record(root)
-    actions, new_dirs, conflicts = plan_install(root, source_root, files, record, force)
-
-    if dry_run or force or not conflicts:
-        info("{}ORION-KD overlay: {} -> {}".format("[dry run] " if dry_run else "", source_root, root))
-        for sub in new_dirs:
-            info("  mkdir     {}/".format(sub))
-        for act in actions:
-            info("  {:<9} {}{}".format(act.kind, act.rel, "  ({})".format(act.note) if act.note else ""))
-    if conflicts and not force:
+    actions, new_dirs, conflicts = plan_install(root, source_root, files, record)
+    if conflicts:
         raise InstallError(
-            "refusing to overwrite {} file(s) that ORION-KD did not install (or that were edited since):\n"
-            "  {}\nRerun with --force to back them up into {}/ and replace them (--uninstall restores them)."
-            .format(len(conflicts), "\n  ".join(conflicts), manifest.BACKUP_DIR_NAME))
+            "the ORION-KD overlay only adds files and never replaces one, but {} of its path(s) already "
+            "exist in {}:\n  {}\nNothing was written. Is this the ORION checkout you meant? If these files "
+            "are copies you made (or plugin files you edited), move them away and rerun."
+            .format(len(conflicts), root, "\n  ".join(conflicts)))
+    info("{}ORION-KD overlay: {} -> {}".format("[dry run] " if dry_run else "", source_root, root))
+    for sub in new_dirs:
+        info("  mkdir     {}/".format(sub))
+    for act in actions:
+        info("  {:<9} {}".format(act.kind, act.rel))
     result = record if record is not None else new_record(source_root)
     if dry_run:
         info("[dry run] nothing changed")
@@ -268,36 +253,14 @@ def install(orion_root: Path, source_root: Path = manifest.REPO_ROOT,
             (root / sub).mkdir()
             result["created_dirs"].append(sub)
         for act in actions:
-            if act.kind == "same":
-                continue
-            _apply(root, source_root, act, result)
-            write_record(root, result)
+            if act.kind != "same":
+                atomic_copy(source_root / act.rel, root / act.rel)
+                result["files"][act.rel] = {"sha256": sha256_file(root / act.rel)}
+                write_record(root, result)
     finally:
         write_record(root, result)
     info("recorded {} file(s) in {}".format(len(result["files"]), record_path(root)))
     return result
-
-
-def _apply(root: Path, source_root: Path, act: Action, record: dict) -> None:
-    """Carry out one planned copy, backing up ORION's original for ``replace``."""
-    src, dst = source_root / act.rel, root / act.rel
-    entry = dict(record["files"].get(act.rel) or {"backup": None})
-    backup = None  # type: Optional[Path]
-    if act.kind == "replace":
-        backup_rel = "{}/{}".format(manifest.BACKUP_DIR_NAME, act.rel)
-        backup = root / backup_rel
-        for parent in reversed(list(PurePosixPath(backup_rel).parents)[:-1]):
-            (root / str(parent)).mkdir(exist_ok=True)
-        shutil.copy2(str(dst), str(backup))
-        entry["backup"] = backup_rel
-    try:
-        atomic_copy(src, dst)
-    except BaseException:
-        if backup is not None and backup.exists():
-            backup.unlink()
-        raise
-    entry["sha256"] = sha256_file(dst)
-    record["files"][act.rel] = entry
 
 
 # --------------------------------------------------------------------------- uninstall
@@ -315,20 +278,11 @@ def _remove_stale_bytecode(path: Path) -> None:
         cache.rmdir()
 
 
-def _prune_empty_dirs(top: Path) -> None:
-    """Remove ``top`` and its subfolders, deepest first, where they are empty."""
-    if not top.is_dir():
-        return
-    for dirpath, _dirs, _files in sorted(os.walk(str(top)), key=lambda t: -len(t[0])):
-        if not os.listdir(dirpath):
-            os.rmdir(dirpath)
+def uninstall(orion_root: Path, dry_run: bool = False) -> List[str]:
+    """Remove what the record lists and the folders the install created (when empty).
 
-
-def uninstall(orion_root: Path, force: bool = False, dry_run: bool = False) -> List[str]:
-    """Remove what the record lists, restore backups and created folders' absence.
-
-    Files edited since install are kept (with a warning) unless ``force``.
-    Returns the relative paths that were kept.
+    Files edited since install are kept and reported (the record keeps listing them);
+    returns their relative paths.
     """
     root = check_orion_root(orion_root)
     record = load_record(root)
@@ -339,30 +293,20 @@ def uninstall(orion_root: Path, force: bool = False, dry_run: bool = False) -> L
     kept = []  # type: List[str]
     files = record["files"]  # type: Dict[str, dict]
     for rel in sorted(files, reverse=True):
-        entry = files[rel]
         dst = root / rel
-        backup = root / entry["backup"] if entry.get("backup") else None
-        if dst.is_file() and sha256_file(dst) != entry["sha256"]:
-            if not force:
-                warn("{} was modified since install: kept (rerun with --uninstall --force to delete it)".format(rel))
-                kept.append(rel)
-                continue
-            warn("{} was modified since install: deleting it anyway (--force)".format(rel))
+        if dst.is_file() and sha256_file(dst) != files[rel]["sha256"]:
+            warn("{} was edited since install: kept (delete it by hand, then rerun --uninstall)".format(rel))
+            kept.append(rel)
+            continue
         if dry_run:
-            info("  remove    {}{}".format(rel, "  (restore ORION's original)" if backup else ""))
+            info("  remove    {}".format(rel))
             continue
         if dst.is_file():
             dst.unlink()
             _remove_stale_bytecode(dst)
+            info("  removed   {}".format(rel))
         else:
             warn("{} is already gone".format(rel))
-        if backup is not None and backup.is_file():
-            os.replace(str(backup), str(dst))
-            info("  restored  {} (ORION's original)".format(rel))
-        else:
-            if backup is not None:
-                warn("backup {} is missing: cannot restore ORION's original {}".format(backup, rel))
-            info("  removed   {}".format(rel))
         del files[rel]
         write_record(root, record)
     kept_dirs = []  # type: List[str]
@@ -383,11 +327,10 @@ def uninstall(orion_root: Path, force: bool = False, dry_run: bool = False) -> L
     if dry_run:
         info("[dry run] nothing changed")
         return kept
-    _prune_empty_dirs(root / manifest.BACKUP_DIR_NAME)
     if kept:
         record["created_dirs"] = [d for d in record["created_dirs"] if d in kept_dirs]
         write_record(root, record)
-        info("kept {} modified file(s); the record {} still lists them".format(len(kept), record_path(root)))
+        info("kept {} edited file(s); the record {} still lists them".format(len(kept), record_path(root)))
     else:
         record_path(root).unlink()
         info("ORION-KD removed; install record deleted")
@@ -404,10 +347,12 @@ out = {"python": sys.version.split()[0], "files": {}, "missing_types": [], "erro
 try:
     for name in ["mmcv"] + modules:
         out["files"][name] = os.path.realpath(getattr(importlib.import_module(name), "__file__", "") or "")
-    registry = getattr(importlib.import_module("mmcv.models.builder"), "MODELS", None)
-    for t in types:
-        if registry is None or registry.get(t) is None:
-            out["missing_types"].append(t)
+    for where, names in sorted(types.items()):
+        module, _, attr = where.partition(":")
+        registry = getattr(importlib.import_module(module), attr, None)
+        for t in names:
+            if registry is None or registry.get(t) is None:
+                out["missing_types"].append("{} (in {})".format(t, where))
 except BaseException:
     out["error"] = traceback.format_exc()
 print("@@ORION_KD_IMPORT_CHECK@@" + json.dumps(out))
@@ -432,7 +377,9 @@ def check_imports(orion_root: Path, python: str = sys.executable,
     """
     root = Path(orion_root).resolve()
     exe = resolve_python(python)
-    types = [t for m in modules for t in manifest.REGISTERED_TYPES.get(m, ())]
+    types = {}  # type: Dict[str, List[str]]
+    for module in modules:
+        types.setdefault(manifest.registry_of(module), []).extend(manifest.REGISTERED_TYPES.get(module, ()))
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     cmd = [exe, "-B", "-c", _CHECK_SCRIPT, str(root), json.dumps(list(modules)), json.dumps(types)]
     try:
@@ -453,7 +400,7 @@ def check_imports(orion_root: Path, python: str = sys.executable,
             raise InstallError("import check: {} was imported from {}, expected a file under {} "
                                "(another package shadows ORION's)".format(name, path, root))
     if out["missing_types"]:
-        raise InstallError("import check: {} not registered in mmcv.models.builder.MODELS after importing {}"
+        raise InstallError("import check: {} not registered after importing {}"
                            .format(", ".join(out["missing_types"]), ", ".join(modules)))
     return str(out["python"])
 
@@ -467,12 +414,12 @@ def _tail(text: str, lines: int = 25) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
-        description="Install the ORION-KD plugin files into an ORION checkout (or --uninstall them).")
+        description="Add the ORION-KD plugin files to an ORION checkout (never replacing one of ORION's), "
+                    "or --uninstall them.")
     parser.add_argument("orion_root", type=Path, help="path to the ORION checkout (holds mmcv/ and adzoo/)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
-    parser.add_argument("--force", action="store_true",
-                        help="install: back up and replace conflicting files; uninstall: delete edited files")
-    parser.add_argument("--uninstall", action="store_true", help="remove exactly what the install record lists")
+    parser.add_argument("--uninstall", action="store_true",
+                        help="remove exactly what the install record lists (files edited since are kept)")
     parser.add_argument("--python", default=sys.executable,
                         help="ORION's Python interpreter for the import check (default: this one)")
     parser.add_argument("--skip-import-check", action="store_true", help="do not import the plugin after install")
@@ -484,15 +431,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit status (0 ok, 1 error)."""
+    """Entry point; returns the exit status (0 ok, 2 user error such as a conflict, 1 I/O error)."""
     args = build_parser().parse_args(argv)
     try:
         if args.uninstall:
-            uninstall(args.orion_root, force=args.force, dry_run=args.dry_run)
+            uninstall(args.orion_root, dry_run=args.dry_run)
             return 0
         checking = not (args.dry_run or args.skip_import_check)
         python = resolve_python(args.python) if checking else args.python
-        install(args.orion_root, source_root=args.source, force=args.force, dry_run=args.dry_run)
+        install(args.orion_root, source_root=args.source, dry_run=args.dry_run)
         if not checking:
             info("import check skipped")
         else:
@@ -509,7 +456,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     except InstallError as exc:
         print("error: {}".format(exc), file=sys.stderr)
-        return 1
+        return 2
     except OSError as exc:
         print("error: {} (on {})".format(exc.strerror or exc, exc.filename or "?"), file=sys.stderr)
         return 1

@@ -91,14 +91,17 @@ def check_plugin(cfg: Any) -> Check:
         if not imports:
             importlib.import_module("mmcv.models")
         from mmcv.models.builder import MODELS
+        from mmcv.runner.hooks import HOOKS
     except Exception as exc:  # any import failure is the finding itself
         return Check("plugin", FAIL, f"import failed: {type(exc).__name__}: {exc}",
                      "install the plugin: python tools/install_into_orion.py PATH/TO/Orion")
+    hook_types = [hook["type"] for hook in (cfg.get("custom_hooks") or [])]
     missing = [name for name in PLUGIN_TYPES if MODELS.get(name) is None]
+    missing += [name for name in hook_types if HOOKS.get(name) is None]
     if missing:
         return Check("plugin", FAIL, f"not registered: {missing}",
                      "add the plugin modules to custom_imports (see README_KD.md)")
-    return Check("plugin", PASS, "registered: " + ", ".join(PLUGIN_TYPES))
+    return Check("plugin", PASS, "registered: " + ", ".join(list(PLUGIN_TYPES) + hook_types))
 
 
 def _teacher_backbone_cfg(cfg: Any) -> Dict[str, Any]:

@@ -15,16 +15,18 @@ from typing import Dict, List, Tuple
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: Files copied into ORION, as POSIX paths relative to the repository root.
-#: The same relative path is used inside the ORION checkout.
+#: The same relative path is used inside the ORION checkout; ORION has none of them (the
+#: installer only adds files). Standalone-only files stay out: in ORION, ORION's own launcher,
+#: train.py and runner train, so the standalone loop (adzoo/orion/apis/train_kd.py,
+#: adzoo/orion/train_kd.py) and its launcher (adzoo/orion/orion_dist_train.sh) are not copied.
 PLUGIN_FILES: Tuple[str, ...] = (
     "mmcv/models/utils/checkpoint_io.py",
     "mmcv/models/backbones/eva_vit_student.py",
     "mmcv/models/detectors/orion_student.py",
     "mmcv/models/losses/kd_losses.py",
-    "adzoo/orion/apis/train_kd.py",
-    "adzoo/orion/train_kd.py",
-    "adzoo/orion/orion_dist_train.sh",
+    "mmcv/runner/hooks/kd_hooks.py",
     "adzoo/orion/configs/orion_stage3_kd_train.py",
+    "adzoo/orion/configs/orion_stage3_kd_infer.py",
     "tools/head_pruning_utils.py",
     "tools/kd_setup_check.py",
     "demo_kd_50_pruning.py",
@@ -35,6 +37,7 @@ CUSTOM_IMPORTS: Tuple[str, ...] = (
     "mmcv.models.backbones.eva_vit_student",
     "mmcv.models.detectors.orion_student",
     "mmcv.models.losses.kd_losses",
+    "mmcv.runner.hooks.kd_hooks",
 )
 
 #: Registry type names each custom-import module must register.
@@ -42,6 +45,13 @@ REGISTERED_TYPES: Dict[str, Tuple[str, ...]] = {
     "mmcv.models.backbones.eva_vit_student": ("EVAViTStudent",),
     "mmcv.models.detectors.orion_student": ("OrionStudent",),
     "mmcv.models.losses.kd_losses": ("CombinedKDLoss",),
+    "mmcv.runner.hooks.kd_hooks": ("KDAlphaScheduleHook", "KDCheckHook", "KDExportStudentHook"),
+}
+
+#: The registry (``module:NAME``) a module's types land in; ORION's model registry by default.
+MODEL_REGISTRY = "mmcv.models.builder:MODELS"
+REGISTRIES: Dict[str, str] = {
+    "mmcv.runner.hooks.kd_hooks": "mmcv.runner.hooks:HOOKS",
 }
 
 #: Files that must exist in a checkout for it to count as ORION.
@@ -50,8 +60,10 @@ ORION_MARKERS: Tuple[str, ...] = ("mmcv/models/builder.py", "adzoo")
 #: Name of the install record written into the ORION root.
 RECORD_NAME = ".orion_kd_install.json"
 
-#: Folder (in the ORION root) holding ORION's originals replaced under ``--force``.
-BACKUP_DIR_NAME = ".orion_kd_backup"
+
+def registry_of(module: str) -> str:
+    """``module:NAME`` of the registry that ``module`` registers its types in."""
+    return REGISTRIES.get(module, MODEL_REGISTRY)
 
 
 def module_to_path(module: str) -> str:
@@ -92,6 +104,6 @@ _self_check()
 
 __all__ = [
     "REPO_ROOT", "PLUGIN_FILES", "CUSTOM_IMPORTS", "REGISTERED_TYPES", "ORION_MARKERS",
-    "RECORD_NAME", "BACKUP_DIR_NAME", "module_to_path", "plugin_python_files",
+    "RECORD_NAME", "MODEL_REGISTRY", "REGISTRIES", "registry_of", "module_to_path", "plugin_python_files",
     "custom_imports_line", "missing_sources",
 ]

@@ -851,7 +851,7 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
 
         # ---- the loop
         it, epoch, inner = start_iter, start_epoch, start_inner
-        alpha = resolve_distillation_alpha(kd_config, epoch)
+        alpha = resolve_distillation_alpha(kd_config, epoch * iters_per_epoch, iters_per_epoch)
         model.train()
         sums: Dict[str, float] = {}
         counts: Dict[str, int] = {}
@@ -870,7 +870,7 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
             counts[key] += 1
 
         while it < max_iters and epoch < max_epochs:
-            alpha = resolve_distillation_alpha(kd_config, epoch)
+            alpha = resolve_distillation_alpha(kd_config, epoch * iters_per_epoch, iters_per_epoch)
             if has_alpha:
                 raw_model.set_distillation_alpha(alpha)
             loader = make_loader(epoch, inner)

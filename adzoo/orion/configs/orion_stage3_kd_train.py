@@ -1,14 +1,26 @@
 # ORION stage 3 with a head-pruned EVA-02-L backbone (16 -> 8 heads) trained by knowledge
 # distillation from the frozen original; everything but the student backbone stays frozen.
 #
+#   python tools/install_into_orion.py PATH/TO/Orion      # once, from the ORION-KD repository
 #   ./adzoo/orion/orion_dist_train.sh adzoo/orion/configs/orion_stage3_kd_train.py 8
 #
-# Inherits ORION's own stage-3 config (data, pipelines, heads, LLM) from an ORION checkout
-# (install the plugin with tools/install_into_orion.py); only the keys below change.
-# Alpha weights the distillation loss: total = (1 - alpha) * task + alpha * distill, with
-# alpha_schedule='step': warmup_alpha for warmup_epochs epochs, then finetune_alpha. For a
-# constant alpha use alpha_schedule='constant' with distillation_alpha (not both readings).
+# ORION trains: its launcher, train.py, custom_train_model and IterBasedRunner run unchanged, and
+# everything below that is not written here comes from ORION's own stage-3 config: data with
+# seq_mode and the streaming InfiniteGroupEachSampleInBatchSampler, the
+# LearningRateDecayOptimizerConstructor (AdamW, layer-wise decay), Fp16OptimizerHook, the lr
+# schedule, the run length (num_epochs * num_iters_per_epoch iterations), checkpoint_config,
+# log_config, load_from / resume_from. This file changes only the model (OrionStudent with an
+# EVAViTStudent backbone) and ORION's extension points: custom_imports and custom_hooks.
+# For the guide's 3 epochs instead of ORION's 6, append to the command
+#   --cfg-options runner.max_iters=N     with N = 3 * num_iters_per_epoch of ORION's config.
+#
+# Alpha weights the distillation loss: total = (1 - alpha) * task + alpha * distill. It follows
+# the iteration (KDAlphaScheduleHook): alpha_schedule='step' uses warmup_alpha for warmup_epochs
+# epochs of ORION's num_iters_per_epoch iterations (or warmup_iters iterations), then
+# finetune_alpha; alpha_schedule='constant' uses distillation_alpha (not both readings).
 # pruning_ratio is the FRACTION OF HEADS REMOVED (0.5: 16 -> 8); it must agree with num_heads.
+# frozen_parts_mode='train' keeps the frozen heads/LLM in ORION's training behaviour (denoising
+# queries, activation checkpointing); 'eval' switches them to eval mode.
 
 _base_ = ['./orion_stage3_train.py']
 
@@ -17,8 +29,31 @@ custom_imports = dict(
         'mmcv.models.backbones.eva_vit_student',
         'mmcv.models.detectors.orion_student',
         'mmcv.models.losses.kd_losses',
+        'mmcv.runner.hooks.kd_hooks',
     ],
     allow_failed_imports=False)
+
+
+# ORION's Config runs this file before it reads _base_: without the plugin, stop with one line.
+def _orion_kd_missing_module(modules):
+    import importlib.util
+    for name in modules:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except ImportError:
+            return name
+    return None
+
+
+if _orion_kd_missing_module(custom_imports['imports']) is not None:
+    import sys
+    sys.unraisablehook = lambda unraisable: None  # mmcv's Config would print its temp file's cleanup at exit
+    raise SystemExit(
+        'orion_stage3_kd_train.py: the ORION-KD plugin is not installed here (cannot import {}); run '
+        '"python tools/install_into_orion.py PATH/TO/Orion" from the ORION-KD repository, then start this '
+        'config again'.format(_orion_kd_missing_module(custom_imports['imports'])))
+del _orion_kd_missing_module
 
 kd_config = dict(
     teacher_backbone_path='ckpt/orion/orion.pth',  # the full ORION checkpoint (backbone is sliced from it)
@@ -31,6 +66,7 @@ kd_config = dict(
     attention_distill_weight=0.3,
     output_distill_weight=0.2,
     freeze_non_backbone=True,
+    frozen_parts_mode='train',
     pruning_ratio=0.5,  # fraction of heads removed
 )
 
@@ -69,34 +105,9 @@ model = dict(
         frozen=False),
 )
 
-# AdamW on the student backbone only (the loop optimises parameters that require gradients),
-# layer-wise lr decay 0.9 over the 24 blocks keyed on img_backbone.blocks.N.
-optimizer = dict(
-    _delete_=True,
-    constructor='LearningRateDecayOptimizerConstructor',
-    type='AdamW',
-    lr=8e-5,
-    betas=(0.9, 0.999),
-    weight_decay=1e-5,
-    paramwise_cfg=dict(decay_rate=0.9, decay_type='vit_wise', num_layers=24))
-optimizer_config = dict(_delete_=True, grad_clip=dict(max_norm=35, norm_type=2))
-fp16 = dict(loss_scale='dynamic')
-
-lr_config = dict(
-    _delete_=True,
-    policy='CosineAnnealing',
-    by_epoch=False,  # cosine per iteration over the 3 epochs
-    warmup='linear',
-    warmup_iters=500,
-    warmup_ratio=1.0 / 3,
-    min_lr_ratio=1e-3)
-runner = dict(_delete_=True, type='EpochBasedRunner', max_epochs=3)
-checkpoint_config = dict(_delete_=True, interval=1, max_keep_ckpts=3)  # every epoch
-log_config = dict(
-    _delete_=True,
-    interval=10,
-    hooks=[dict(type='TextLoggerHook'), dict(type='TensorboardLoggerHook')])
-
-find_unused_parameters = False
-load_from = None  # the student loads ORION's weights itself (teacher_backbone_path)
-resume_from = None
+# What a KD run needs from ORION's runner (mmcv/runner/hooks/kd_hooks.py).
+custom_hooks = [
+    dict(type='KDCheckHook', priority='VERY_HIGH'),
+    dict(type='KDAlphaScheduleHook', iters_per_epoch={{_base_.num_iters_per_epoch}}),
+    dict(type='KDExportStudentHook', filename='student_pruned.pth'),
+]

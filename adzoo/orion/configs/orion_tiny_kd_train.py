@@ -15,6 +15,7 @@ custom_imports = dict(
         'mmcv.models.backbones.eva_vit_student',
         'mmcv.models.detectors.orion_student',
         'mmcv.models.losses.kd_losses',
+        'mmcv.runner.hooks.kd_hooks',
     ],
     allow_failed_imports=False)
 
@@ -23,12 +24,13 @@ kd_config = dict(
     alpha_schedule='step',
     warmup_alpha=0.8,
     finetune_alpha=0.6,
-    warmup_epochs=1,
+    warmup_epochs=1,  # epochs of num_iters_per_epoch iterations (KDAlphaScheduleHook)
     distillation_temperature=3.0,
     feature_distill_weight=0.5,
     attention_distill_weight=0.3,
     output_distill_weight=0.2,
     freeze_non_backbone=True,
+    frozen_parts_mode='train',
     pruning_ratio=0.5,
 )
 
@@ -49,6 +51,14 @@ model = dict(
     img_backbone=dict(type='EVAViTStudent', num_heads=8, teacher_num_heads=16))
 
 data = dict(train=dict(num_samples=512))
+num_iters_per_epoch = 512 // 8  # train.num_samples // samples_per_gpu (orion_tiny_train.py), one process
+
+# What a KD run needs from the runner, as in ORION (mmcv/runner/hooks/kd_hooks.py).
+custom_hooks = [
+    dict(type='KDCheckHook', priority='VERY_HIGH'),
+    dict(type='KDAlphaScheduleHook', iters_per_epoch=num_iters_per_epoch),
+    dict(type='KDExportStudentHook', filename='student_pruned.pth'),
+]
 
 optimizer = dict(
     _delete_=True,

@@ -487,9 +487,12 @@ class EVAViTStudent(nn.Module):
         return masks
 
     def forward(self, x: torch.Tensor, head_mask: HeadMask = None) -> List[torch.Tensor]:
-        """[B, 3, H, W] images -> ``[feature map [B, C, H/16, W/16]]`` (ORION's output)."""
+        """[B, 3, H, W] images -> ``[feature map [B, C, H/16, W/16]]`` (ORION's output).
+
+        The input is cast to the weights' dtype first, as ORION's EVAViT does (bf16 weights, fp32 images).
+        """
         taps = self._active_taps
-        x = self.patch_embed(x)
+        x = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype))
         if self.pos_embed is not None:
             x = x + resize_abs_pos_embed(self.pos_embed, self.pretrain_use_cls_token, (x.shape[1], x.shape[2]))
         masks = self._block_masks(head_mask)

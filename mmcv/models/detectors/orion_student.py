@@ -2,8 +2,10 @@
 
 ``OrionStudent(base_detector='Orion', ...)`` builds a real subclass of the base detector (ORION's
 registered ``Orion`` in an ORION checkout, ``TinyOrion`` in the miniature world), so ORION's own
-test and inference code works on it. Only ``img_backbone.*`` trains; the neck, heads, LLM and the
-teacher backbone stay frozen and in eval mode. One training step:
+test and inference code works on it. Only ``img_backbone.*`` trains. The neck, heads and LLM are
+frozen (``requires_grad=False``) but keep ORION's training-mode behaviour by default; the teacher
+backbone is frozen, in eval mode, outside the state dict, and runs in the student's precision.
+One training step:
 
     student backbone (inside the base forward, input captured after GridMask) -> task losses
     teacher backbone (same input, no autograd)                                -> taps
@@ -11,7 +13,8 @@ teacher backbone stay frozen and in eval mode. One training step:
     total_loss = (1 - alpha) * task_loss + alpha * backbone_distill_loss
 
 ``_parse_losses`` is overridden so that the optimised loss IS ``total_loss`` (ORION's version
-sums every key containing 'loss'). This file is a plugin: Python 3.8, torch 2.0-2.4, no mmengine.
+sums every key containing 'loss'). Alpha follows the iteration (``resolve_distillation_alpha``,
+set by ``mmcv/runner/hooks/kd_hooks.py``). This file is a plugin: Python 3.8, torch 2.0-2.4, no mmengine.
 """
 from __future__ import annotations
 
@@ -35,20 +38,45 @@ KD_CONFIG_KEYS = {
     "alpha_schedule": "step",
     "warmup_alpha": 0.8,
     "finetune_alpha": 0.6,
-    "warmup_epochs": 1,
+    "warmup_epochs": None,
+    "warmup_iters": None,
     "distillation_temperature": 3.0,
     "feature_distill_weight": 0.5,
     "attention_distill_weight": 0.3,
     "output_distill_weight": 0.2,
     "vl_distill_weight": 0.0,
     "freeze_non_backbone": True,
+    "frozen_parts_mode": "train",
     "pruning_ratio": None,
     "teacher_dtype": None,
 }
+FROZEN_PARTS_MODES = ("train", "eval")
+DEFAULT_WARMUP_EPOCHS = 1
 _HEAD_SLICED_ROWS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "q_bias", "v_bias",
                      "inner_attn_ln.weight", "inner_attn_ln.bias")
 _TRAINABLE_PREFIX = "img_backbone."
 _AUGMENTATION_CHILDREN = ("img_backbone", "grid_mask")
+
+
+_TEACHER_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast computes in on ``device_type`` right now; None when autocast is off there."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if device_type == "cuda":
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return None
+
+
+def _autocast(device_type: str, dtype: Optional[torch.dtype]) -> Any:
+    """Autocast in ``dtype``, or autocast switched off (plain fp32) when ``dtype`` is None."""
+    if dtype is None:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype)
 
 
 def _student_class_for(base: type) -> type:
@@ -78,14 +106,16 @@ class KDConfigError(ValueError):
 
 
 def validate_kd_config(kd_config: Optional[Mapping]) -> Dict[str, Any]:
-    """Check the alpha-related keys of ``kd_config`` and return them with defaults filled in.
+    """Check the alpha keys of ``kd_config``; return the schedule's settings with defaults filled in.
 
-    Decided meaning (README_KD.md): ``alpha_schedule='step'`` (default) uses
-    ``warmup_alpha`` (0.8) for the first ``warmup_epochs`` (1) epochs and then
-    ``finetune_alpha`` (0.6); ``alpha_schedule='constant'`` uses
-    ``distillation_alpha`` for every epoch. ``distillation_alpha`` together with
-    the step schedule is rejected, because the original guide can be read both
-    ways. Alpha weights the distillation loss: total = (1-a)*task + a*distill.
+    Decided meaning (README_KD.md): alpha weights the distillation loss,
+    total = (1 - alpha) * task + alpha * distill, and is a function of the iteration only.
+    ``alpha_schedule='step'`` (default) uses ``warmup_alpha`` (0.8) during the warm-up and
+    ``finetune_alpha`` (0.6) after it; the warm-up is ``warmup_iters`` iterations or
+    ``warmup_epochs`` epochs (default 1, converted with the runner's iterations per epoch);
+    give at most one of the two. ``alpha_schedule='constant'`` uses ``distillation_alpha``
+    throughout. ``distillation_alpha`` together with the step schedule is rejected, because
+    the original guide can be read both ways.
     """
     kd = dict(kd_config or {})
     schedule = kd.get("alpha_schedule", KD_CONFIG_KEYS["alpha_schedule"])
@@ -94,23 +124,28 @@ def validate_kd_config(kd_config: Optional[Mapping]) -> Dict[str, Any]:
             ", ".join(repr(s) for s in ("step", "constant")), schedule))
     out: Dict[str, Any] = dict(alpha_schedule=schedule)
     if schedule == "constant":
-        if "distillation_alpha" not in kd:
+        if kd.get("distillation_alpha") is None:
             raise KDConfigError("kd_config.alpha_schedule='constant' needs kd_config.distillation_alpha "
-                              "(the weight of the distillation loss for every epoch)")
+                                "(the weight of the distillation loss for every iteration)")
         out["distillation_alpha"] = _check_alpha("distillation_alpha", kd["distillation_alpha"])
         return out
-    if "distillation_alpha" in kd:
+    if kd.get("distillation_alpha") is not None:
         raise KDConfigError(
             "kd_config has distillation_alpha={!r} together with alpha_schedule='step'. The original guide "
-            "reads both ways: either a constant alpha for every epoch (set alpha_schedule='constant' and keep "
+            "reads both ways: either a constant alpha for every iteration (set alpha_schedule='constant' and keep "
             "distillation_alpha) or the warmup/finetune schedule (remove distillation_alpha and set "
             "warmup_alpha/finetune_alpha/warmup_epochs, defaults 0.8/0.6/1)".format(kd["distillation_alpha"]))
     for key in ("warmup_alpha", "finetune_alpha"):
         out[key] = _check_alpha(key, kd.get(key, KD_CONFIG_KEYS[key]))
-    warmup_epochs = kd.get("warmup_epochs", KD_CONFIG_KEYS["warmup_epochs"])
-    if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
-        raise KDConfigError("kd_config.warmup_epochs must be a non-negative integer, got {!r}".format(warmup_epochs))
-    out["warmup_epochs"] = warmup_epochs
+    iters, epochs = kd.get("warmup_iters"), kd.get("warmup_epochs")
+    if iters is not None and epochs is not None:
+        raise KDConfigError("kd_config gives warmup_iters={!r} and warmup_epochs={!r}; give one: the warm-up "
+                            "length in iterations or in epochs".format(iters, epochs))
+    if iters is not None:
+        out["warmup_iters"] = _check_count("kd_config.warmup_iters", iters)
+    else:
+        out["warmup_epochs"] = _check_count("kd_config.warmup_epochs",
+                                            DEFAULT_WARMUP_EPOCHS if epochs is None else epochs)
     return out
 
 
@@ -120,14 +155,41 @@ def _check_alpha(name: str, value: Any) -> float:
     return float(value)
 
 
-def resolve_distillation_alpha(kd_config: Optional[Mapping], epoch: int) -> float:
-    """The distillation weight alpha for 0-based ``epoch`` (see :func:`validate_kd_config`)."""
+def _check_count(name: str, value: Any, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise KDConfigError("{} must be an integer >= {}, got {!r}".format(name, minimum, value))
+    return value
+
+
+def warmup_iterations(kd_config: Optional[Mapping], iters_per_epoch: Optional[int] = None) -> int:
+    """Length of the alpha warm-up in iterations (``warmup_epochs`` needs ``iters_per_epoch``)."""
     kd = validate_kd_config(kd_config)
-    if epoch < 0:
-        raise ValueError("epoch must be >= 0, got {}".format(epoch))
+    if kd["alpha_schedule"] == "constant":
+        return 0
+    if "warmup_iters" in kd:
+        return kd["warmup_iters"]
+    if kd["warmup_epochs"] == 0:
+        return 0
+    if iters_per_epoch is None:
+        raise KDConfigError("kd_config.warmup_epochs={} counts epochs but no iters_per_epoch was given: set "
+                            "KDAlphaScheduleHook(iters_per_epoch=...) (in ORION: num_iters_per_epoch) or give "
+                            "kd_config.warmup_iters instead".format(kd["warmup_epochs"]))
+    return kd["warmup_epochs"] * _check_count("iters_per_epoch", iters_per_epoch, minimum=1)
+
+
+def resolve_distillation_alpha(kd_config: Optional[Mapping], iteration: int,
+                               iters_per_epoch: Optional[int] = None) -> float:
+    """Alpha for the 0-based ``iteration`` (see :func:`validate_kd_config`).
+
+    A pure function of the iteration, so a resumed run continues the schedule exactly where it stopped.
+    """
+    kd = validate_kd_config(kd_config)
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise ValueError("iteration must be an integer >= 0, got {!r}".format(iteration))
     if kd["alpha_schedule"] == "constant":
         return kd["distillation_alpha"]
-    return kd["warmup_alpha"] if epoch < kd["warmup_epochs"] else kd["finetune_alpha"]
+    in_warmup = iteration < warmup_iterations(kd, iters_per_epoch)
+    return kd["warmup_alpha"] if in_warmup else kd["finetune_alpha"]
 
 
 
@@ -228,7 +290,8 @@ class OrionStudent(nn.Module):
         self.base_detector_name = base_detector if isinstance(base_detector, str) else base_detector.__name__
         self.student_backbone_cfg = student_cfg
         self.freeze_non_backbone = bool(kd["freeze_non_backbone"])
-        self.distillation_alpha = resolve_distillation_alpha(kd, 0)
+        # Iteration 0 lies in the warm-up iff it has any length, whatever the epoch size.
+        self.distillation_alpha = resolve_distillation_alpha(kd, 0, iters_per_epoch=1)
         self.head_selection_source = selection_source
         loss_cfg = dict(type="CombinedKDLoss", temperature=kd["distillation_temperature"],
                         feature_distill_weight=kd["feature_distill_weight"],
@@ -289,7 +352,10 @@ class OrionStudent(nn.Module):
                 raise ValueError(f"OrionStudent: {key} is {value!r} but kd_config.{key} is {given[key]!r}; "
                                  f"give one value")
             kd[key] = value
-        validate_kd_config(kd)
+        kd.update(validate_kd_config(kd))
+        if kd["frozen_parts_mode"] not in FROZEN_PARTS_MODES:
+            raise ValueError(f"kd_config.frozen_parts_mode: expected one of {FROZEN_PARTS_MODES} (the mode of the "
+                             f"frozen neck/heads/LLM during KD), got {kd['frozen_parts_mode']!r}")
         if kd.get("teacher_dtype") not in (None, "fp32", "bf16", "fp16"):
             raise ValueError(f"kd_config.teacher_dtype: expected None, 'fp32', 'bf16' or 'fp16', got "
                              f"{kd['teacher_dtype']!r}")
@@ -406,12 +472,18 @@ class OrionStudent(nn.Module):
         return self
 
     def train(self, mode: bool = True) -> "OrionStudent":
-        """Train the student backbone (and GridMask); every frozen part and the teacher stay in eval mode."""
+        """Set the mode; the frozen parts follow it unless ``kd_config.frozen_parts_mode='eval'``.
+
+        In ``'train'`` mode (the default) the frozen neck, heads and LLM behave as in ORION's own
+        training (denoising queries, activation checkpointing, dropout) with ``requires_grad=False``,
+        so the task loss is ORION's objective. The teacher backbone is always in eval mode.
+        """
         super().train(mode)
         if self.freeze_non_backbone:
-            for name, child in self.named_children():
-                if name not in _AUGMENTATION_CHILDREN:
-                    child.eval()
+            if self.kd_config["frozen_parts_mode"] == "eval":
+                for name, child in self.named_children():
+                    if name not in _AUGMENTATION_CHILDREN:
+                        child.eval()
             self._freeze_non_backbone()
         self._teacher_backbone.eval()
         return self
@@ -420,7 +492,7 @@ class OrionStudent(nn.Module):
         """No-op: every weight already came from the teacher checkpoint (ORION's train.py calls this)."""
 
     def set_distillation_alpha(self, alpha: float) -> None:
-        """Weight of the distillation loss; the training loop sets it from the schedule each epoch."""
+        """Weight of the distillation loss; ``KDAlphaScheduleHook`` sets it before every iteration."""
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"distillation alpha must lie in [0, 1], got {alpha}")
         self.distillation_alpha = float(alpha)
@@ -432,8 +504,12 @@ class OrionStudent(nn.Module):
         alpha = self.distillation_alpha
         hidden_blocks, attn_blocks, num_queries = self.distill_loss.tap_request(self.img_backbone.depth)
         if alpha < 1.0:
-            captured: List[torch.Tensor] = []
-            handle = self.img_backbone.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
+            captured: List[Tuple[torch.Tensor, Optional[torch.dtype]]] = []
+
+            def capture(module: nn.Module, inputs: Tuple[torch.Tensor, ...]) -> None:
+                captured.append((inputs[0], autocast_dtype(inputs[0].device.type)))
+
+            handle = self.img_backbone.register_forward_pre_hook(capture)
             try:
                 with self.img_backbone.tapping(hidden_blocks, attn_blocks, num_queries) as student_taps:
                     losses = super().forward_train(**data)
@@ -442,16 +518,19 @@ class OrionStudent(nn.Module):
             if len(captured) != 1:
                 raise RuntimeError(f"OrionStudent: the student backbone ran {len(captured)} times in one training "
                                    f"step; distillation expects exactly one call")
-            backbone_input = captured[0]
+            backbone_input, run_dtype = captured[0]
             task_loss = sum(value.mean() if torch.is_tensor(value) else sum(v.mean() for v in value)
                             for key, value in losses.items() if "loss" in key)
         else:
             backbone_input = self.backbone_input(data["img"])
-            student_taps = self.img_backbone.forward_with_taps(backbone_input, hidden_blocks, attn_blocks, num_queries)
+            run_dtype = self._backbone_run_dtype(backbone_input.device.type)
+            with _autocast(backbone_input.device.type, run_dtype):
+                student_taps = self.img_backbone.forward_with_taps(backbone_input, hidden_blocks, attn_blocks,
+                                                                   num_queries)
             losses = OrderedDict()
             task_loss = backbone_input.new_zeros((), dtype=torch.float32)
         teacher_taps = self._teacher_taps(backbone_input, hidden_blocks, attn_blocks, num_queries,
-                                          student_taps.query_index)
+                                          student_taps.query_index, run_dtype)
         vl_kwargs = {}
         if getattr(self.distill_loss, "vl_distill_weight", 0.0) > 0:
             vl_kwargs = dict(student_vl_tokens=self.vl_tokens(self._image_features(student_taps.features, data), **data),
@@ -473,11 +552,23 @@ class OrionStudent(nn.Module):
             img = self.grid_mask(img)
         return img
 
+    def _backbone_run_dtype(self, device_type: str) -> Optional[torch.dtype]:
+        """The precision the base detector's ``extract_feat`` would run the backbone in right now.
+
+        An enclosing autocast wins; otherwise ORION's ``auto_fp16`` (``fp16_enabled`` set by the
+        fp16 optimizer hook) runs it under CUDA fp16 autocast; otherwise fp32 (None).
+        """
+        active = autocast_dtype(device_type)
+        if active is not None:
+            return active
+        return torch.float16 if device_type == "cuda" and getattr(self, "fp16_enabled", False) else None
+
     def _teacher_taps(self, backbone_input: torch.Tensor, hidden_blocks: Sequence[int], attn_blocks: Sequence[int],
-                      num_queries: int, query_index: Mapping[int, torch.Tensor]) -> Any:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.kd_config.get("teacher_dtype"))
-        with torch.no_grad(), torch.autocast(backbone_input.device.type, dtype=dtype or torch.bfloat16,
-                                             enabled=dtype is not None):
+                      num_queries: int, query_index: Mapping[int, torch.Tensor], run_dtype: Optional[torch.dtype]
+                      ) -> Any:
+        """Teacher forward without autograd, in ``kd_config.teacher_dtype`` or else the student's precision."""
+        dtype = _TEACHER_DTYPES.get(self.kd_config.get("teacher_dtype"), run_dtype)
+        with torch.no_grad(), _autocast(backbone_input.device.type, dtype):
             return self._teacher_backbone.forward_with_taps(backbone_input.detach(), hidden_blocks, attn_blocks,
                                                             num_queries, query_index=query_index)
 

@@ -1,0 +1,231 @@
+"""Runner hooks for a knowledge-distillation run: what KD needs from the runner, one job per hook.
+
+In an ORION checkout ORION's own ``custom_train_model`` builds every entry of ``cfg.custom_hooks``
+from the hook registry and its ``IterBasedRunner`` calls them; the standalone loop does the same.
+The KD configs list:
+
+* ``KDCheckHook``: before the run, fails with one clear message unless the model is an
+  ``OrionStudent`` whose trainable parameters are exactly ``img_backbone.*`` and whose teacher is
+  outside the state dict, the parameters (so DDP) and the optimizer; at the first iteration, that
+  the frozen parts are in the mode ``kd_config.frozen_parts_mode`` asks for.
+* ``KDAlphaScheduleHook``: before every iteration, sets the distillation alpha from
+  ``runner.iter`` (a pure function of the iteration, so a resumed run continues the schedule
+  where it stopped) and logs it.
+* ``KDExportStudentHook``: after the run, rank 0 writes the exported student (ORION checkpoint,
+  backbone safetensors, and an inference config for ORION's test.py) into ``work_dir``, atomically.
+
+Hooks read only these runner attributes: ``iter``, ``model`` (maybe wrapped: ``.module``),
+``optimizer``, ``work_dir``, ``logger``, ``rank``, ``outputs`` and ``log_buffer``.
+Plugin module: Python 3.8, torch 2.0-2.4, registries from ``mmcv`` (ORION's, mmcv 1.x or the light core).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+from torch import nn
+
+from mmcv.models.detectors.orion_student import OrionStudent, resolve_distillation_alpha
+from mmcv.models.utils.checkpoint_io import atomic_write_text
+from mmcv.runner.hooks import HOOKS, Hook
+
+_TRAINABLE_PREFIX = "img_backbone."
+_ALWAYS_TRAINING_CHILDREN = ("img_backbone", "grid_mask")
+
+
+class KDRunError(RuntimeError):
+    """The run is not the backbone-only KD run the config describes (one line, with the fix)."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside (MM)DataParallel / DistributedDataParallel wrappers."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def student_of(runner: Any, hook: str) -> OrionStudent:
+    """``runner.model`` unwrapped, which must be an ``OrionStudent``."""
+    model = unwrap_model(runner.model)
+    if not isinstance(model, OrionStudent):
+        raise KDRunError("{}: runner.model is {}, expected an OrionStudent (config: model.type='OrionStudent')"
+                         .format(hook, type(model).__name__))
+    return model
+
+
+def _log(runner: Any, message: str) -> None:
+    logger = getattr(runner, "logger", None)
+    if logger is not None:
+        logger.info(message)
+
+
+@HOOKS.register_module()
+class KDAlphaScheduleHook(Hook):
+    """Sets ``model.set_distillation_alpha(alpha(runner.iter))`` before every training iteration.
+
+    Args:
+        iters_per_epoch: iterations in one epoch, needed when ``kd_config.warmup_epochs`` gives the
+            warm-up in epochs (ORION: the config's ``num_iters_per_epoch``); not needed with
+            ``kd_config.warmup_iters`` or a constant alpha.
+    """
+
+    def __init__(self, iters_per_epoch: Optional[int] = None) -> None:
+        if iters_per_epoch is not None and (isinstance(iters_per_epoch, bool) or not isinstance(iters_per_epoch, int)
+                                            or iters_per_epoch < 1):
+            raise KDRunError("KDAlphaScheduleHook: iters_per_epoch must be a positive integer or None, got {!r}"
+                             .format(iters_per_epoch))
+        self.iters_per_epoch = iters_per_epoch
+        self.alpha: Optional[float] = None
+
+    def alpha_at(self, runner: Any) -> float:
+        """Alpha for the runner's current iteration."""
+        student = student_of(runner, type(self).__name__)
+        return resolve_distillation_alpha(student.kd_config, int(runner.iter), self.iters_per_epoch)
+
+    def before_run(self, runner: Any) -> None:
+        alpha = self.alpha_at(runner)  # a schedule that cannot be resolved fails here, before any step
+        _log(runner, "KD alpha schedule: {} (iteration {}: alpha {})".format(
+            {k: v for k, v in student_of(runner, type(self).__name__).kd_config.items()
+             if "alpha" in k or k.startswith("warmup")}, runner.iter, alpha))
+
+    def before_train_iter(self, runner: Any) -> None:
+        self.alpha = self.alpha_at(runner)
+        student_of(runner, type(self).__name__).set_distillation_alpha(self.alpha)
+
+    def after_train_iter(self, runner: Any) -> None:
+        outputs = getattr(runner, "outputs", None) or {}
+        if self.alpha is not None and "alpha" not in outputs.get("log_vars", {}):
+            runner.log_buffer.update({"alpha": self.alpha}, outputs.get("num_samples", 1))
+
+
+@HOOKS.register_module()
+class KDCheckHook(Hook):
+    """Fails before training starts when the run would not be backbone-only KD from a hidden teacher."""
+
+    def __init__(self) -> None:
+        self._mode_checked = False
+
+    def before_run(self, runner: Any) -> None:
+        student = student_of(runner, "KDCheckHook")
+        self._check_trainable(student)
+        teacher = _tensor_ids(student.teacher_backbone.parameters())
+        teacher.update(_tensor_ids(student.teacher_backbone.buffers()))
+        if teacher & _tensor_ids(runner.model.parameters()):
+            raise KDRunError("KDCheckHook: the teacher backbone's parameters are among the model's parameters "
+                             "(DDP would synchronise them); it must be held outside the module tree")
+        in_state = sorted(k for k, v in runner.model.state_dict().items() if _tensor_id(v) in teacher)
+        if in_state:
+            raise KDRunError("KDCheckHook: teacher tensors are in the model's state dict (e.g. {}); checkpoints "
+                             "must hold the student only".format(in_state[:3]))
+        self._check_optimizer(runner, student, teacher)
+        _log(runner, "KDCheckHook: OrionStudent, {} trainable img_backbone tensors, teacher outside the state "
+                     "dict / parameters / optimizer, frozen parts in {} mode".format(
+                         sum(1 for p in student.parameters() if p.requires_grad),
+                         student.kd_config["frozen_parts_mode"]))
+
+    def before_train_iter(self, runner: Any) -> None:
+        if self._mode_checked:
+            return
+        self._mode_checked = True
+        student = student_of(runner, "KDCheckHook")
+        want_training = student.training and student.kd_config["frozen_parts_mode"] == "train"
+        wrong = [name for name, child in student.named_children()
+                 if name not in _ALWAYS_TRAINING_CHILDREN and child.training != want_training]
+        if wrong:
+            raise KDRunError("KDCheckHook: frozen parts {} are in {} mode, but kd_config.frozen_parts_mode={!r} asks "
+                             "for {} mode".format(wrong, "eval" if want_training else "training",
+                                                  student.kd_config["frozen_parts_mode"],
+                                                  "training" if want_training else "eval"))
+        if any(m.training for m in student.teacher_backbone.modules()):
+            raise KDRunError("KDCheckHook: the teacher backbone is in training mode; it must stay in eval mode")
+
+    @staticmethod
+    def _check_trainable(student: OrionStudent) -> None:
+        trainable = [name for name, param in student.named_parameters() if param.requires_grad]
+        outside = [name for name in trainable if not name.startswith(_TRAINABLE_PREFIX)]
+        if outside:
+            raise KDRunError("KDCheckHook: {} parameter(s) outside img_backbone require gradients (e.g. {}); only "
+                             "the student backbone may train (kd_config.freeze_non_backbone=True)".format(
+                                 len(outside), outside[:3]))
+        if not trainable:
+            raise KDRunError("KDCheckHook: no img_backbone parameter requires gradients; nothing would train "
+                             "(is img_backbone built with frozen=True?)")
+
+    @staticmethod
+    def _check_optimizer(runner: Any, student: OrionStudent, teacher: set) -> None:
+        names = {_tensor_id(p): n for n, p in student.named_parameters()}
+        optimizers = runner.optimizer.values() if isinstance(runner.optimizer, dict) else [runner.optimizer]
+        params = [p for opt in optimizers if opt is not None for g in opt.param_groups for p in g["params"]]
+        if any(_tensor_id(p) in teacher for p in params):
+            raise KDRunError("KDCheckHook: the optimizer holds teacher parameters; build it from the model "
+                             "(the teacher is not among model.parameters())")
+        stray = sorted(names.get(_tensor_id(p), "<not a model parameter>") for p in params
+                       if p.requires_grad and not names.get(_tensor_id(p), "").startswith(_TRAINABLE_PREFIX))
+        if stray:
+            raise KDRunError("KDCheckHook: the optimizer would update {} tensor(s) outside img_backbone (e.g. {})"
+                             .format(len(stray), stray[:3]))
+
+
+def _tensor_id(tensor: torch.Tensor) -> int:
+    """Identity of a tensor's storage (a state-dict entry shares it with its parameter)."""
+    return tensor.data_ptr() if tensor.numel() else id(tensor)
+
+
+def _tensor_ids(tensors: Iterator[torch.Tensor]) -> set:
+    return {_tensor_id(t) for t in tensors}
+
+
+@HOOKS.register_module()
+class KDExportStudentHook(Hook):
+    """After the run, rank 0 exports the student (no teacher) into ``work_dir``.
+
+    Writes ``work_dir/<filename>`` (an ORION checkpoint: ``meta`` with the pruning configuration,
+    ``state_dict``), with ``backbone_safetensors`` also ``<stem>_backbone.safetensors``, and, when
+    ``inference_config`` exists (a path relative to where training runs: ORION's root), the
+    inference config ``<stem>_infer.py``: it inherits ``inference_config`` and sets ``img_backbone``
+    to the trained student's exact configuration (kept heads included), so that ORION's test.py
+    loads the checkpoint strictly. Every file is written atomically.
+    """
+
+    def __init__(self, filename: str = "student_pruned.pth", backbone_safetensors: bool = True,
+                 inference_config: Optional[str] = "adzoo/orion/configs/orion_stage3_kd_infer.py") -> None:
+        if not isinstance(filename, str) or not filename.endswith(".pth") or os.path.isabs(filename) \
+                or ".." in filename.replace("\\", "/").split("/"):
+            raise KDRunError("KDExportStudentHook: filename must be a relative *.pth path inside work_dir, got {!r}"
+                             .format(filename))
+        self.filename = filename
+        self.backbone_safetensors = bool(backbone_safetensors)
+        self.inference_config = inference_config
+        self.written: Dict[str, str] = {}
+
+    def after_run(self, runner: Any) -> None:
+        if getattr(runner, "rank", 0) != 0:
+            return
+        student = student_of(runner, "KDExportStudentHook")
+        path = os.path.join(runner.work_dir, self.filename)
+        self.written = dict(student.export_student(path, backbone_safetensors=self.backbone_safetensors))
+        if self.inference_config and os.path.isfile(self.inference_config):
+            self.written["inference_config"] = write_inference_config(
+                os.path.splitext(path)[0] + "_infer.py", os.path.abspath(self.inference_config),
+                dict(student.student_backbone_cfg), path)
+        elif self.inference_config:
+            _log(runner, "KDExportStudentHook: no {} here: no inference config written".format(self.inference_config))
+        _log(runner, "KDExportStudentHook: exported the student to {}".format(
+            ", ".join(self.written[k] for k in sorted(self.written))))
+
+
+def write_inference_config(path: str, base_config: str, backbone_cfg: Dict[str, Any], checkpoint: str) -> str:
+    """Write an inference config that inherits ``base_config`` with exactly ``backbone_cfg`` as img_backbone."""
+    backbone = dict(_delete_=True)
+    backbone.update(backbone_cfg)
+    text = ("# Written by KDExportStudentHook: ORION's inference with the KD student's pruned backbone.\n"
+            "#   ./adzoo/orion/orion_dist_eval.sh {config} {checkpoint} GPUS\n"
+            "_base_ = [{base!r}]\n"
+            "model = dict(img_backbone={backbone!r})\n").format(config=path, checkpoint=checkpoint,
+                                                                base=base_config, backbone=backbone)
+    return atomic_write_text(path, text)
+
+
+__all__: List[str] = ["KDAlphaScheduleHook", "KDCheckHook", "KDExportStudentHook", "KDRunError", "unwrap_model",
+                      "student_of", "write_inference_config"]

@@ -1,0 +1,240 @@
+"""ORION trains: the plugin installed into an ORION-shaped tree on the real mmcv 1.7.2 runner.
+
+The tree (tests/orion_standin.py) is mmcv 1.7.2's package as ORION's ``mmcv`` plus ORION-like
+models, datasets, train.py and custom_train_model. The plugin goes in with the installer, and
+OrionStudent trains through ORION's train.py: mmcv's IterBasedRunner, Fp16OptimizerHook, the
+layer-decay optimizer constructor, the streaming sampler and the KD ``custom_hooks``.
+Every ORION-side process runs in a subprocess with ``-B`` and without this project's editable
+install on the import path (ORION's environment does not have it).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+import torch
+
+from tests.mmcv1x_env import ensure_mmcv1x
+from tests.orion_standin import write_orion_tree
+from tools import plugin_manifest as manifest
+
+REPO = Path(__file__).resolve().parents[1]
+# Run a script as __main__ with this project's editable-install finder removed from sys.meta_path.
+BOOT = ("import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+        "getattr(f, '__module__', '')]; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+TINY_BACKBONE = dict(img_size=32, patch_size=8, window_size=2, embed_dim=32, depth=2, window_block_indexes=[0],
+                     flash_attn=False, with_cp=False, drop_path_rate=0.1)
+TEACHER_SCRIPT = """
+import sys
+import torch
+from mmcv.utils import import_modules_from_strings
+import_modules_from_strings(['mmcv.models.backbones.eva_vit_student'])
+from mmcv.models import build_model
+torch.manual_seed(0)
+backbone = dict(type='EVAViTStudent', num_heads=4, teacher_num_heads=4, **%r)
+model = build_model(dict(type='Orion', use_grid_mask=True, img_backbone=backbone,
+                         pts_bbox_head=dict(type='StreamingDetHead', in_channels=32),
+                         map_head=dict(type='LaneHead', in_channels=32)))
+state = {k: v for k, v in model.state_dict().items() if not k.endswith('.head_index')}  # ORION's EVAViT keys
+torch.save(dict(meta={}, state_dict=state), sys.argv[1])
+""" % (TINY_BACKBONE,)
+
+
+@pytest.fixture(scope="module")
+def mmcv1x() -> Dict[str, Path]:
+    try:
+        mmcv_dir, deps_dir = ensure_mmcv1x()
+    except RuntimeError as exc:
+        pytest.skip("mmcv 1.7.2 could not be built here (needs PyPI): {}".format(exc))
+    return dict(mmcv=mmcv_dir, deps=deps_dir)
+
+
+def orion_env(root: Path, deps: Path) -> Dict[str, str]:
+    return dict(os.environ, PYTHONPATH="{}{}{}".format(root, os.pathsep, deps), PYTHONDONTWRITEBYTECODE="1",
+                PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+
+
+def run_orion(root: Path, deps: Path, script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run ``script`` (a path relative to the ORION root, or absolute) there, as ORION's Python would."""
+    return subprocess.run([sys.executable, "-B", "-c", BOOT, script] + list(args), cwd=str(root),
+                          env=orion_env(root, deps), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=timeout)
+
+
+def run_installer(root: Path, deps: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-B", str(REPO / "tools/install_into_orion.py"), str(root)] + list(args),
+                          env=orion_env(root, deps), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=240)
+
+
+def snapshot(root: Path) -> Dict[str, Optional[str]]:
+    """Every file (-> sha256 and mode) and folder (-> None) under ``root``."""
+    snap: Dict[str, Optional[str]] = {}
+    for dirpath, _dirs, files in os.walk(str(root)):
+        snap[os.path.relpath(dirpath, str(root)) + "/"] = None
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as handle:
+                digest = hashlib.sha256(handle.read()).hexdigest()
+            snap[os.path.relpath(path, str(root))] = "{} {:o}".format(digest, os.stat(path).st_mode & 0o777)
+    return snap
+
+
+def log_lines(work_dir: Path) -> List[dict]:
+    """Per-iteration training records of mmcv's TextLoggerHook (``*.log.json``)."""
+    records = []
+    for path in sorted(work_dir.glob("*.log.json")):
+        records += [json.loads(line) for line in path.read_text().splitlines() if '"mode": "train"' in line]
+    return records
+
+
+@pytest.fixture(scope="module")
+def orion(mmcv1x, tmp_path_factory) -> Dict[str, Path]:
+    """An ORION-shaped tree with the plugin installed, a teacher checkpoint and a tiny KD config."""
+    base = tmp_path_factory.mktemp("orion_mmcv1x")
+    root = write_orion_tree(base / "Orion", mmcv1x["mmcv"])
+    installed = run_installer(root, mmcv1x["deps"])
+    assert installed.returncode == 0, installed.stderr
+    teacher = base / "teacher.pth"
+    script = base / "make_teacher.py"
+    script.write_text(TEACHER_SCRIPT)
+    made = run_orion(root, mmcv1x["deps"], str(script), str(teacher))
+    assert made.returncode == 0, made.stderr
+    config = base / "kd_tiny.py"
+    config.write_text(textwrap.dedent("""
+        _base_ = [{kd!r}]
+        teacher = {teacher!r}
+        kd_config = dict(teacher_backbone_path=teacher)
+        model = dict(teacher_backbone_path=teacher, kd_config=dict(teacher_backbone_path=teacher),
+                     img_backbone=dict(num_heads=2, teacher_num_heads=4, **{backbone!r}))
+        checkpoint_config = dict(interval=2)
+        """).format(kd=str(root / "adzoo/orion/configs/orion_stage3_kd_train.py"), teacher=str(teacher),
+                    backbone=TINY_BACKBONE))
+    return dict(root=root, deps=mmcv1x["deps"], teacher=teacher, config=config, base=base)
+
+
+@pytest.fixture(scope="module")
+def kd_run(orion) -> Dict[str, Path]:
+    """Six KD iterations through ORION's train.py, then a run resumed from iteration 2."""
+    first, resumed = orion["base"] / "wd_first", orion["base"] / "wd_resumed"
+    proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/train.py", str(orion["config"]),
+                     "--work-dir", str(first))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/train.py", str(orion["config"]),
+                     "--work-dir", str(resumed), "--resume-from", str(first / "iter_2.pth"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(first=first, resumed=resumed)
+
+
+# --------------------------------------------------------------------------- the overlay adds only
+def test_plain_install_keeps_every_orion_file_and_uninstall_restores_the_tree(mmcv1x, tmp_path: Path) -> None:
+    root = write_orion_tree(tmp_path / "Orion", mmcv1x["mmcv"])
+    before = snapshot(root)
+    assert "adzoo/orion/orion_dist_train.sh" in before and "adzoo/orion/train.py" in before
+    proc = run_installer(root, mmcv1x["deps"])
+    assert proc.returncode == 0, proc.stderr
+    assert "import check ok" in proc.stdout and "KDAlphaScheduleHook" in proc.stdout
+    after = snapshot(root)
+    assert {rel: after[rel] for rel in before} == before
+    assert sorted(os.path.normpath(r) for r in after if r not in before and not r.endswith("/")) == \
+        sorted([manifest.RECORD_NAME] + list(manifest.PLUGIN_FILES))
+    proc = run_installer(root, mmcv1x["deps"], "--uninstall")
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot(root) == before
+
+
+def test_kd_config_without_the_plugin_stops_with_one_line_naming_the_installer(mmcv1x, tmp_path: Path) -> None:
+    root = write_orion_tree(tmp_path / "Orion", mmcv1x["mmcv"])
+    configs = root / "adzoo/orion/configs"
+    for name in ("orion_stage3_kd_train.py", "orion_stage3_kd_infer.py"):  # a user's copy, no plugin modules
+        shutil.copy(str(REPO / "adzoo/orion/configs" / name), str(configs / name))
+    proc = run_orion(root, mmcv1x["deps"], "adzoo/orion/train.py", "adzoo/orion/configs/orion_stage3_kd_train.py")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("orion_stage3_kd_train.py: the ORION-KD plugin is not installed here")
+    assert "python tools/install_into_orion.py PATH/TO/Orion" in proc.stderr
+    probe = tmp_path / "load_infer.py"
+    probe.write_text("from mmcv import Config\nConfig.fromfile('adzoo/orion/configs/orion_stage3_kd_infer.py')\n")
+    proc = run_orion(root, mmcv1x["deps"], str(probe))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "install_into_orion.py" in proc.stderr
+
+
+# --------------------------------------------------------------------------- ORION trains OrionStudent
+def test_alpha_follows_the_iteration_and_a_resumed_run_continues_it(kd_run) -> None:
+    first, resumed = log_lines(kd_run["first"]), log_lines(kd_run["resumed"])
+    # ORION's stand-in epoch is 3 iterations; warmup_epochs=1 -> alpha 0.8 for iterations 1-3 (1-based log)
+    assert [(r["iter"], r["alpha"]) for r in first] == [(1, 0.8), (2, 0.8), (3, 0.8), (4, 0.6), (5, 0.6), (6, 0.6)]
+    # mmcv 1.x (and ORION's fork) saves iter_N.pth in after_train_iter, before the counter moves: its
+    # meta says iter N-1, so a resume repeats iteration N. Alpha is a function of runner.iter only,
+    # so every resumed iteration gets exactly the alpha the uninterrupted run used there.
+    resumed_at = torch.load(str(kd_run["first"] / "iter_2.pth"), map_location="cpu", weights_only=True)["meta"]["iter"]
+    assert [r["iter"] for r in resumed] == list(range(resumed_at + 1, 7))
+    alpha_of = {r["iter"]: r["alpha"] for r in first}
+    assert [r["alpha"] for r in resumed] == [alpha_of[r["iter"]] for r in resumed]
+    assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in first[resumed_at:]])  # ORION's lr hook too
+    for record in first:
+        assert record["loss"] == pytest.approx(record["total_loss"], abs=1e-4)
+        assert record["total_loss"] == pytest.approx((1 - record["alpha"]) * record["task_loss"]
+                                                     + record["alpha"] * record["backbone_distill_loss"], abs=1e-3)
+
+
+def test_frozen_heads_train_in_orions_mode_on_streamed_scenes(kd_run) -> None:
+    first = log_lines(kd_run["first"])
+    assert all("dn_loss_cls" in r for r in first)  # denoising exists only in training mode
+    assert max(r["memory_used"] for r in first) == 1.0  # consecutive frames of one scene reach the memory
+    assert all("grad_norm" in r for r in first)  # ORION's (mmcv's) Fp16OptimizerHook stepped
+
+
+def test_only_the_student_backbone_changes_and_the_teacher_is_never_saved(orion, kd_run) -> None:
+    teacher = torch.load(str(orion["teacher"]), map_location="cpu", weights_only=True)["state_dict"]
+    saved = torch.load(str(kd_run["first"] / "iter_6.pth"), map_location="cpu", weights_only=True)
+    state = saved["state_dict"]
+    assert saved["meta"]["iter"] == 5 and "optimizer" in saved  # 0-based index of the last iteration
+    assert not any("teacher" in key for key in state)
+    frozen = [k for k in state if not k.startswith("img_backbone.")]
+    assert frozen and all(torch.equal(state[k], teacher[k]) for k in frozen)
+    changed = [k for k in state if k.startswith("img_backbone.") and k in teacher
+               and state[k].shape == teacher[k].shape and not torch.equal(state[k], teacher[k])]
+    assert "img_backbone.patch_embed.proj.weight" in changed and "img_backbone.blocks.1.mlp.w3.weight" in changed
+    assert state["img_backbone.blocks.0.attn.q_proj.weight"].shape == (16, 32)  # 2 of 4 heads, head_dim 8
+
+
+def test_exported_student_loads_strictly_into_the_kd_inference_config(orion, kd_run) -> None:
+    exported = kd_run["first"] / "student_pruned.pth"
+    assert exported.is_file() and (kd_run["first"] / "student_pruned_backbone.safetensors").is_file()
+    config = kd_run["first"] / "student_pruned_infer.py"  # written by KDExportStudentHook
+    assert "_base_ = [{!r}]".format(str(orion["root"] / "adzoo/orion/configs/orion_stage3_kd_infer.py")) \
+        in config.read_text()
+    script = orion["base"] / "infer.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        import torch
+        from mmcv import Config
+        from mmcv.runner import load_checkpoint
+        from mmcv.utils import import_modules_from_strings
+        from mmcv.datasets import build_dataset
+        from mmcv.models import build_model
+        from mmcv.parallel import collate, scatter
+        cfg = Config.fromfile(sys.argv[1])
+        import_modules_from_strings(**cfg.custom_imports)
+        model = build_model(cfg.model, test_cfg=cfg.get('test_cfg')).eval()
+        ckpt = torch.load(sys.argv[2], map_location='cpu', weights_only=True)
+        model.load_state_dict(ckpt['state_dict'], strict=True)
+        load_checkpoint(model, sys.argv[2], map_location='cpu', strict=True)  # ORION's test.py loader
+        data = build_dataset(cfg.data.test)
+        batch = scatter(collate([data[0], data[1]], samples_per_gpu=2), [-1])[0]
+        with torch.no_grad():
+            out = model(batch, return_loss=False)
+        print('infer ok', len(out), ckpt['meta']['pruning']['num_heads'])
+        """))
+    proc = run_orion(orion["root"], orion["deps"], str(script), str(config), str(exported))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "infer ok 2 [2, 2]" in proc.stdout
