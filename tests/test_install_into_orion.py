@@ -374,7 +374,7 @@ def test_install_copies_every_manifest_file_and_records_sha256(orion: Path, sour
         assert record["files"][rel]["backup"] is None
     assert os.access(str(orion / "adzoo/orion/orion_dist_train.sh"), os.X_OK)
     # folders that ORION lacked are recorded, shallow first; ORION's own folders are not
-    assert record["created_dirs"] == ["mmcv/models/losses", "adzoo/orion/apis", "tools"]
+    assert record["created_dirs"] == ["mmcv/models/losses", "adzoo/orion/apis", "tools", "tools/head_pruning"]
     assert not list(orion.glob("**/*.tmp"))
 
 
@@ -571,7 +571,9 @@ def run_script(root: Path, code: str, *args: str) -> subprocess.CompletedProcess
                     reason="EVAViTStudent (mmcv/models/backbones/eva_vit_student.py) not written yet")
 def test_real_backbone_plugin_runs_inside_orions_detector(orion: Path, tmp_path: Path) -> None:
     before = tree_snapshot(orion)
-    files = ["mmcv/models/utils/checkpoint_io.py", "mmcv/models/backbones/eva_vit_student.py"]
+    files = ["mmcv/models/utils/checkpoint_io.py", "mmcv/models/utils/eva_cost.py", "mmcv/models/utils/eva_surgery.py",
+             "mmcv/models/utils/head_importance.py", "mmcv/models/utils/pruning_config.py",
+             "mmcv/models/backbones/eva_vit_student.py"]
     inst.install(orion, source_root=REPO_ROOT, files=files)
     inst.check_imports(orion, python=sys.executable, modules=["mmcv.models.backbones.eva_vit_student"])
     proc = run_script(orion, TEACHER_SCRIPT, str(tmp_path / "teacher.pth"))
@@ -598,7 +600,7 @@ from mmcv.models.builder import build_model
 from mmcv.models.detectors.orion import Orion
 model = build_model(dict(type='OrionStudent', teacher_backbone_path=sys.argv[1], freeze_non_backbone=True,
                          kd_config=dict(alpha_schedule='step', warmup_alpha=0.8, finetune_alpha=0.6,
-                                        warmup_epochs=1, pruning_ratio=0.5),
+                                        warmup_epochs=1, pruning_ratio=0.5, head_selection='magnitude'),
                          img_backbone=dict(%r, num_heads=2), use_grid_mask=True, **%r))
 assert isinstance(model, Orion), type(model).__mro__
 model.train()

@@ -18,6 +18,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The same relative path is used inside the ORION checkout.
 PLUGIN_FILES: Tuple[str, ...] = (
     "mmcv/models/utils/checkpoint_io.py",
+    "mmcv/models/utils/batch_io.py",
+    "mmcv/models/utils/eva_surgery.py",
+    "mmcv/models/utils/eva_cost.py",
+    "mmcv/models/utils/head_importance.py",
+    "mmcv/models/utils/pruning_config.py",
     "mmcv/models/backbones/eva_vit_student.py",
     "mmcv/models/detectors/orion_student.py",
     "mmcv/models/losses/kd_losses.py",
@@ -25,7 +30,15 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "adzoo/orion/train_kd.py",
     "adzoo/orion/orion_dist_train.sh",
     "adzoo/orion/configs/orion_stage3_kd_train.py",
+    "tools/__init__.py",
     "tools/head_pruning_utils.py",
+    "tools/head_pruning/__init__.py",
+    "tools/head_pruning/sites.py",
+    "tools/head_pruning/batches.py",
+    "tools/head_pruning/importance.py",
+    "tools/head_pruning/analysis.py",
+    "tools/head_pruning/plots.py",
+    "tools/head_pruning/cli.py",
     "tools/kd_setup_check.py",
     "demo_kd_50_pruning.py",
 )

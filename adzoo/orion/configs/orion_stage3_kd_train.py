@@ -9,6 +9,8 @@
 # alpha_schedule='step': warmup_alpha for warmup_epochs epochs, then finetune_alpha. For a
 # constant alpha use alpha_schedule='constant' with distillation_alpha (not both readings).
 # pruning_ratio is the FRACTION OF HEADS REMOVED (0.5: 16 -> 8); it must agree with num_heads.
+# Which heads: kd_config.head_selection='magnitude', or a file from `tools/head_pruning_utils.py
+# prune-config` as model.pruning_config (with head_selection=None); a pruned student needs exactly one.
 
 _base_ = ['./orion_stage3_train.py']
 
@@ -32,6 +34,7 @@ kd_config = dict(
     output_distill_weight=0.2,
     freeze_non_backbone=True,
     pruning_ratio=0.5,  # fraction of heads removed
+    head_selection='magnitude',  # q/k/v weight norms of the teacher; or None with model.pruning_config=FILE
 )
 
 model = dict(
