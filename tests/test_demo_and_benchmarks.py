@@ -127,7 +127,7 @@ def test_demo_end_to_end(tmp_path):
     def logged_alphas(run: str) -> set:
         rows = [json.loads(line) for line in sorted((work / run).glob("*.log.json"))[-1].read_text().splitlines()
                 if line.strip()]
-        return {row["alpha"] for row in rows if row.get("mode") == "train"}
+        return {round(row["alpha"], 6) for row in rows if row.get("mode") == "train"}  # logged from float32
 
     # the KD run followed the step schedule; the control really trained on the task loss alone
     assert logged_alphas("kd") == {0.8, 0.6}

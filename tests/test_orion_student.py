@@ -170,6 +170,11 @@ def test_pruning_config_file_written_by_the_tools_sets_the_heads(teacher_ckpt, t
     student = make_student(teacher_ckpt, pruning_config=str(path))
     assert student.img_backbone.selected_heads == selection
     assert student.head_selection_source == f"pruning_config {path}"
+    other_teacher = tmp_path / "prune_8_heads.json"
+    PruningConfig(selected_heads_per_layer=[[0, 1, 2, 3]] * 4, teacher_num_heads=8, pruning_ratio=0.5).save(other_teacher)
+    with pytest.raises(ValueError, match=r"prune_8_heads.json: made for a teacher with 8 heads per block, but this "
+                                         r"teacher has 16"):
+        make_student(teacher_ckpt, pruning_config=str(other_teacher), img_backbone=student_backbone_cfg(num_heads=4))
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps({"selected_heads_per_layer": selection}))
     with pytest.raises(ValueError, match=r"bare.json: not a pruning configuration \(expected format "

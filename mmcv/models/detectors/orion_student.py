@@ -286,7 +286,7 @@ class OrionStudent(nn.Module):
         depth = cfg.get("depth", 12)
         teacher_heads = cfg.get("teacher_num_heads", 16)
         num_heads = cfg.get("num_heads", teacher_heads)
-        selection, source = self._explicit_head_selection(cfg, pruning_config, kd)
+        selection, source = self._explicit_head_selection(cfg, pruning_config, kd, teacher_heads)
         if selection is not None and pruning_config is not None and "num_heads" not in cfg:
             num_heads = [len(heads) for heads in selection]
         if selection is None:
@@ -312,15 +312,15 @@ class OrionStudent(nn.Module):
         return cfg, source
 
     @staticmethod
-    def _explicit_head_selection(cfg: Mapping[str, Any], pruning_config: Any, kd: Mapping[str, Any]
-                                 ) -> Tuple[Optional[List[List[int]]], str]:
+    def _explicit_head_selection(cfg: Mapping[str, Any], pruning_config: Any, kd: Mapping[str, Any],
+                                 teacher_heads: int) -> Tuple[Optional[List[List[int]]], str]:
         given = [name for name, value in (("model.pruning_config", pruning_config),
                                           ("img_backbone.selected_heads_per_layer", cfg.get("selected_heads_per_layer")),
                                           ("kd_config.head_selection", kd.get("head_selection"))) if value is not None]
         if len(given) > 1:
             raise ValueError(f"OrionStudent: give the head selection once: {' and '.join(given)} are both set")
         if pruning_config is not None:
-            return load_head_selection(pruning_config)
+            return load_head_selection(pruning_config, teacher_heads)
         if cfg.get("selected_heads_per_layer") is not None:
             return [list(h) for h in cfg["selected_heads_per_layer"]], "img_backbone.selected_heads_per_layer"
         return None, ""

@@ -326,25 +326,30 @@ def create_pruning_config(importance: Union[HeadImportance, ScoresLike], pruning
 
 
 def load_head_selection(source: Union[PruningConfig, str, "os.PathLike[str]", Mapping[str, Any],
-                                      Sequence[Sequence[int]]]) -> Tuple[List[List[int]], str]:
+                                      Sequence[Sequence[int]]],
+                        teacher_num_heads: Optional[int] = None) -> Tuple[List[List[int]], str]:
     """Per-block head lists and a label from a configuration file, a :class:`PruningConfig`, a dict or lists.
 
     A file must be a configuration written by ``PruningConfig.save`` (``prune-config`` on the command
-    line); a dict needs ``selected_heads_per_layer``. Indices are checked by the caller, who knows
-    the backbone.
+    line); a dict needs ``selected_heads_per_layer``. A configuration made for another teacher head
+    count than ``teacher_num_heads`` is refused; the indices themselves are checked by the caller,
+    who knows the backbone.
     """
-    if isinstance(source, PruningConfig):
-        return [list(h) for h in source.selected_heads_per_layer], "pruning_config (PruningConfig)"
+    label, recorded = "pruning_config", None
     if isinstance(source, (str, os.PathLike)):
-        config = PruningConfig.load(source)
-        return [list(h) for h in config.selected_heads_per_layer], f"pruning_config {os.fspath(source)}"
-    if isinstance(source, Mapping):
+        label, source = f"pruning_config {os.fspath(source)}", PruningConfig.load(source)
+    if isinstance(source, PruningConfig):
+        recorded, source = source.teacher_num_heads, source.selected_heads_per_layer
+    elif isinstance(source, Mapping):
         if "selected_heads_per_layer" not in source:
             raise ValueError(f"pruning_config: expected key 'selected_heads_per_layer', got keys {sorted(source)}")
-        source = source["selected_heads_per_layer"]
+        recorded, source = source.get("teacher_num_heads"), source["selected_heads_per_layer"]
     if not isinstance(source, (list, tuple)) or not all(isinstance(h, (list, tuple)) for h in source):
-        raise ValueError(f"pruning_config: expected one list of head indices per block, got {type(source).__name__}")
-    return [list(heads) for heads in source], "pruning_config"
+        raise ValueError(f"{label}: expected one list of head indices per block, got {type(source).__name__}")
+    if recorded is not None and teacher_num_heads is not None and int(recorded) != int(teacher_num_heads):
+        raise ValueError(f"{label}: made for a teacher with {recorded} heads per block, but this teacher has "
+                         f"{teacher_num_heads}")
+    return [list(heads) for heads in source], label
 
 
 __all__ = [
