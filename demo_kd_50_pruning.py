@@ -37,7 +37,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--pruning-ratio", type=float, default=0.5, help="fraction of heads REMOVED")
     parser.add_argument("--strategy", choices=("uniform", "global"), default="uniform")
     parser.add_argument("--method", choices=METHODS, default="magnitude",
-                        help="importance used to prune (default: magnitude, the guide's and OrionStudent's default)")
+                        help="importance used to prune (default: magnitude, the original guide's method)")
     parser.add_argument("--work-dir", default="work_dirs/demo_kd_50_pruning")
     parser.add_argument("--random-draws", type=int, default=5, help="random head selections for the baseline")
     parser.add_argument("--skip-benchmark", action="store_true")
@@ -258,7 +258,8 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
         "# Written by demo_kd_50_pruning.py: the tiny KD config with the demo's pruning configuration.",
         f"_base_ = [{str(ROOT / args.config)!r}]",
         f"model = dict(pruning_config={str(pruning_path.resolve())!r}, img_backbone=dict("
-        f"num_heads={pruning.num_heads!r}), kd_config=dict(pruning_ratio={args.pruning_ratio!r}))",
+        f"num_heads={pruning.num_heads!r}), kd_config=dict(pruning_ratio={args.pruning_ratio!r}, "
+        f"head_selection=None))",
         f"work_dir = {str(kd_dir)!r}", ""]))
     with Stage(5, total, "pruned student before KD"):
         kd_cfg = Config.fromfile(str(kd_config))

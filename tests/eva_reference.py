@@ -65,8 +65,8 @@ def attention(x: torch.Tensor, sd: Dict[str, torch.Tensor], p: str, num_heads: i
             out = out * head_mask[h]
         outs.append(out)
     out = torch.cat(outs, dim=-1)
-    if subln:
-        out = layer_norm(out, sd[p + "inner_attn_ln.weight"], sd[p + "inner_attn_ln.bias"])
+    if subln:  # ORION's Attention builds it with nn.LayerNorm's default eps (1e-5), not the block's 1e-6
+        out = layer_norm(out, sd[p + "inner_attn_ln.weight"], sd[p + "inner_attn_ln.bias"], eps=1e-5)
     return out @ sd[p + "proj.weight"].T + sd[p + "proj.bias"]
 
 
@@ -127,3 +127,49 @@ def masked_teacher_mask(depth: int, num_heads: int, selection: List[List[int]]) 
     for layer, heads in enumerate(selection):
         mask[layer, heads] = 1.0
     return mask
+
+
+# --------------------------------------------------------------------------- counts from the architecture
+
+
+def reference_param_count(*, embed_dim: int, depth: int, heads_per_block: Sequence[int], head_dim: int,
+                          mlp_hidden: int, patch_size: int, in_chans: int = 3, pos_tokens: int,
+                          qkv_bias: bool = True, subln: bool = False) -> int:
+    """Parameters of an EVA-02 backbone, tensor by tensor from ORION's key list (rope tables are buffers)."""
+    c = embed_dim
+    total = c * in_chans * patch_size * patch_size + c  # patch_embed.proj weight, bias
+    total += pos_tokens * c  # pos_embed
+    for heads in heads_per_block:
+        inner = heads * head_dim
+        total += 2 * c + 2 * c  # norm1, norm2 (weight, bias)
+        total += 3 * inner * c  # q_proj, k_proj, v_proj weights (no Linear bias)
+        total += 2 * inner if qkv_bias else 0  # q_bias, v_bias (k has none)
+        total += c * inner + c  # proj weight, bias
+        total += 2 * inner if subln else 0  # inner_attn_ln
+        total += 2 * (mlp_hidden * c + mlp_hidden)  # w1, w2
+        total += 2 * mlp_hidden  # ffn_ln
+        total += c * mlp_hidden + c  # w3
+    assert len(heads_per_block) == depth
+    return total
+
+
+def reference_macs(*, img_hw: Sequence[int], patch_size: int, in_chans: int, embed_dim: int, mlp_hidden: int,
+                   head_dim: int, heads_per_block: Sequence[int], window_per_block: Sequence[int]) -> int:
+    """Multiply-accumulates of one image, sequence by sequence as the forward runs them (matmuls and the conv).
+
+    Window blocks run every zero-padded window as a sequence of window*window tokens; global blocks run one
+    sequence of all tokens; per sequence of n tokens and k heads: q/k/v/proj n*C*k*d each, q k^T and
+    attn v n*n*d each per head. The SwiGLU runs on the real tokens: three C x hidden matmuls.
+    """
+    gh, gw = img_hw[0] // patch_size, img_hw[1] // patch_size
+    macs = gh * gw * (in_chans * patch_size * patch_size) * embed_dim
+    for heads, window in zip(heads_per_block, window_per_block):
+        if window:
+            sequences = [window * window] * (math.ceil(gh / window) * math.ceil(gw / window))
+        else:
+            sequences = [gh * gw]
+        for n in sequences:
+            macs += 4 * n * embed_dim * heads * head_dim
+            macs += heads * 2 * n * n * head_dim
+        macs += gh * gw * 3 * embed_dim * mlp_hidden
+    return macs

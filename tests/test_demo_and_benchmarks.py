@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ def test_check_setup_passes_with_a_fitting_teacher_and_changes_nothing(tmp_path,
     proc = run_demo("--check-setup", "--config", str(cfg))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for line in ("PASS  plugin", "PASS  teacher", "PASS  data", "WARN  cuda"):
-        assert line in proc.stdout.replace("  ", "  "), proc.stdout
+        assert line in proc.stdout, proc.stdout
     assert "0 FAIL" in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
@@ -70,24 +71,44 @@ def test_check_setup_reports_a_teacher_of_another_architecture(tmp_path):
     assert "img_backbone does not match the config; missing 21" in proc.stdout
 
 
-def test_benchmark_backbone_writes_ratios(tmp_path):
+def test_benchmark_backbone_reports_its_raw_times_and_the_architecture_ceiling(tmp_path):
+    from tests.eva_reference import reference_macs, reference_param_count
     from tools.benchmark_backbone import main
     out = tmp_path / "bench.json"
-    result = main(["--depth", "3", "--image-size", "64", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    result = main(["--depth", "3", "--image-size", "64", "--repeats", "2", "--warmup", "0", "--out", str(out)])
     saved = json.loads(out.read_text())
-    for key in ("speedup", "ceiling", "efficiency", "sdpa_vs_math_speedup", "peak_memory_ratio"):
-        assert key in saved and saved[key] > 0, key
-    assert saved["params_m"]["student"] < saved["params_m"]["teacher"]
-    assert result["ceiling"] == pytest.approx(saved["gmacs"]["teacher"] / saved["gmacs"]["student"])
+    assert saved == json.loads(json.dumps(result))
+    for name, values in saved["times_s"].items():  # the medians and ratios are those of the raw times
+        assert len(values) == 2 and saved["median_s"][name] == statistics.median(values)
+    median = saved["median_s"]
+    assert saved["speedup"] == median["teacher_sdpa"] / median["student_sdpa"]
+    assert saved["sdpa_vs_math_speedup"] == median["teacher_math"] / median["teacher_sdpa"]
+    # the ceiling and sizes of ORION-L at depth 3 (windows 0, 1; global 2), 64 px, from the architecture
+    geometry = dict(patch_size=16, in_chans=3, embed_dim=1024, mlp_hidden=2730, head_dim=64,
+                    window_per_block=[16, 16, 0])
+    teacher_macs = reference_macs(img_hw=(64, 64), heads_per_block=[16] * 3, **geometry)
+    student_macs = reference_macs(img_hw=(64, 64), heads_per_block=[8] * 3, **geometry)
+    assert saved["ceiling"] == pytest.approx(teacher_macs / student_macs, rel=1e-12)
+    assert saved["efficiency"] == pytest.approx(saved["speedup"] / saved["ceiling"], rel=1e-12)
+    for role, heads in (("teacher", 16), ("student", 8)):
+        params = reference_param_count(embed_dim=1024, depth=3, heads_per_block=[heads] * 3, head_dim=64,
+                                       mlp_hidden=2730, patch_size=16, pos_tokens=197)
+        assert saved["params_m"][role] * 1e6 == pytest.approx(params, rel=1e-12)
+    memory = saved["forward_memory_mb"]
+    assert saved["peak_memory_ratio"] == memory["student"]["forward_extra_mb"] / memory["teacher"]["forward_extra_mb"]
 
 
-def test_benchmark_kd_step_writes_ratios(tmp_path):
+def test_benchmark_kd_step_reports_its_raw_times_and_memory(tmp_path):
     from tools.benchmark_kd_step import main
     out = tmp_path / "kd.json"
-    main(["--settings", "orion-l", "--depth", "3", "--image-size", "64", "--repeats", "1", "--out", str(out)])
+    main(["--settings", "orion-l", "--depth", "3", "--image-size", "64", "--repeats", "2", "--out", str(out)])
     entry = json.loads(out.read_text())["settings"]["orion-l"]
-    assert entry["time_ratio"] > 0 and entry["memory_ratio"] > 0
-    assert set(entry["peak_memory_mb"]) == {"kd", "student_only"}
+    assert set(entry["times_s"]) == {"kd", "student_only"}
+    for name, values in entry["times_s"].items():
+        assert len(values) == 2 and entry["median_s"][name] == statistics.median(values)
+    assert entry["time_ratio"] == entry["median_s"]["kd"] / entry["median_s"]["student_only"]
+    memory = entry["peak_memory_mb"]
+    assert set(memory) == {"kd", "student_only"} and entry["memory_ratio"] == memory["kd"] / memory["student_only"]
 
 
 def test_demo_end_to_end(tmp_path):
@@ -102,6 +123,13 @@ def test_demo_end_to_end(tmp_path):
     assert report["pruning_config"]["num_heads"] == [8, 8, 8, 8]
     assert set(report["after_kd_metrics"]) >= {"det_f1", "lane_iou", "qa_acc", "plan_l2"}
     assert report["after_kd_backbone"]["cosine"] > report["before_kd_backbone"]["cosine"]
-    # the control really trained without distillation (alpha comes from the model's kd_config)
-    assert report["task_only_backbone"]["cosine"] != report["after_kd_backbone"]["cosine"]
+
+    def logged_alphas(run: str) -> set:
+        rows = [json.loads(line) for line in sorted((work / run).glob("*.log.json"))[-1].read_text().splitlines()
+                if line.strip()]
+        return {round(row["alpha"], 6) for row in rows if row.get("mode") == "train"}  # logged from float32
+
+    # the KD run followed the step schedule; the control really trained on the task loss alone
+    assert logged_alphas("kd") == {0.8, 0.6}
+    assert logged_alphas("task_only") == {0.0}
     assert "| metric | chance | teacher |" in proc.stdout

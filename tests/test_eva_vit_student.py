@@ -55,17 +55,18 @@ def test_teacher_equals_independent_reference_with_padding_and_pos_resize(image,
     assert (out[0].double() - expected).abs().max().item() <= 1e-5
 
 
-def test_full_student_loads_orion_keys_unchanged_and_matches_teacher(image):
+def test_full_student_loads_orion_keys_unchanged_and_equals_the_reference(image):
     teacher = make_teacher()
+    expected = ref(teacher.state_dict(), image)
     student = EVAViTStudent(**SMALL, num_heads=HEADS, teacher_num_heads=HEADS).eval()
     result = student.load_state_dict(teacher.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    assert torch.equal(student(image)[0], teacher(image)[0])
+    assert (student(image)[0].double() - expected).abs().max().item() <= 1e-5
     other = EVAViTStudent(**SMALL, num_heads=HEADS, teacher_num_heads=HEADS).eval()
     report = other.load_from_teacher({"state_dict": {"module.img_backbone." + k: v
                                                      for k, v in teacher.state_dict().items()}})
-    assert report["sliced"] > 0
-    assert torch.equal(other(image)[0], teacher(image)[0])
+    assert report["sliced"] == 0 and report["copied"] == len(teacher.state_dict())  # nothing to cut
+    assert (other(image)[0].double() - expected).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("counts", [[4, 4, 4], [1, 5, 7], [8, 2, 3]])
@@ -104,7 +105,8 @@ def test_subln_slices_inner_layernorm_and_matches_its_own_reference(image):
     assert (student(image)[0].double() - masked).abs().max().item() > 1e-3
 
 
-def test_orion_l_keys_shapes_and_parameter_counts_on_meta_device():
+def test_orion_l_keys_shapes_and_counts_on_meta_device():
+    from tests.eva_reference import reference_macs, reference_param_count
     with torch.device("meta"):
         teacher = build_backbone(dict(type="EVAViT", **ORION_L))
         student = build_backbone(dict(type="EVAViTStudent", teacher_num_heads=16, **dict(ORION_L, num_heads=8)))
@@ -124,10 +126,17 @@ def test_orion_l_keys_shapes_and_parameter_counts_on_meta_device():
     assert s_sd["blocks.7.attn.v_bias"].shape == (512,)
     assert s_sd["blocks.7.attn.proj.weight"].shape == (1024, 512)
     assert s_sd["blocks.7.attn.proj.bias"].shape == (1024,)
-    assert round(sum(p.numel() for p in teacher.parameters()) / 1e6, 1) == 303.4
-    assert round(sum(p.numel() for p in student.parameters()) / 1e6, 1) == 253.0
-    assert round(teacher.analytic_macs() / 1e9, 1) == 592.9
-    assert round(teacher.analytic_macs() / student.analytic_macs(), 3) == 1.294
+    geometry = dict(embed_dim=1024, depth=24, head_dim=64, mlp_hidden=int(1024 * 8 / 3), patch_size=16, pos_tokens=197)
+    windows = [16 if i % 3 != 2 else 0 for i in range(24)]
+    for model, heads in ((teacher, 16), (student, 8)):
+        expected = reference_param_count(heads_per_block=[heads] * 24, **geometry)
+        assert sum(p.numel() for p in model.parameters()) == expected
+        macs = reference_macs(img_hw=(640, 640), patch_size=16, in_chans=3, embed_dim=1024, mlp_hidden=2730,
+                              head_dim=64, heads_per_block=[heads] * 24, window_per_block=windows)
+        assert model.analytic_macs() == macs
+    # the contract's figures (303.4 M / 253.0 M parameters, 592.9 GMACs, 1.294x) follow from the same formulas
+    assert round(reference_param_count(heads_per_block=[16] * 24, **geometry) / 1e6, 1) == 303.4
+    assert round(reference_param_count(heads_per_block=[8] * 24, **geometry) / 1e6, 1) == 253.0
 
 
 def test_rope_tables_equal_the_formula():
@@ -237,6 +246,13 @@ def test_head_index_is_saved_and_checked_on_load():
                       selected_heads_per_layer=[[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]])
     with pytest.raises(RuntimeError, match=r"blocks.1.attn.head_index: checkpoint keeps teacher heads \[0, 1, 2, 3\]"):
         b.load_state_dict(sd)
+    # a pruned block's tensors without the index could hold any 4 heads: refused, not guessed
+    anonymous = {k: v for k, v in sd.items() if k != "blocks.2.attn.head_index"}
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"blocks.2.attn.head_index\""):
+        b.load_state_dict(anonymous)
+    full = EVAViTStudent(**SMALL, num_heads=HEADS, teacher_num_heads=HEADS)
+    orion_keys = {k: v for k, v in full.state_dict().items() if not k.endswith("head_index")}
+    assert not full.load_state_dict(orion_keys, strict=True).missing_keys  # ORION's keys: every head, no index
 
 
 def test_load_from_teacher_path_uses_weights_only(tmp_path):
@@ -306,3 +322,65 @@ def test_bf16_weights_take_an_fp32_image_as_orions_evavit_does(image):
     out = student(image)[0]
     assert out.dtype == torch.bfloat16 and out.shape == (2, 128, 7, 7) and torch.isfinite(out.float()).all()
     assert torch.equal(out, student(image.to(torch.bfloat16))[0])
+# --------------------------------------------------------------------------- head_mask indexing
+
+
+def test_head_mask_is_indexed_by_kept_head(image):
+    teacher = make_teacher(seed=8)
+    selection = [[0, 3, 5, 6], [1, 2, 4, 7], [2, 3, 4, 5]]
+    student = EVAViTStudent(**SMALL, num_heads=4, teacher_num_heads=HEADS, selected_heads_per_layer=selection).eval()
+    student.load_from_teacher(teacher.state_dict())
+    kept_mask = torch.tensor([[1.0, 0.0, 1.0, 0.5], [0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0]])
+    teacher_mask = torch.zeros(3, HEADS, dtype=torch.float64)  # the same mask, written by teacher head
+    for layer, heads in enumerate(selection):
+        teacher_mask[layer, heads] = kept_mask[layer].double()
+    expected = ref(teacher.state_dict(), image, head_mask=teacher_mask)
+    assert (student(image, head_mask=kept_mask)[0].double() - expected).abs().max().item() <= 1e-5
+    per_block = [row for row in kept_mask]  # a list of per-block rows works too (needed when counts differ)
+    assert torch.equal(student(image, head_mask=per_block)[0], student(image, head_mask=kept_mask)[0])
+
+
+def test_a_head_mask_indexed_by_teacher_head_is_refused_by_a_pruned_student(image):
+    selection = [[0, 3, 5, 6], [1, 2, 4, 7], [2, 3, 4, 5]]
+    student = EVAViTStudent(**SMALL, num_heads=4, teacher_num_heads=HEADS, selected_heads_per_layer=selection)
+    with pytest.raises(ValueError, match=r"head_mask\[0\]: expected 4 entries, one per kept head \(teacher heads "
+                                         r"\[0, 3, 5, 6\]\), got 8; a mask indexed by teacher head converts with "
+                                         r"mask\[layer\]\[selected_heads\[layer\]\]"):
+        student(image, head_mask=torch.ones(3, HEADS))
+    with pytest.raises(ValueError, match=r"head_mask\[1\]: expected a 1-D row of 4 entries, got shape \(2, 2\)"):
+        student(image, head_mask=[torch.ones(4), torch.ones(2, 2), torch.ones(4)])
+    with pytest.raises(ValueError, match=r"head_mask: expected 3 rows \(one per block\), got 2"):
+        student(image, head_mask=torch.ones(2, 4))
+
+
+# --------------------------------------------------------------------------- ORION's EVAViT arguments
+
+
+def test_orion_evavit_arguments_with_a_clear_meaning_are_accepted(image):
+    from functools import partial
+    teacher = make_teacher(seed=9)
+    orion_args = dict(norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), act_layer=torch.nn.GELU, use_rel_pos=False,
+                      rope=True, residual_block_indexes=(), out_feature="last_feat")
+    student = EVAViTStudent(**SMALL, num_heads=HEADS, teacher_num_heads=HEADS, **orion_args).eval()
+    student.load_state_dict(teacher.state_dict())
+    assert (student(image)[0].double() - ref(teacher.state_dict(), image)).abs().max().item() <= 1e-5
+    assert student._out_features == ["last_feat"] and student._out_feature_channels == {"last_feat": 128}
+    assert student._out_feature_strides == {"last_feat": 16}
+    eps5 = EVAViTStudent(**SMALL, num_heads=HEADS, teacher_num_heads=HEADS,
+                         norm_layer=partial(torch.nn.LayerNorm, eps=1e-5))
+    assert {m.eps for m in eps5.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
+    assert EVAViTStudent(**SMALL, num_heads=HEADS, teacher_num_heads=HEADS, norm_layer=torch.nn.LayerNorm).blocks[0] \
+        .norm1.eps == 1e-5  # nn.LayerNorm's own default, as ORION would build it
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(use_rel_pos=True), r"use_rel_pos=True: ORION's EVAViT accepts it but builds no relative position"),
+    (dict(rope=False), r"rope=False: ORION's EVAViT always applies rotary embeddings"),
+    (dict(residual_block_indexes=[1]), r"residual_block_indexes=\[1\]: the convolutional residual blocks"),
+    (dict(norm_layer=torch.nn.BatchNorm1d), r"norm_layer: expected nn.LayerNorm or a partial of it"),
+    (dict(out_feature=3), r"out_feature: expected a string"),
+    (dict(rel_pos_zero_init=True, use_lpe=1), r"unexpected arguments \['rel_pos_zero_init', 'use_lpe'\]"),
+])
+def test_orion_evavit_arguments_without_a_clear_meaning_are_named(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        EVAViTStudent(**SMALL, num_heads=HEADS, teacher_num_heads=HEADS, **kwargs)

@@ -412,7 +412,7 @@ def test_install_copies_every_manifest_file_and_records_sha256(orion: Path, sour
         assert (orion / rel).read_bytes() == (source / rel).read_bytes()
         assert record["files"][rel] == {"sha256": hashlib.sha256((source / rel).read_bytes()).hexdigest()}
     # folders that ORION lacked are recorded, shallow first; ORION's own folders are not
-    assert record["created_dirs"] == ["mmcv/models/losses", "tools"]
+    assert record["created_dirs"] == ["mmcv/models/losses", "tools", "tools/head_pruning"]
     assert not list(orion.glob("**/*.tmp"))
 
 
@@ -623,7 +623,9 @@ def run_script(root: Path, code: str, *args: str) -> subprocess.CompletedProcess
                     reason="EVAViTStudent (mmcv/models/backbones/eva_vit_student.py) not written yet")
 def test_real_backbone_plugin_runs_inside_orions_detector(orion: Path, tmp_path: Path) -> None:
     before = tree_snapshot(orion)
-    files = ["mmcv/models/utils/checkpoint_io.py", "mmcv/models/backbones/eva_vit_student.py"]
+    files = ["mmcv/models/utils/checkpoint_io.py", "mmcv/models/utils/eva_cost.py", "mmcv/models/utils/eva_surgery.py",
+             "mmcv/models/utils/head_importance.py", "mmcv/models/utils/pruning_config.py",
+             "mmcv/models/backbones/eva_vit_student.py"]
     inst.install(orion, source_root=REPO_ROOT, files=files)
     inst.check_imports(orion, python=sys.executable, modules=["mmcv.models.backbones.eva_vit_student"])
     proc = run_script(orion, TEACHER_SCRIPT, str(tmp_path / "teacher.pth"))
@@ -650,7 +652,7 @@ from mmcv.models.builder import build_model
 from mmcv.models.detectors.orion import Orion
 model = build_model(dict(type='OrionStudent', teacher_backbone_path=sys.argv[1], freeze_non_backbone=True,
                          kd_config=dict(alpha_schedule='step', warmup_alpha=0.8, finetune_alpha=0.6,
-                                        warmup_epochs=1, pruning_ratio=0.5),
+                                        warmup_epochs=1, pruning_ratio=0.5, head_selection='magnitude'),
                          img_backbone=dict(%r, num_heads=2), use_grid_mask=True, **%r))
 assert isinstance(model, Orion), type(model).__mro__
 model.train()

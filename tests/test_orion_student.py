@@ -42,7 +42,13 @@ def batch():
     return dataset.collate_fn([dataset[i] for i in range(2)])
 
 
-def make_student(teacher_ckpt, **kwargs):
+def make_student(teacher_ckpt, select="magnitude", **kwargs):
+    """An OrionStudent on TinyOrion; ``select`` goes to kd_config.head_selection unless a selection is given."""
+    kd = dict(kwargs.pop("kd_config", None) or {})
+    if select is not None and "pruning_config" not in kwargs and "selected_heads_per_layer" not in \
+            kwargs.get("img_backbone", {}):
+        kd.setdefault("head_selection", select)
+    kwargs["kd_config"] = kd
     model_cfg = TINY.model.to_dict()
     model_cfg.pop("type")
     model_cfg["img_backbone"] = kwargs.pop("img_backbone", student_backbone_cfg())
@@ -76,8 +82,6 @@ def test_only_student_backbone_gets_gradients_and_frozen_parts_keep_training_mod
             assert not param.requires_grad and param.grad is None, name
     assert all(p.grad is None and not p.requires_grad for p in student.teacher_backbone.parameters())
     assert not any("teacher" in key for key in student.state_dict())
-    assert sum(1 for _ in student.parameters()) == sum(1 for n, _ in student.named_parameters())
-    assert all(n.startswith("img_backbone.") for n, p in student.named_parameters() if p.requires_grad)
 
 
 def test_frozen_parts_mode_eval_puts_frozen_parts_in_eval_mode(teacher_ckpt):
@@ -213,24 +217,32 @@ def test_non_strict_load_of_the_teacher_checkpoint_slices_heads(teacher_ckpt):
     assert torch.equal(student.img_backbone.blocks[1].attn.v_bias, full["img_backbone.blocks.1.attn.v_bias"][rows])
 
 
-def test_pruning_config_file_and_magnitude_default(teacher_ckpt, tmp_path):
+def test_pruning_config_file_written_by_the_tools_sets_the_heads(teacher_ckpt, tmp_path):
+    from tools.head_pruning_utils import PruningConfig
     selection = [list(range(8, 16))] * 4
     path = tmp_path / "prune.json"
-    path.write_text(json.dumps({"selected_heads_per_layer": selection, "strategy": "uniform"}))
+    PruningConfig(selected_heads_per_layer=selection, teacher_num_heads=16, pruning_ratio=0.5).save(path)
     student = make_student(teacher_ckpt, pruning_config=str(path))
     assert student.img_backbone.selected_heads == selection
-    default = make_student(teacher_ckpt)
-    state = torch.load(teacher_ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    w = sum(state[f"img_backbone.blocks.0.attn.{p}_proj.weight"].reshape(16, -1).pow(2).sum(-1) for p in "qkv")
-    assert default.img_backbone.selected_heads[0] == sorted(w.topk(8).indices.tolist())
-    assert "magnitude" in default.head_selection_source
+    assert student.head_selection_source == f"pruning_config {path}"
+    other_teacher = tmp_path / "prune_8_heads.json"
+    PruningConfig(selected_heads_per_layer=[[0, 1, 2, 3]] * 4, teacher_num_heads=8, pruning_ratio=0.5).save(other_teacher)
+    with pytest.raises(ValueError, match=r"prune_8_heads.json: made for a teacher with 8 heads per block, but this "
+                                         r"teacher has 16"):
+        make_student(teacher_ckpt, pruning_config=str(other_teacher), img_backbone=student_backbone_cfg(num_heads=4))
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"selected_heads_per_layer": selection}))
+    with pytest.raises(ValueError, match=r"bare.json: not a pruning configuration \(expected format "
+                                         r"'orion-kd-pruning-config', written by PruningConfig.save"):
+        make_student(teacher_ckpt, pruning_config=str(bare))
 
 
 def test_errors_are_clear(teacher_ckpt, tmp_path):
     with pytest.raises(FileNotFoundError, match="Teacher model not found at .*missing.pth"):
         make_student(str(tmp_path / "missing.pth"))
     deeper = student_backbone_cfg(depth=5, window_block_indexes=[0, 2])
-    with pytest.raises(ValueError, match=r"no img_backbone.blocks.4.attn.q_proj.weight: it does not match"):
+    with pytest.raises(ValueError, match=r"no img_backbone.blocks.4.attn.q_proj.weight; expected an unpruned "
+                                         r"backbone of depth 5 with 16 heads"):
         make_student(teacher_ckpt, img_backbone=deeper)
     with pytest.raises(ValueError, match=r"missing 21 key\(s\), e.g. \['blocks.4"):
         make_student(teacher_ckpt, img_backbone=deeper, pruning_config=dict(selected_heads_per_layer=[list(range(8))] * 5))
@@ -238,13 +250,11 @@ def test_errors_are_clear(teacher_ckpt, tmp_path):
         make_student(teacher_ckpt, kd_config=dict(distill_alpha=0.5))
     with pytest.raises(ValueError, match=r"distillation_alpha=0.7 together with alpha_schedule='step'"):
         make_student(teacher_ckpt, kd_config=dict(distillation_alpha=0.7))
-    with pytest.raises(ValueError, match=r"pruning_ratio=0.75 means 75% of the heads are REMOVED .*pruning_ratio=0.25"):
-        make_student(teacher_ckpt, img_backbone=student_backbone_cfg(num_heads=12), kd_config=dict(pruning_ratio=0.75))
     with pytest.raises(ValueError, match="teacher_backbone_path is required"):
         make_student(None)
     with pytest.raises(ValueError, match="img_backbone must be dict\\(type='EVAViTStudent'"):
         make_student(teacher_ckpt, img_backbone=dict(TINY.model.img_backbone.to_dict()))
-    with pytest.raises(ValueError, match=r"head selection from pruning_config does not fit img_backbone \(num_heads=8.*"
+    with pytest.raises(ValueError, match=r"head selection \(pruning_config\) does not fit img_backbone \(num_heads=8.*"
                                          r"keeps 12 heads but num_heads says 8"):
         make_student(teacher_ckpt, pruning_config=dict(selected_heads_per_layer=[list(range(12))] * 4))
     with pytest.raises(KeyError, match="base_detector 'Orion' is not registered"):
@@ -256,3 +266,64 @@ def test_errors_are_clear(teacher_ckpt, tmp_path):
     torch.save({"state_dict": broken}, bad)
     with pytest.raises(ValueError, match=r"does not fit TinyOrion's frozen parts: missing 1 key\(s\)"):
         make_student(str(bad))
+
+
+# --------------------------------------------------------------------------- head selection: one policy, explicit
+
+
+def test_a_non_integer_ratio_configuration_made_by_the_tools_is_accepted(teacher_ckpt, tmp_path):
+    from tools.head_pruning_utils import HeadImportance, create_pruning_config
+    scores = torch.rand(4, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="not a whole number"):
+        config = create_pruning_config(HeadImportance(scores, "test"), pruning_ratio=0.3)
+    path = tmp_path / "prune_0.3.json"
+    config.save(path)
+    student = make_student(teacher_ckpt, pruning_config=str(path), kd_config=dict(pruning_ratio=0.3),
+                           img_backbone=student_backbone_cfg(num_heads=11))
+    assert student.img_backbone.selected_heads == config.selected_heads_per_layer
+    assert student.img_backbone.num_heads_per_layer == [11] * 4
+
+
+def test_ratio_mismatch_hint_is_the_other_reading_only_when_that_fits(teacher_ckpt):
+    with pytest.raises(ValueError, match=r"that is pruning_ratio 0.25 in this code base"):
+        make_student(teacher_ckpt, img_backbone=student_backbone_cfg(num_heads=12),
+                     kd_config=dict(pruning_ratio=0.75, head_selection="magnitude"))
+    with pytest.raises(ValueError, match=r"keeps 8 of 16 heads per block \(32 in total\), but the selection keeps 48") \
+            as err:
+        make_student(teacher_ckpt, img_backbone=student_backbone_cfg(num_heads=12),
+                     kd_config=dict(pruning_ratio=0.5, head_selection="magnitude"))
+    assert "other reading" not in str(err.value) and "KEPT" not in str(err.value)
+
+
+def test_a_pruned_student_without_an_explicit_head_choice_is_refused(teacher_ckpt):
+    with pytest.raises(ValueError, match=r"keeps \[8, 8, 8, 8\] of 16 heads per block but nothing says which: "
+                                         r"set model.pruning_config .* or kd_config.head_selection='magnitude'"):
+        make_student(teacher_ckpt, select=None)
+    full = make_student(teacher_ckpt, select=None, img_backbone=student_backbone_cfg(num_heads=16))
+    assert full.img_backbone.selected_heads == [list(range(16))] * 4
+    with pytest.raises(ValueError, match="give the head selection once"):
+        make_student(teacher_ckpt, kd_config=dict(head_selection="magnitude"),
+                     pruning_config=dict(selected_heads_per_layer=[list(range(8))] * 4))
+    with pytest.raises(ValueError, match=r"kd_config.head_selection: expected 'magnitude' or None, got 'entropy'"):
+        make_student(teacher_ckpt, kd_config=dict(head_selection="entropy"))
+
+
+def test_magnitude_selection_is_logged_and_computed_by_the_tools_function(teacher_ckpt, tmp_path, capsys):
+    from tools.head_pruning_utils import compute_head_importance_magnitude, create_pruning_config
+    state = torch.load(teacher_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    boosted = {1: [3, 5, 7, 9, 11, 13, 14, 15]}  # heads whose q/k/v rows are made 10x larger than the rest
+    for layer, heads in boosted.items():
+        for name in ("q_proj", "k_proj", "v_proj"):
+            weight = state[f"img_backbone.blocks.{layer}.attn.{name}.weight"].clone()
+            for h in heads:
+                weight[h * 8:(h + 1) * 8] *= 10.0
+            state[f"img_backbone.blocks.{layer}.attn.{name}.weight"] = weight
+    path = tmp_path / "boosted.pth"
+    torch.save({"state_dict": state}, path)
+    capsys.readouterr()
+    student = make_student(str(path), kd_config=dict(head_selection="magnitude", pruning_ratio=0.5))
+    assert "kd_config.head_selection='magnitude'" in capsys.readouterr().out
+    assert student.img_backbone.selected_heads[1] == boosted[1]
+    tools = create_pruning_config(compute_head_importance_magnitude(student.teacher_backbone), 0.5, "uniform")
+    assert student.img_backbone.selected_heads == tools.selected_heads_per_layer
+    assert "magnitude" in student.head_selection_source

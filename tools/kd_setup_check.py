@@ -129,7 +129,8 @@ def check_teacher(cfg: Any, fix_hint: str) -> Check:
     if not os.path.isfile(path):
         return Check("teacher", FAIL, f"Teacher model not found at {path}", fix_hint)
     try:
-        from mmcv.models.backbones.eva_vit_student import EVAViTStudent, extract_backbone_state_dict
+        from mmcv.models.backbones.eva_vit_student import EVAViTStudent
+        from mmcv.models.utils.eva_surgery import extract_backbone_state_dict
         teacher_state = extract_backbone_state_dict(path)
     except Exception as exc:
         return Check("teacher", FAIL, f"{path}: cannot be read with weights_only=True ({type(exc).__name__}: "

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mmcv.models.utils.checkpoint_io import (atomic_torch_save, atomic_write_text, load_checkpoint_file,
                                             state_dict_of)
 from mmcv.models.detectors.orion_student import resolve_distillation_alpha, validate_kd_config
+from mmcv.models.utils.batch_io import move_batch_to_device
 from mmcv.utils import get_dist_info
 
 __all__ = [
@@ -356,37 +357,6 @@ def _resolve_collate(dataset: Any, samples_per_gpu: int) -> Optional[Callable]:
         return partial(collate, samples_per_gpu=samples_per_gpu)
     except ImportError:
         return None
-
-
-def _unwrap_container(value: Any) -> Tuple[Any, bool]:
-    """Unwrap an mmcv DataContainer (duck-typed: ``.data`` plus ``.stack``/``.cpu_only``).
-
-    ORION's collate groups samples per GPU, so ``.data`` is a one-element list
-    in a process that drives one GPU; that element is returned.
-    """
-    if isinstance(value, torch.Tensor) or not hasattr(value, "data") or \
-            not (hasattr(value, "stack") or hasattr(value, "cpu_only")):
-        return value, False
-    data = value.data
-    if isinstance(data, list) and len(data) == 1:
-        data = data[0]
-    return data, bool(getattr(value, "cpu_only", False))
-
-
-def move_batch_to_device(batch: Any, device: torch.device) -> Any:
-    """Recursively move tensors to ``device`` and unwrap DataContainers (cpu_only ones stay put)."""
-    batch, cpu_only = _unwrap_container(batch)
-    if cpu_only:
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: move_batch_to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, list):
-        return [move_batch_to_device(v, device) for v in batch]
-    if isinstance(batch, tuple) and not hasattr(batch, "_fields"):
-        return tuple(move_batch_to_device(v, device) for v in batch)
-    return batch
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -21,6 +21,8 @@
 # pruning_ratio is the FRACTION OF HEADS REMOVED (0.5: 16 -> 8); it must agree with num_heads.
 # frozen_parts_mode='train' keeps the frozen heads/LLM in ORION's training behaviour (denoising
 # queries, activation checkpointing); 'eval' switches them to eval mode.
+# Which heads: kd_config.head_selection='magnitude', or a file from `tools/head_pruning_utils.py
+# prune-config` as model.pruning_config (with head_selection=None); a pruned student needs exactly one.
 
 _base_ = ['./orion_stage3_train.py']
 
@@ -68,6 +70,7 @@ kd_config = dict(
     freeze_non_backbone=True,
     frozen_parts_mode='train',
     pruning_ratio=0.5,  # fraction of heads removed
+    head_selection='magnitude',  # q/k/v weight norms of the teacher; or None with model.pruning_config=FILE
 )
 
 model = dict(

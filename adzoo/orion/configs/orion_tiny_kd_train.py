@@ -32,6 +32,7 @@ kd_config = dict(
     freeze_non_backbone=True,
     frozen_parts_mode='train',
     pruning_ratio=0.5,
+    head_selection='magnitude',  # q/k/v weight norms; or None with model.pruning_config=FILE
 )
 
 model = dict(
@@ -40,7 +41,7 @@ model = dict(
     teacher_backbone_path=kd_config['teacher_backbone_path'],
     freeze_non_backbone=True,
     kd_config=kd_config,
-    pruning_config=None,  # a JSON from tools/head_pruning_utils.py prune-config; None: q/k/v magnitude
+    pruning_config=None,  # a file from tools/head_pruning_utils.py prune-config (then kd_config.head_selection=None)
     distillation_loss=dict(
         type='CombinedKDLoss',
         temperature=kd_config['distillation_temperature'],

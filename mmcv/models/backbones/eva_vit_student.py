@@ -20,7 +20,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,14 +28,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mmcv.models.builder import BACKBONES
-from mmcv.models.utils.checkpoint_io import load_checkpoint_file, state_dict_of
+from mmcv.models.utils.eva_cost import analytic_backbone_macs
+from mmcv.models.utils.eva_surgery import (HEAD_INDEX_KEY, apply_slice_plan, extract_backbone_state_dict,
+                                           head_slice_plan)
+from mmcv.models.utils.pruning_config import resolve_head_selection
 
 HeadMask = Union[torch.Tensor, Sequence[torch.Tensor], None]
-
-_SLICED_ROWS = ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "attn.q_bias", "attn.v_bias",
-                "attn.inner_attn_ln.weight", "attn.inner_attn_ln.bias")
-_SLICED_COLS = ("attn.proj.weight",)
-HEAD_INDEX_KEY = "head_index"
+#: eps of ORION's ``inner_attn_ln``: its Attention builds it with ``nn.LayerNorm``'s default, whatever norm_layer is.
+INNER_ATTN_LN_EPS = 1e-5
 
 
 # --------------------------------------------------------------------------- helpers
@@ -212,10 +212,11 @@ class HeadPrunedAttention(nn.Module):
     """
 
     def __init__(self, dim: int, head_dim: int, selected_heads: Sequence[int], rope: RotaryEmbedding2D,
-                 qkv_bias: bool = True, subln: bool = False, attn_impl: str = "sdpa", eps: float = 1e-6,
-                 record_head_index: bool = True) -> None:
+                 qkv_bias: bool = True, subln: bool = False, attn_impl: str = "sdpa",
+                 record_head_index: bool = True, teacher_num_heads: Optional[int] = None) -> None:
         super().__init__()
         self.selected_heads = [int(h) for h in selected_heads]
+        self.teacher_num_heads = len(self.selected_heads) if teacher_num_heads is None else int(teacher_num_heads)
         self.num_heads = len(self.selected_heads)
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
@@ -231,7 +232,7 @@ class HeadPrunedAttention(nn.Module):
             self.q_bias = None
             self.v_bias = None
         self.rope = rope
-        self.inner_attn_ln = nn.LayerNorm(inner, eps=eps) if subln else nn.Identity()
+        self.inner_attn_ln = nn.LayerNorm(inner, eps=INNER_ATTN_LN_EPS) if subln else nn.Identity()
         self.proj = nn.Linear(inner, dim)
         self.record_head_index = record_head_index
         if record_head_index:
@@ -247,9 +248,10 @@ class HeadPrunedAttention(nn.Module):
                                   f"{self.selected_heads}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        # ORION's own checkpoints carry no head index: accept them only for an unpruned block
-        # (a pruned block fails anyway on the q/k/v shapes).
-        if self.record_head_index and key not in state_dict and key in missing_keys:
+        # ORION's own checkpoints carry no head index: forgive its absence only where the block keeps
+        # every teacher head; a pruned block must say which heads its tensors hold.
+        unpruned = self.selected_heads == list(range(self.teacher_num_heads))
+        if self.record_head_index and key not in state_dict and key in missing_keys and unpruned:
             missing_keys.remove(key)
 
     def forward(self, x: torch.Tensor, head_mask: Optional[torch.Tensor] = None,
@@ -282,12 +284,13 @@ class EVABlock(nn.Module):
     def __init__(self, dim: int, head_dim: int, selected_heads: Sequence[int], mlp_hidden: int,
                  rope: RotaryEmbedding2D, window_size: int = 0, qkv_bias: bool = True, subln: bool = False,
                  drop_path_rate: float = 0.0, attn_impl: str = "sdpa", eps: float = 1e-6,
-                 record_head_index: bool = True) -> None:
+                 record_head_index: bool = True, teacher_num_heads: Optional[int] = None) -> None:
         super().__init__()
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = HeadPrunedAttention(dim, head_dim, selected_heads, rope, qkv_bias=qkv_bias, subln=subln,
-                                        attn_impl=attn_impl, eps=eps, record_head_index=record_head_index)
+                                        attn_impl=attn_impl, record_head_index=record_head_index,
+                                        teacher_num_heads=teacher_num_heads)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = SwiGLU(dim, mlp_hidden, eps=eps)
@@ -309,41 +312,40 @@ class EVABlock(nn.Module):
 # --------------------------------------------------------------------------- backbone
 
 
-def resolve_head_selection(depth: int, teacher_num_heads: int, num_heads: Union[int, Sequence[int]],
-                           selected_heads_per_layer: Optional[Sequence[Sequence[int]]]) -> List[List[int]]:
-    """Validate ``num_heads`` / ``selected_heads_per_layer`` and return one sorted head list per block."""
-    if isinstance(num_heads, int):
-        counts = [num_heads] * depth
-    else:
-        counts = list(num_heads)
-        if any(not isinstance(n, int) or isinstance(n, bool) for n in counts):
-            raise ValueError(f"num_heads: expected an int or one int per block, got {num_heads!r}")
-        if len(counts) != depth:
-            raise ValueError(f"num_heads: expected one count per block ({depth}), got {len(counts)}")
-    for layer, count in enumerate(counts):
-        if not 1 <= count <= teacher_num_heads:
-            raise ValueError(f"num_heads[{layer}]: expected 1..{teacher_num_heads} (teacher_num_heads), got {count}")
-    if selected_heads_per_layer is None:
-        return [list(range(count)) for count in counts]
-    selection = [list(heads) for heads in selected_heads_per_layer]
-    if len(selection) != depth:
-        raise ValueError(f"selected_heads_per_layer: expected {depth} blocks, got {len(selection)}")
-    for layer, heads in enumerate(selection):
-        if not heads:
-            raise ValueError(f"selected_heads_per_layer[{layer}]: at least one head must be kept, got []")
-        if any(not isinstance(h, int) or isinstance(h, bool) for h in heads):
-            raise ValueError(f"selected_heads_per_layer[{layer}]: expected integers, got {heads}")
-        if any(h < 0 or h >= teacher_num_heads for h in heads):
-            raise ValueError(f"selected_heads_per_layer[{layer}]: expected indices in [0, {teacher_num_heads}), "
-                             f"got {heads}")
-        if len(set(heads)) != len(heads):
-            raise ValueError(f"selected_heads_per_layer[{layer}]: duplicate head indices in {heads}")
-        if heads != sorted(heads):
-            raise ValueError(f"selected_heads_per_layer[{layer}]: expected sorted indices, got {heads}")
-        if len(heads) != counts[layer]:
-            raise ValueError(f"selected_heads_per_layer[{layer}] keeps {len(heads)} heads but num_heads "
-                             f"says {counts[layer]}")
-    return selection
+def layer_norm_eps(norm_layer: Optional[Callable[..., nn.Module]], norm_eps: Optional[float]) -> float:
+    """The LayerNorm eps of ORION's ``norm_layer`` argument (``nn.LayerNorm`` or a ``partial`` of it).
+
+    ORION builds ``norm1``, ``norm2`` and ``mlp.ffn_ln`` with ``norm_layer(dim)``; only a plain,
+    affine LayerNorm has ORION's parameters and keys, so anything else is refused.
+    """
+    if norm_layer is None:
+        return 1e-6 if norm_eps is None else float(norm_eps)
+    probe = norm_layer(4) if callable(norm_layer) else None
+    if type(probe) is not nn.LayerNorm or not probe.elementwise_affine or probe.bias is None:
+        raise ValueError(f"norm_layer: expected nn.LayerNorm or a partial of it (e.g. partial(nn.LayerNorm, "
+                         f"eps=1e-6), ORION's default), got {norm_layer!r}")
+    if norm_eps is not None and float(norm_eps) != probe.eps:
+        raise ValueError(f"norm_eps={norm_eps} contradicts norm_layer's eps={probe.eps}; give one of them")
+    return float(probe.eps)
+
+
+def check_orion_only_arguments(use_rel_pos: bool, rope: bool, residual_block_indexes: Sequence[int],
+                               out_feature: Any, unknown: Mapping[str, Any]) -> None:
+    """Refuse ORION ``EVAViT`` arguments whose value ORION ignores or that this backbone does not build."""
+    if use_rel_pos:
+        raise ValueError("use_rel_pos=True: ORION's EVAViT accepts it but builds no relative position tables "
+                         "(its blocks never receive it), so the meaning is unclear; remove it or set False")
+    if not rope:
+        raise ValueError("rope=False: ORION's EVAViT always applies rotary embeddings whatever this flag says; "
+                         "remove it or set True")
+    if list(residual_block_indexes):
+        raise ValueError(f"residual_block_indexes={list(residual_block_indexes)}: the convolutional residual blocks "
+                         f"of ViTDet are not built by EVAViTStudent (ORION's configs use none); remove them")
+    if not isinstance(out_feature, str):
+        raise ValueError(f"out_feature: expected a string (the output feature's name), got {out_feature!r}")
+    if unknown:
+        raise TypeError(f"EVAViTStudent: unexpected arguments {sorted(unknown)} (neither ORION's EVAViT nor "
+                        f"EVAViTStudent takes them)")
 
 
 @BACKBONES.register_module()
@@ -355,7 +357,12 @@ class EVAViTStudent(nn.Module):
         teacher_num_heads: heads of the unpruned model; ``head_dim = embed_dim // teacher_num_heads``.
         selected_heads_per_layer: sorted teacher head indices kept per block (default: the first ones).
         attn_impl: ``'sdpa'`` (fused ``scaled_dot_product_attention``) or ``'math'`` (explicit softmax).
-    ``flash_attn`` is accepted for config compatibility; both of ORION's paths map to ``attn_impl``.
+        norm_eps: eps of the block LayerNorms (default 1e-6); ``norm_layer`` may say it instead.
+    ORION's own arguments: ``flash_attn`` maps to ``attn_impl`` (both paths compute the same);
+    ``norm_layer`` must be a LayerNorm (its eps is used; ``inner_attn_ln`` keeps eps 1e-5 as in ORION);
+    ``act_layer`` is accepted and unused, as in ORION (the SwiGLU MLP always uses SiLU); ``out_feature``
+    names the output (``_out_features``); ``use_rel_pos``, ``rope`` and ``residual_block_indexes`` are
+    accepted at ORION's defaults only (:func:`check_orion_only_arguments`).
     """
 
     def __init__(self, img_size: int = 1024, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
@@ -366,10 +373,13 @@ class EVAViTStudent(nn.Module):
                  intp_freq: bool = True, subln: bool = False, flash_attn: bool = False, with_cp: bool = False,
                  frozen: bool = False, teacher_num_heads: Optional[int] = 16,
                  selected_heads_per_layer: Optional[Sequence[Sequence[int]]] = None, attn_impl: str = "sdpa",
-                 norm_eps: float = 1e-6, init_cfg: Optional[dict] = None, **unused: Any) -> None:
+                 norm_eps: Optional[float] = None, init_cfg: Optional[dict] = None,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None, act_layer: Any = None,
+                 use_rel_pos: bool = False, rope: bool = True, residual_block_indexes: Sequence[int] = (),
+                 out_feature: str = "last_feat", **unknown: Any) -> None:
         super().__init__()
-        if unused:
-            raise TypeError(f"EVAViTStudent got unexpected arguments: {sorted(unused)}")
+        check_orion_only_arguments(use_rel_pos, rope, residual_block_indexes, out_feature, unknown)
+        eps = layer_norm_eps(norm_layer, norm_eps)
         if attn_impl not in ("sdpa", "math"):
             raise ValueError(f"attn_impl: expected 'sdpa' or 'math', got {attn_impl!r}")
         if teacher_num_heads is None:
@@ -379,18 +389,16 @@ class EVAViTStudent(nn.Module):
         bad_windows = [i for i in window_block_indexes if not 0 <= i < depth]
         if bad_windows:
             raise ValueError(f"window_block_indexes: expected indices in [0, {depth}), got {bad_windows}")
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.embed_dim = embed_dim
-        self.depth = depth
+        self.img_size, self.patch_size, self.embed_dim, self.depth = img_size, patch_size, embed_dim, depth
         self.teacher_num_heads = teacher_num_heads
         self.head_dim = embed_dim // teacher_num_heads
-        self.with_cp = with_cp
-        self.frozen = frozen
-        self.flash_attn = flash_attn
+        self.with_cp, self.frozen, self.flash_attn = with_cp, frozen, flash_attn
         self.pretrain_use_cls_token = pretrain_use_cls_token
         self.window_block_indexes = tuple(int(i) for i in window_block_indexes)
         self.init_cfg = init_cfg
+        self._out_features = [out_feature]  # ORION's (detectron2-style) output description
+        self._out_feature_channels = {out_feature: embed_dim}
+        self._out_feature_strides = {out_feature: patch_size}
         selection = resolve_head_selection(depth, teacher_num_heads, num_heads, selected_heads_per_layer)
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -406,18 +414,17 @@ class EVAViTStudent(nn.Module):
         self.rope_glb = RotaryEmbedding2D(self.head_dim, glb_side, pt_hw_seq_len)
 
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear, as torch.linspace
-        hidden = int(embed_dim * mlp_ratio)
         blocks = []
         for i in range(depth):
             windowed = i in self.window_block_indexes
             if windowed and self.rope_win is None:
                 raise ValueError(f"block {i} is a window block but window_size is {window_size}")
             blocks.append(EVABlock(
-                embed_dim, self.head_dim, selection[i], hidden,
+                embed_dim, self.head_dim, selection[i], int(embed_dim * mlp_ratio),
                 rope=self.rope_win if windowed else self.rope_glb,
                 window_size=window_size if windowed else global_window_size,
-                qkv_bias=qkv_bias, subln=subln, drop_path_rate=rates[i], attn_impl=attn_impl, eps=norm_eps,
-                record_head_index=self._records_head_index()))
+                qkv_bias=qkv_bias, subln=subln, drop_path_rate=rates[i], attn_impl=attn_impl, eps=eps,
+                record_head_index=self._records_head_index(), teacher_num_heads=teacher_num_heads))
         self.blocks = nn.ModuleList(blocks)
         self._active_taps: Optional[BackboneTaps] = None
         self.init_weights()
@@ -473,23 +480,29 @@ class EVAViTStudent(nn.Module):
     # ---------------------------------------------------------------- forward
 
     def _block_masks(self, head_mask: HeadMask) -> List[Optional[torch.Tensor]]:
+        """One mask row per block, indexed by KEPT head: entry ``j`` scales head ``selected_heads[l][j]``."""
         if head_mask is None:
             return [None] * self.depth
         if len(head_mask) != self.depth:
             raise ValueError(f"head_mask: expected {self.depth} rows (one per block), got {len(head_mask)}")
         masks = []
         for i, block in enumerate(self.blocks):
-            row = head_mask[i]
-            if row.shape[-1] < block.attn.num_heads:
-                raise ValueError(f"head_mask[{i}]: expected at least {block.attn.num_heads} entries, "
-                                 f"got {row.shape[-1]}")
-            masks.append(row[: block.attn.num_heads])
+            row, kept = head_mask[i], block.attn.num_heads
+            if row.ndim != 1:
+                raise ValueError(f"head_mask[{i}]: expected a 1-D row of {kept} entries, got shape {tuple(row.shape)}")
+            if row.shape[0] != kept:
+                raise ValueError(f"head_mask[{i}]: expected {kept} entries, one per kept head (teacher heads "
+                                 f"{block.attn.selected_heads}), got {row.shape[0]}; a mask indexed by teacher head "
+                                 f"converts with mask[layer][selected_heads[layer]]")
+            masks.append(row)
         return masks
 
     def forward(self, x: torch.Tensor, head_mask: HeadMask = None) -> List[torch.Tensor]:
         """[B, 3, H, W] images -> ``[feature map [B, C, H/16, W/16]]`` (ORION's output).
 
         The input is cast to the weights' dtype first, as ORION's EVAViT does (bf16 weights, fp32 images).
+        ``head_mask``: ``[depth, heads]`` or one row per block, indexed by kept head (see
+        :meth:`_block_masks`); it multiplies each head's output before ``inner_attn_ln``/``proj``.
         """
         taps = self._active_taps
         x = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype))
@@ -539,7 +552,7 @@ class EVAViTStudent(nn.Module):
     # ---------------------------------------------------------------- loading
 
     def load_from_teacher(self, source: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[str, Any]:
-        """Fill every tensor from an unpruned teacher backbone, slicing the kept heads.
+        """Fill every tensor from an unpruned teacher backbone, cutting the kept heads (``eva_surgery``).
 
         ``source``: a backbone state dict, a full ORION/mmcv checkpoint dict, or a path to one.
         Anything missing, unexpected or mis-shaped raises ``ValueError`` naming the key.
@@ -548,98 +561,29 @@ class EVAViTStudent(nn.Module):
         label = str(source) if isinstance(source, (str, os.PathLike)) else "<state dict>"
         teacher = extract_backbone_state_dict(source)
         own = self.state_dict()
-        head_rows = {}
-        for i, block in enumerate(self.blocks):
-            heads = torch.tensor(block.attn.selected_heads, dtype=torch.long)
-            head_rows[i] = (heads[:, None] * self.head_dim + torch.arange(self.head_dim)).reshape(-1)
         expected_keys = [k for k in own if not k.endswith("." + HEAD_INDEX_KEY)]
         teacher_keys = {k for k in teacher if not k.endswith("." + HEAD_INDEX_KEY)}
         missing = [k for k in expected_keys if k not in teacher_keys]
         unexpected = sorted(teacher_keys - set(expected_keys))
         if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} key(s), e.g. {missing[:4]}")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:4]}")
+            parts = ([f"missing {len(missing)} key(s), e.g. {missing[:4]}"] if missing else []) + \
+                    ([f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:4]}"] if unexpected else [])
             raise ValueError(f"{label}: teacher backbone does not match this EVAViTStudent "
                              f"(depth {self.depth}, embed_dim {self.embed_dim}): " + "; ".join(parts))
         for key, value in teacher.items():
-            if key.endswith("." + HEAD_INDEX_KEY):
-                kept = value.tolist()
-                if kept != list(range(self.teacher_num_heads)):
-                    raise ValueError(f"{label}: {key} says this source is already pruned to heads {kept}; "
-                                     f"load_from_teacher needs the unpruned backbone")
-        new_state = {}
-        sliced = []
+            if key.endswith("." + HEAD_INDEX_KEY) and value.tolist() != list(range(self.teacher_num_heads)):
+                raise ValueError(f"{label}: {key} says this source is already pruned to heads {value.tolist()}; "
+                                 f"load_from_teacher needs the unpruned backbone")
+        new_state = {key: teacher[key] for key in expected_keys}
+        plans = head_slice_plan(self.selected_heads, self.head_dim, self.teacher_num_heads)
+        sliced = apply_slice_plan(new_state, plans, label=label)
         for key in expected_keys:
-            value = teacher[key]
-            target_shape = tuple(own[key].shape)
-            block_index, suffix = _split_block_key(key)
-            if suffix in _SLICED_ROWS or suffix in _SLICED_COLS:
-                full = self.teacher_num_heads * self.head_dim
-                axis = 0 if suffix in _SLICED_ROWS else 1
-                if value.ndim <= axis or value.shape[axis] != full:
-                    raise ValueError(f"{label}: {key}: expected {full} = {self.teacher_num_heads} heads x "
-                                     f"{self.head_dim} along dim {axis} (teacher layout), got shape "
-                                     f"{tuple(value.shape)}")
-                value = value.index_select(axis, head_rows[block_index])
-                sliced.append(key)
-            if tuple(value.shape) != target_shape:
-                raise ValueError(f"{label}: {key}: expected shape {target_shape}, got {tuple(value.shape)}")
-            new_state[key] = value
+            if tuple(new_state[key].shape) != tuple(own[key].shape):
+                raise ValueError(f"{label}: {key}: expected shape {tuple(own[key].shape)}, "
+                                 f"got {tuple(new_state[key].shape)}")
         for i, block in enumerate(self.blocks):
             if block.attn.record_head_index:
                 new_state[f"blocks.{i}.attn.{HEAD_INDEX_KEY}"] = own[f"blocks.{i}.attn.{HEAD_INDEX_KEY}"]
         self.load_state_dict(new_state, strict=True)
         return dict(source=label, copied=len(expected_keys) - len(sliced), sliced=len(sliced),
                     teacher_num_heads=self.teacher_num_heads)
-
-
-def analytic_backbone_macs(img_hw: Tuple[int, int], patch_size: int, in_chans: int, embed_dim: int,
-                           mlp_hidden: int, head_dim: int, heads_per_block: Sequence[int],
-                           window_per_block: Sequence[int]) -> int:
-    """Multiply-accumulates of one image through the backbone (matmuls and the patch conv only).
-
-    q/k/v and ``proj`` run on the zero-padded token grid in window blocks (the padding is real
-    work), attention costs ``2 * seq * seq * heads * head_dim`` per sequence, the MLP runs on the
-    unpadded grid. Norms, rope and softmax are ignored (a few per cent of the total).
-    """
-    gh, gw = img_hw[0] // patch_size, img_hw[1] // patch_size
-    total = gh * gw * embed_dim * in_chans * patch_size * patch_size
-    for heads, window in zip(heads_per_block, window_per_block):
-        inner = heads * head_dim
-        if window > 0:
-            hp, wp = -(-gh // window) * window, -(-gw // window) * window
-            tokens, seq = hp * wp, window * window
-        else:
-            tokens, seq = gh * gw, gh * gw
-        total += tokens * embed_dim * inner * 4  # q, k, v and proj
-        total += tokens * seq * inner * 2  # q k^T and attn v
-        total += gh * gw * embed_dim * mlp_hidden * 3  # w1, w2, w3
-    return total
-
-
-def _split_block_key(key: str) -> Tuple[int, str]:
-    """``'blocks.3.attn.q_bias'`` -> ``(3, 'attn.q_bias')``; ``(-1, key)`` outside blocks."""
-    parts = key.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
-        return int(parts[1]), parts[2]
-    return -1, key
-
-
-def extract_backbone_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]],
-                                prefix: str = "img_backbone.") -> Dict[str, torch.Tensor]:
-    """Backbone tensors from a path, a checkpoint dict (``state_dict``) or a state dict.
-
-    Strips DDP's ``module.``; when keys carry ``prefix`` only those are kept (prefix removed).
-    """
-    label = str(source) if isinstance(source, (str, os.PathLike)) else "<state dict>"
-    ckpt = load_checkpoint_file(source) if isinstance(source, (str, os.PathLike)) else source
-    state = state_dict_of(ckpt, label)
-    if any(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ValueError(f"{label}: no tensors found (expected '{prefix}*' keys or a backbone state dict)")
-    return tensors

@@ -18,9 +18,11 @@ set by ``mmcv/runner/hooks/kd_hooks.py``). This file is a plugin: Python 3.8, to
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
+import zlib
 from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -28,9 +30,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from mmcv.models.backbones.eva_vit_student import HEAD_INDEX_KEY, EVAViTStudent, resolve_head_selection
+from mmcv.models.backbones.eva_vit_student import EVAViTStudent
 from mmcv.models.builder import DETECTORS, build_backbone, build_loss
 from mmcv.models.utils.checkpoint_io import atomic_torch_save, atomic_write, load_checkpoint_file, state_dict_of
+from mmcv.models.utils.eva_surgery import (BACKBONE_PREFIX, HEAD_INDEX_KEY, apply_slice_plan, backbone_subdict,
+                                           head_slice_plan, magnitude_scores)
+from mmcv.models.utils.pruning_config import (allocate_uniform, load_head_selection, resolve_head_selection,
+                                              validate_pruning_config)
 
 KD_CONFIG_KEYS = {
     "teacher_backbone_path": None,
@@ -48,13 +54,14 @@ KD_CONFIG_KEYS = {
     "freeze_non_backbone": True,
     "frozen_parts_mode": "train",
     "pruning_ratio": None,
+    "head_selection": None,
     "teacher_dtype": None,
 }
 FROZEN_PARTS_MODES = ("train", "eval")
 DEFAULT_WARMUP_EPOCHS = 1
-_HEAD_SLICED_ROWS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "q_bias", "v_bias",
-                     "inner_attn_ln.weight", "inner_attn_ln.bias")
-_TRAINABLE_PREFIX = "img_backbone."
+#: Values of ``kd_config.head_selection``: how a pruned student chooses its heads without a pruning_config.
+HEAD_SELECTIONS = ("magnitude",)
+_TRAINABLE_PREFIX = BACKBONE_PREFIX
 _AUGMENTATION_CHILDREN = ("img_backbone", "grid_mask")
 
 
@@ -193,42 +200,6 @@ def resolve_distillation_alpha(kd_config: Optional[Mapping], iteration: int,
 
 
 
-def load_pruning_config(source: Union[str, os.PathLike, Mapping[str, Any], Sequence[Sequence[int]]]
-                        ) -> List[List[int]]:
-    """Per-block head lists from a pruning-config JSON file, its dict, or the lists themselves."""
-    label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "pruning_config"
-    if isinstance(source, (str, os.PathLike)):
-        if not os.path.isfile(label):
-            raise FileNotFoundError(f"pruning_config: file not found: {label}")
-        with open(label) as handle:
-            source = json.load(handle)
-    if isinstance(source, Mapping):
-        if "selected_heads_per_layer" not in source:
-            raise ValueError(f"{label}: expected key 'selected_heads_per_layer', got keys {sorted(source)}")
-        source = source["selected_heads_per_layer"]
-    if not isinstance(source, (list, tuple)) or not all(isinstance(h, (list, tuple)) for h in source):
-        raise ValueError(f"{label}: expected one list of head indices per block, got {type(source).__name__}")
-    return [list(heads) for heads in source]
-
-
-def magnitude_head_selection(backbone_state: Mapping[str, torch.Tensor], depth: int, teacher_num_heads: int,
-                             num_heads: Sequence[int]) -> Tuple[List[List[int]], torch.Tensor]:
-    """Keep, per block, the heads whose q/k/v weight rows have the largest joint L2 norm."""
-    scores = []
-    for layer in range(depth):
-        keys = [f"blocks.{layer}.attn.{p}_proj.weight" for p in "qkv"]
-        absent = [key for key in keys if key not in backbone_state]
-        if absent:
-            raise ValueError(f"teacher checkpoint has no img_backbone.{absent[0]}: it does not match the student's "
-                             f"img_backbone (depth {depth}, {teacher_num_heads} teacher heads)")
-        rows = [backbone_state[key].float() for key in keys]
-        per_head = sum(w.reshape(teacher_num_heads, -1).pow(2).sum(-1) for w in rows)
-        scores.append(per_head.sqrt())
-    scores = torch.stack(scores)
-    selection = [sorted(scores[layer].topk(num_heads[layer]).indices.tolist()) for layer in range(depth)]
-    return selection, scores
-
-
 @DETECTORS.register_module()
 class OrionStudent(nn.Module):
     """Knowledge-distillation wrapper that IS the base detector with a pruned ``img_backbone``.
@@ -240,8 +211,10 @@ class OrionStudent(nn.Module):
         freeze_non_backbone: only ``img_backbone.*`` requires gradients (the guide's setting).
         kd_config: the guide's KD keys (see ``KD_CONFIG_KEYS``; unknown keys are errors).
         distillation_loss: a ``CombinedKDLoss`` config (weights/temperature default to ``kd_config``).
-        pruning_config: JSON file / dict / lists with ``selected_heads_per_layer``; without it (and
-            without ``img_backbone.selected_heads_per_layer``) heads are chosen by q/k/v magnitude.
+        pruning_config: which heads each block keeps: a configuration file written by
+            ``tools/head_pruning_utils.py prune-config`` (``PruningConfig.save``), a ``PruningConfig``, a dict
+            with ``selected_heads_per_layer`` or the lists themselves. A pruned student needs exactly one of
+            this, ``img_backbone.selected_heads_per_layer`` or ``kd_config.head_selection='magnitude'``.
         teacher_backbone: config of the teacher backbone; default: the student's config with every
             head kept (``EVAViTStudent``, ORION's arithmetic on the fused attention path).
         load_base_weights: fill the frozen parts from the teacher checkpoint (default True).
@@ -276,14 +249,13 @@ class OrionStudent(nn.Module):
         started = time.time()
         checkpoint = load_checkpoint_file(teacher_path)
         full_state = state_dict_of(checkpoint, teacher_path)
-        backbone_state = {k[len(_TRAINABLE_PREFIX):]: v for k, v in full_state.items()
-                          if k.startswith(_TRAINABLE_PREFIX)}
+        backbone_state = backbone_subdict(full_state)
         if not backbone_state:
             raise ValueError(f"{teacher_path}: no 'img_backbone.*' keys; expected a full ORION "
                              f"checkpoint with the unpruned backbone")
 
-        student_cfg = dict(img_backbone)
-        student_cfg, selection_source = self._resolve_student_heads(student_cfg, pruning_config, kd, backbone_state)
+        student_cfg, selection_source = self._resolve_student_heads(dict(img_backbone), pruning_config, kd,
+                                                                    backbone_state, teacher_path)
         super().__init__(img_backbone=student_cfg, **base_kwargs)
 
         self.kd_config = kd
@@ -359,47 +331,65 @@ class OrionStudent(nn.Module):
         if kd.get("teacher_dtype") not in (None, "fp32", "bf16", "fp16"):
             raise ValueError(f"kd_config.teacher_dtype: expected None, 'fp32', 'bf16' or 'fp16', got "
                              f"{kd['teacher_dtype']!r}")
+        if kd.get("head_selection") not in (None,) + HEAD_SELECTIONS:
+            raise ValueError(f"kd_config.head_selection: expected 'magnitude' or None, got {kd['head_selection']!r} "
+                             f"(for the data-driven methods write a configuration with tools/head_pruning_utils.py "
+                             f"and set model.pruning_config)")
         if kd["freeze_non_backbone"] is not True:
             raise ValueError("kd_config.freeze_non_backbone: only True is supported (backbone-only training)")
         return kd
 
     def _resolve_student_heads(self, cfg: Dict[str, Any], pruning_config: Any, kd: Mapping[str, Any],
-                               backbone_state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, Any], str]:
+                               backbone_state: Mapping[str, torch.Tensor], teacher_path: str
+                               ) -> Tuple[Dict[str, Any], str]:
+        """The student backbone config with its head selection, and where the selection came from.
+
+        Exactly one source may say which heads a pruned student keeps (``pruning_config``,
+        ``img_backbone.selected_heads_per_layer`` or ``kd_config.head_selection``); an unpruned
+        student needs none. The selection is checked against ``num_heads`` and ``kd_config.pruning_ratio``
+        by the pruning policy the tools use (``validate_pruning_config``).
+        """
         depth = cfg.get("depth", 12)
         teacher_heads = cfg.get("teacher_num_heads", 16)
         num_heads = cfg.get("num_heads", teacher_heads)
-        selection = cfg.get("selected_heads_per_layer")
-        if pruning_config is not None and selection is not None:
-            raise ValueError("OrionStudent: give the head selection once: pruning_config or "
-                             "img_backbone.selected_heads_per_layer, not both")
-        source = "img_backbone.selected_heads_per_layer"
-        if pruning_config is not None:
-            selection = load_pruning_config(pruning_config)
-            source = f"pruning_config {pruning_config}" if isinstance(pruning_config, (str, os.PathLike)) \
-                else "pruning_config"
-            if "num_heads" not in cfg:
-                num_heads = [len(heads) for heads in selection]
-        counts = [num_heads] * depth if isinstance(num_heads, int) else list(num_heads)
-        ratio = kd.get("pruning_ratio")
-        if ratio is not None:
-            if not 0.0 <= float(ratio) < 1.0:
-                raise ValueError(f"kd_config.pruning_ratio: expected the fraction of heads REMOVED in [0, 1), got {ratio}")
-            expected_total = round(teacher_heads * depth * (1.0 - float(ratio)))
-            if sum(counts) != expected_total:
-                raise ValueError(f"kd_config.pruning_ratio={ratio} means {ratio:.0%} of the heads are REMOVED "
-                                 f"({expected_total} of {teacher_heads * depth} kept), but img_backbone keeps "
-                                 f"{sum(counts)}; if you meant the fraction KEPT, use pruning_ratio={1 - float(ratio):g}")
+        selection, source = self._explicit_head_selection(cfg, pruning_config, kd, teacher_heads)
+        if selection is not None and pruning_config is not None and "num_heads" not in cfg:
+            num_heads = [len(heads) for heads in selection]
         if selection is None:
-            selection, _ = magnitude_head_selection(backbone_state, depth, teacher_heads,
-                                                    resolve_head_counts(depth, teacher_heads, num_heads))
-            source = "q/k/v weight magnitude of the teacher"
+            counts = [len(heads) for heads in resolve_head_selection(depth, teacher_heads, num_heads, None)]
+            if kd.get("head_selection") == "magnitude":
+                scores = magnitude_scores(backbone_state, depth, teacher_heads, label=teacher_path)
+                selection = allocate_uniform(scores, counts)
+                source = "kd_config.head_selection='magnitude', q/k/v weight norms of the teacher"
+            elif all(count == teacher_heads for count in counts):
+                selection, source = [list(range(teacher_heads)) for _ in range(depth)], "every head kept"
+            else:
+                raise ValueError(f"OrionStudent: img_backbone keeps {counts} of {teacher_heads} heads per block but "
+                                 f"nothing says which: set model.pruning_config to a file from `python "
+                                 f"tools/head_pruning_utils.py prune-config` or kd_config.head_selection='magnitude'")
         try:
-            resolve_head_selection(depth, teacher_heads, num_heads, selection)
+            validate_pruning_config(selection, depth, teacher_heads, num_heads=num_heads,
+                                    pruning_ratio=kd.get("pruning_ratio"))
         except ValueError as err:
-            raise ValueError(f"OrionStudent: the head selection from {source} does not fit img_backbone "
-                             f"(num_heads={num_heads!r}, depth {depth}, {teacher_heads} teacher heads): {err}") from None
+            raise ValueError(f"OrionStudent: the head selection ({source}) does not fit img_backbone "
+                             f"(num_heads={num_heads!r}, depth {depth}, {teacher_heads} teacher heads, "
+                             f"kd_config.pruning_ratio={kd.get('pruning_ratio')!r}): {err}") from None
         cfg.update(num_heads=num_heads, teacher_num_heads=teacher_heads, selected_heads_per_layer=selection)
         return cfg, source
+
+    @staticmethod
+    def _explicit_head_selection(cfg: Mapping[str, Any], pruning_config: Any, kd: Mapping[str, Any],
+                                 teacher_heads: int) -> Tuple[Optional[List[List[int]]], str]:
+        given = [name for name, value in (("model.pruning_config", pruning_config),
+                                          ("img_backbone.selected_heads_per_layer", cfg.get("selected_heads_per_layer")),
+                                          ("kd_config.head_selection", kd.get("head_selection"))) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"OrionStudent: give the head selection once: {' and '.join(given)} are both set")
+        if pruning_config is not None:
+            return load_head_selection(pruning_config, teacher_heads)
+        if cfg.get("selected_heads_per_layer") is not None:
+            return [list(h) for h in cfg["selected_heads_per_layer"]], "img_backbone.selected_heads_per_layer"
+        return None, ""
 
     @staticmethod
     def _default_teacher_cfg(student_cfg: Mapping[str, Any]) -> Dict[str, Any]:
@@ -434,28 +424,19 @@ class OrionStudent(nn.Module):
         return dict(loaded=len(own), unexpected=unexpected)
 
     def _slice_teacher_shaped_backbone_keys(self, state_dict: Dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
-        """Load-time hook: slice teacher-shaped ``img_backbone`` attention tensors to the kept heads.
+        """Load-time hook: cut teacher-shaped ``img_backbone`` attention tensors to the kept heads.
 
         ORION's loader is non-strict and only warns on shape mismatches; without this hook a
-        ``load_from`` of the original checkpoint would leave the pruned attention random.
+        ``load_from`` of the original checkpoint would leave the pruned attention random. A block
+        cut here gets its ``head_index`` entry, so that the head check of the load passes.
         """
         backbone = self.img_backbone
-        full = backbone.teacher_num_heads * backbone.head_dim
-        for layer, block in enumerate(backbone.blocks):
-            heads = torch.tensor(block.attn.selected_heads, dtype=torch.long)
-            index = (heads[:, None] * backbone.head_dim + torch.arange(backbone.head_dim)).reshape(-1)
-            base = f"{prefix}img_backbone.blocks.{layer}.attn."
-            for name in _HEAD_SLICED_ROWS + ("proj.weight",):
-                key = base + name
-                axis = 1 if name == "proj.weight" else 0
-                value = state_dict.get(key)
-                if value is None or value.ndim <= axis or value.shape[axis] != full or len(heads) == \
-                        backbone.teacher_num_heads:
-                    continue
-                state_dict[key] = value.index_select(axis, index)
-            index_key = base + HEAD_INDEX_KEY
-            if index_key not in state_dict and (base + "q_proj.weight") in state_dict:
-                state_dict[index_key] = block.attn.head_index.clone()
+        root = f"{prefix}{_TRAINABLE_PREFIX}"
+        plans = head_slice_plan(backbone.selected_heads, backbone.head_dim, backbone.teacher_num_heads)
+        sliced = apply_slice_plan(state_dict, plans, prefix=root, label="load_state_dict", teacher_shaped_only=True)
+        for layer in sorted({int(key[len(root):].split(".")[1]) for key in sliced}):
+            index_key = f"{root}blocks.{layer}.attn.{HEAD_INDEX_KEY}"
+            state_dict.setdefault(index_key, backbone.blocks[layer].attn.head_index.clone())
 
     def _freeze_non_backbone(self) -> None:
         for name, param in self.named_parameters():
@@ -598,6 +579,7 @@ class OrionStudent(nn.Module):
         loss = losses["total_loss"]
         values["loss"] = loss.detach().float()
         if dist.is_available() and dist.is_initialized():
+            check_same_log_keys(list(values), loss.device)
             stacked = torch.stack([v.to(loss.device) for v in values.values()])
             dist.all_reduce(stacked.div_(dist.get_world_size()))
             values = OrderedDict(zip(values.keys(), stacked.unbind(0)))
@@ -630,8 +612,7 @@ class OrionStudent(nn.Module):
             except ImportError:
                 self._print("[OrionStudent] safetensors is not installed: skipped the backbone-only export")
             else:
-                tensors = {k[len(_TRAINABLE_PREFIX):]: v.contiguous() for k, v in state.items()
-                           if k.startswith(_TRAINABLE_PREFIX)}
+                tensors = {k: v.contiguous() for k, v in backbone_subdict(state).items()}
                 target = os.path.splitext(path)[0] + "_backbone.safetensors"
                 payload = safetensors_bytes(tensors, metadata={"img_backbone": json.dumps(backbone_cfg)})
                 atomic_write(target, lambda handle: handle.write(payload))
@@ -644,6 +625,37 @@ class OrionStudent(nn.Module):
             print(message, flush=True)
 
 
-def resolve_head_counts(depth: int, teacher_num_heads: int, num_heads: Union[int, Sequence[int]]) -> List[int]:
-    """Per-block kept-head counts from an int or a list (validated)."""
-    return [len(h) for h in resolve_head_selection(depth, teacher_num_heads, num_heads, None)]
+def check_same_log_keys(keys: Sequence[str], device: torch.device) -> None:
+    """Fail on every rank, naming the keys, when the ranks' log keys differ (their values cannot be averaged).
+
+    One small all-gather of (count, CRC-32 of the keys) per step; the key lists themselves are gathered
+    only to write the error. Without this check the all-reduce of differently sized stacks hangs or mixes
+    values of different keys.
+    """
+    world = dist.get_world_size()
+    mine = torch.tensor([len(keys), zlib.crc32("\n".join(keys).encode("utf-8"))], dtype=torch.int64, device=device)
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    if all(torch.equal(g, gathered[0]) for g in gathered):
+        return
+    per_rank: List[Any] = [None] * world
+    dist.all_gather_object(per_rank, list(keys))
+    every = sorted(set().union(*per_rank))
+    partial = ["{!r} only on rank(s) {}".format(key, [r for r, ks in enumerate(per_rank) if key in ks])
+               for key in every if not all(key in ks for ks in per_rank)]
+    raise RuntimeError("OrionStudent._parse_losses: ranks log different keys, so their values cannot be averaged: "
+                       + ("; ".join(partial) or "same keys in a different order") + " (every rank must produce the "
+                       "same loss and log keys in every step)")
+
+
+def base_detector_config(model_cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """An OrionStudent model config turned into its base detector's config (``type=base_detector``).
+
+    Drops OrionStudent's own arguments; ``img_backbone`` is kept as given (the caller decides its heads).
+    Used by the tools to score the teacher's heads on the plain detector.
+    """
+    own = set(inspect.signature(OrionStudent.__init__).parameters) - {"self", "img_backbone", "base_kwargs"}
+    cfg = {k: v for k, v in model_cfg.items() if k not in own and k != "type"}
+    base = model_cfg.get("base_detector", "Orion")
+    cfg["type"] = base if isinstance(base, str) else base.__name__
+    return cfg

@@ -1,0 +1,174 @@
+"""Head surgery on ORION's EVA-02 backbone layout: which rows and columns an attention head owns.
+
+Head ``h`` of a block (``head_dim`` channels per head) owns channels ``[h * head_dim, (h + 1) * head_dim)``
+of every tensor in :data:`HEAD_SLICES`: the output rows of ``q_proj/k_proj/v_proj``, the entries of
+``q_bias/v_bias`` (k has no bias) and of ``inner_attn_ln`` (``subln=True`` only), and the input
+columns of ``proj``. Everything else (``proj.bias``, the norms, the MLP, the rotary tables) is shared.
+
+Slicing is planned per block as ``{key suffix: SlicePlan(axis, index, full)}`` so that other unit
+kinds can join the same plan: pruning SwiGLU hidden channels adds a rule set with unit width 1
+(``mlp.w1``/``mlp.w2`` rows and biases, ``mlp.ffn_ln`` entries, ``mlp.w3`` columns) next to
+:data:`HEAD_SLICES`, and :func:`apply_slice_plan` slices both. One home for this arithmetic, used by
+``EVAViTStudent.load_from_teacher``, OrionStudent's load hook, magnitude importance and the tools.
+
+Plugin file: Python 3.8, torch 2.0-2.4, no mmengine.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+
+from mmcv.models.utils.checkpoint_io import load_checkpoint_file, state_dict_of
+
+#: Buffer (per attention block) that records the teacher heads a pruned block keeps.
+HEAD_INDEX_KEY = "head_index"
+#: Prefix of the backbone's keys in an ORION detector checkpoint.
+BACKBONE_PREFIX = "img_backbone."
+
+
+class OwnedSlice(NamedTuple):
+    """A tensor (key relative to ``blocks.N.``) whose ``axis`` is split into equal per-unit slices."""
+
+    suffix: str
+    axis: int
+
+
+class SlicePlan(NamedTuple):
+    """Keep ``index`` along ``axis`` of a tensor holding ``full`` channels there: units of ``width`` channels."""
+
+    axis: int
+    index: torch.Tensor
+    full: int
+    width: int
+    unit: str = "heads"
+
+
+#: What an attention head owns (rows = axis 0, columns = axis 1).
+HEAD_SLICES: Tuple[OwnedSlice, ...] = (
+    OwnedSlice("attn.q_proj.weight", 0), OwnedSlice("attn.k_proj.weight", 0), OwnedSlice("attn.v_proj.weight", 0),
+    OwnedSlice("attn.q_bias", 0), OwnedSlice("attn.v_bias", 0),
+    OwnedSlice("attn.inner_attn_ln.weight", 0), OwnedSlice("attn.inner_attn_ln.bias", 0),
+    OwnedSlice("attn.proj.weight", 1),
+)
+
+BlockPlan = Dict[str, SlicePlan]
+
+
+def unit_channels(units: Sequence[int], width: int) -> torch.Tensor:
+    """Channel indices owned by ``units`` (each ``width`` channels wide), in the order given."""
+    kept = torch.as_tensor(list(units), dtype=torch.long)
+    return (kept[:, None] * width + torch.arange(width)).reshape(-1)
+
+
+def head_slice_plan(selected_heads_per_layer: Sequence[Sequence[int]], head_dim: int,
+                    teacher_num_heads: int) -> Dict[int, BlockPlan]:
+    """Per block: how every head-owned tensor is cut to the kept heads (the teacher order of heads)."""
+    full = teacher_num_heads * head_dim
+    plans: Dict[int, BlockPlan] = {}
+    for layer, heads in enumerate(selected_heads_per_layer):
+        index = unit_channels(heads, head_dim)
+        plans[layer] = {rule.suffix: SlicePlan(rule.axis, index, full, head_dim) for rule in HEAD_SLICES}
+    return plans
+
+
+def split_block_key(key: str) -> Tuple[int, str]:
+    """``'blocks.3.attn.q_bias'`` -> ``(3, 'attn.q_bias')``; ``(-1, key)`` outside the blocks."""
+    parts = key.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
+        return int(parts[1]), parts[2]
+    return -1, key
+
+
+def cut(value: torch.Tensor, plan: SlicePlan, key: str, label: str) -> torch.Tensor:
+    """``value`` restricted to ``plan.index`` along ``plan.axis``; a tensor not in the teacher layout is an error."""
+    if value.ndim <= plan.axis or value.shape[plan.axis] != plan.full:
+        raise ValueError(f"{label}: {key}: expected {plan.full} = {plan.full // plan.width} {plan.unit} x "
+                         f"{plan.width} along dim {plan.axis} (teacher layout), got shape {tuple(value.shape)}")
+    return value.index_select(plan.axis, plan.index.to(value.device))
+
+
+def apply_slice_plan(state: Dict[str, torch.Tensor], plans: Mapping[int, BlockPlan], prefix: str = "",
+                     label: str = "state dict", teacher_shaped_only: bool = False) -> List[str]:
+    """Cut, in place, the keys ``prefix + 'blocks.N.' + suffix`` that ``plans`` names; return the cut keys.
+
+    With ``teacher_shaped_only`` a tensor that does not have the teacher size along its axis is left
+    alone (it is already pruned, or wrong, and the caller's strict load will say so).
+    """
+    sliced = []
+    for layer, plan in plans.items():
+        for suffix, rule in plan.items():
+            key = f"{prefix}blocks.{layer}.{suffix}"
+            value = state.get(key)
+            if value is None or int(rule.index.numel()) == rule.full:
+                continue
+            if teacher_shaped_only and (value.ndim <= rule.axis or value.shape[rule.axis] != rule.full):
+                continue
+            state[key] = cut(value, rule, key, label)
+            sliced.append(key)
+    return sliced
+
+
+def head_weight_norms(q_weight: torch.Tensor, k_weight: torch.Tensor, v_weight: torch.Tensor, num_heads: int,
+                      proj_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Magnitude importance of one block: ``sqrt(||Wq[h]||^2 + ||Wk[h]||^2 + ||Wv[h]||^2 (+ ||Wproj[:, h]||^2))``.
+
+    ``W*[h]`` are head ``h``'s output rows of q/k/v, ``Wproj[:, h]`` its input columns of ``proj``
+    (Frobenius norms, float64, biases not counted). Returns ``[num_heads]``.
+    """
+    total = torch.zeros(num_heads, dtype=torch.float64)
+    with torch.no_grad():
+        for weight in (q_weight, k_weight, v_weight):
+            total += weight.detach().double().reshape(num_heads, -1).pow(2).sum(dim=1).cpu()
+        if proj_weight is not None:
+            cols = proj_weight.detach().double().reshape(proj_weight.shape[0], num_heads, -1)
+            total += cols.pow(2).sum(dim=(0, 2)).cpu()
+    return total.sqrt()
+
+
+def magnitude_scores(backbone_state: Mapping[str, torch.Tensor], depth: int, num_heads: int,
+                     include_proj: bool = False, label: str = "teacher backbone") -> torch.Tensor:
+    """:func:`head_weight_norms` of every block of an unpruned backbone state dict: ``[depth, num_heads]``."""
+    rows = []
+    for layer in range(depth):
+        names = ["attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight"]
+        names += ["attn.proj.weight"] if include_proj else []
+        keys = [f"blocks.{layer}.{name}" for name in names]
+        absent = [key for key in keys if key not in backbone_state]
+        if absent:
+            raise ValueError(f"{label}: no {BACKBONE_PREFIX}{absent[0]}; expected an unpruned backbone of depth "
+                             f"{depth} with {num_heads} heads")
+        tensors = [backbone_state[key] for key in keys]
+        rows.append(head_weight_norms(*tensors[:3], num_heads=num_heads,
+                                      proj_weight=tensors[3] if include_proj else None))
+    return torch.stack(rows)
+
+
+def backbone_subdict(state: Mapping[str, Any], prefix: str = BACKBONE_PREFIX) -> Dict[str, Any]:
+    """The entries of a detector state dict under ``prefix``, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def extract_backbone_state_dict(source: Union[str, "os.PathLike[str]", Mapping[str, Any]],
+                                prefix: str = BACKBONE_PREFIX) -> Dict[str, torch.Tensor]:
+    """Backbone tensors from a checkpoint path, a checkpoint dict (``state_dict``) or a state dict.
+
+    Strips DDP's ``module.``; when keys carry ``prefix`` only those are kept (prefix removed).
+    """
+    label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<state dict>"
+    ckpt = load_checkpoint_file(source) if isinstance(source, (str, os.PathLike)) else source
+    state = state_dict_of(ckpt, label)
+    if any(k.startswith(prefix) for k in state):
+        state = backbone_subdict(state, prefix)
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{label}: no tensors found (expected '{prefix}*' keys or a backbone state dict)")
+    return tensors
+
+
+__all__ = [
+    "HEAD_INDEX_KEY", "BACKBONE_PREFIX", "OwnedSlice", "SlicePlan", "HEAD_SLICES", "unit_channels",
+    "head_slice_plan", "split_block_key", "cut", "apply_slice_plan", "head_weight_norms", "magnitude_scores",
+    "backbone_subdict", "extract_backbone_state_dict",
+]

@@ -1,0 +1,132 @@
+"""HeadImportance: per-block, per-head scores and their file formats (.json, .npz, .pkl).
+
+The tools compute the scores (``tools/head_pruning/importance.py``); the pruning policy
+(``pruning_config.py``) turns them into a selection. Files are written atomically; pickle files
+are read only when the caller allows it (unpickling can run code).
+Plugin file: Python 3.8, torch 2.0-2.4, no mmengine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+
+from mmcv.models.utils.checkpoint_io import atomic_write, atomic_write_json, json_default
+
+IMPORTANCE_FORMAT = "orion-kd-head-importance"
+ScoresLike = Union[torch.Tensor, np.ndarray, Sequence[Sequence[float]]]
+
+
+def importance_extension(path: Union[str, "os.PathLike[str]"]) -> str:
+    """The lower-case extension of an importance file, which must be .json, .npz or .pkl/.pickle."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in (".json", ".npz", ".pkl", ".pickle"):
+        raise ValueError(f"{os.fspath(path)}: expected a .json, .npz or .pkl file, got extension {ext!r}")
+    return ext
+
+
+def read_json(path: Union[str, "os.PathLike[str]"], what: str) -> Any:
+    """Parse a JSON file; a missing file or bad JSON is one clear error naming the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+@dataclass
+class HeadImportance:
+    """Per-block, per-head importance scores (higher = more important).
+
+    ``scores``: float64 tensor [layers, heads]; ``method``: how they were computed;
+    ``num_samples``: images (or batches for detectors: samples) seen, 0 for magnitude;
+    ``source``: what was measured (model class, checkpoint); ``metadata``: method settings and the
+    backbone geometry used by the impact analysis.
+    """
+
+    scores: torch.Tensor
+    method: str
+    num_samples: int = 0
+    source: str = ""
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scores, torch.Tensor):
+            scores = self.scores.detach().cpu().to(torch.float64)
+        else:
+            scores = torch.as_tensor(np.asarray(self.scores, dtype=np.float64))
+        if scores.ndim != 2 or scores.shape[0] < 1 or scores.shape[1] < 1:
+            raise ValueError(f"HeadImportance.scores: expected a [layers, heads] array, got shape {tuple(scores.shape)}")
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError(f"HeadImportance.scores: contains NaN or inf values ({self.method})")
+        self.scores = scores
+        self.num_samples = int(self.num_samples)
+
+    @classmethod
+    def coerce(cls, value: Union["HeadImportance", ScoresLike]) -> "HeadImportance":
+        """``value`` itself, or bare scores wrapped (method ``''``), checked either way."""
+        return value if isinstance(value, cls) else cls(scores=value, method="")
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.scores.shape[1])
+
+    def numpy(self) -> np.ndarray:
+        return self.scores.numpy().copy()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(format=IMPORTANCE_FORMAT, version=1, method=self.method, num_samples=self.num_samples,
+                    source=self.source, metadata=self.metadata, scores=self.scores.tolist())
+
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> str:
+        """Write ``.json`` (readable), ``.npz`` (scores array + JSON header) or ``.pkl`` (plain dict), atomically."""
+        ext = importance_extension(path)
+        if ext == ".json":
+            return atomic_write_json(path, self.to_dict())
+        header = {k: v for k, v in self.to_dict().items() if k != "scores"}
+        if ext == ".npz":
+            text = json.dumps(header, default=json_default)
+            return atomic_write(path, lambda f: np.savez(f, scores=self.numpy(), header=np.array(text)), binary=True)
+        payload = dict(header, scores=self.numpy())
+        return atomic_write(path, lambda f: pickle.dump(payload, f, protocol=4), binary=True)
+
+    @classmethod
+    def load(cls, path: Union[str, "os.PathLike[str]"], allow_pickle: bool = False) -> "HeadImportance":
+        """Read a file written by :meth:`save`; pickle files only with ``allow_pickle=True`` (they can run code)."""
+        path = os.fspath(path)
+        ext = importance_extension(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"head importance file not found: {path}")
+        if ext == ".json":
+            payload = read_json(path, "head importance file")
+        elif ext == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                if "scores" not in data or "header" not in data:
+                    raise ValueError(f"{path}: not a head importance file (expected arrays 'scores' and 'header', "
+                                     f"got {sorted(data.files)})")
+                payload = dict(json.loads(str(data["header"])), scores=data["scores"])
+        else:
+            if not allow_pickle:
+                raise ValueError(f"{path}: refusing to load a pickle file (unpickling can execute arbitrary code); "
+                                 f"pass allow_pickle=True if you trust it, or save as .json/.npz")
+            with open(path, "rb") as handle:
+                payload = pickle.load(handle)
+        if not isinstance(payload, Mapping) or payload.get("format") != IMPORTANCE_FORMAT or "scores" not in payload:
+            raise ValueError(f"{path}: not a head importance file (expected format {IMPORTANCE_FORMAT!r})")
+        return cls(scores=payload["scores"], method=payload.get("method", ""), num_samples=payload.get("num_samples", 0),
+                   source=payload.get("source", ""), metadata=dict(payload.get("metadata") or {}))
+
+
+__all__ = ["IMPORTANCE_FORMAT", "ScoresLike", "HeadImportance", "importance_extension", "read_json"]

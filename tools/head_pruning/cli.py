@@ -1,0 +1,268 @@
+"""Command line of the head-pruning toolkit (``python tools/head_pruning_utils.py COMMAND ...``).
+
+    importance    --config CFG [--checkpoint CKPT] --method magnitude|gradient|entropy|activation --out imp.json
+    prune-config  --importance imp.json --pruning-ratio 0.5 [--strategy global] --out prune.json
+    analyze       --importance imp.json [--config CFG --checkpoint CKPT] --out analysis.json [--plot fid.png]
+    plot          --importance imp.json [--pruning-config prune.json] --out heads.png
+
+The scored model is always the unpruned teacher: a student config's backbone gets every head back,
+and an ``OrionStudent`` config is scored on its base detector. ``--checkpoint`` (default: the config's
+``teacher_backbone_path``, then ``load_from``) holds the teacher's weights. User errors exit with 2.
+Plugin file: Python 3.8, no mmengine.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import pickle
+import sys
+import warnings
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from mmcv.models.utils.checkpoint_io import load_checkpoint_file, state_dict_of
+from mmcv.models.utils.eva_surgery import BACKBONE_PREFIX, extract_backbone_state_dict
+from mmcv.models.utils.head_importance import HeadImportance
+from mmcv.models.utils.pruning_config import BLOCK_NORMALIZATIONS, STRATEGIES, PruningConfig, create_pruning_config
+from tools.head_pruning.analysis import analyze_pruning_impact
+from tools.head_pruning.importance import (METHODS, compute_head_importance_activation, compute_head_importance_entropy,
+                                           compute_head_importance_gradient, compute_head_importance_magnitude)
+from tools.head_pruning.plots import plot_fidelity_vs_ratio, plot_head_importance
+from tools.head_pruning.sites import describe_backbone, find_backbone
+
+
+def _load_config(path: str) -> Any:
+    from mmcv.utils import Config
+    cfg = Config.fromfile(path)
+    imports = cfg.get("custom_imports", None)
+    if imports:
+        from mmcv.utils import import_modules_from_strings
+        import_modules_from_strings(**imports) if isinstance(imports, Mapping) else import_modules_from_strings(imports)
+    return cfg
+
+
+def _teacher_backbone_cfg(cfg: Any) -> Dict[str, Any]:
+    """``cfg.model.img_backbone`` with all heads (a student config's backbone becomes its teacher)."""
+    model_cfg = cfg.get("model", None)
+    if model_cfg is None or model_cfg.get("img_backbone", None) is None:
+        raise ValueError("config: expected model.img_backbone (an ORION-style detector config)")
+    backbone = dict(model_cfg["img_backbone"])
+    teacher_heads = backbone.get("teacher_num_heads")
+    if teacher_heads is not None or "selected_heads_per_layer" in backbone:
+        backbone.pop("selected_heads_per_layer", None)
+        if teacher_heads is not None:
+            backbone["num_heads"] = int(teacher_heads)
+    backbone["with_cp"] = False
+    backbone["frozen"] = False
+    return backbone
+
+
+def _checkpoint_path(args: argparse.Namespace, cfg: Any) -> Optional[str]:
+    """``--checkpoint``, else the config's teacher (``model`` or ``kd_config`` ``teacher_backbone_path``), else load_from."""
+    if args.checkpoint:
+        return args.checkpoint
+    model_cfg = cfg.get("model", {}) or {}
+    kd_cfg = model_cfg.get("kd_config", None) or cfg.get("kd_config", None) or {}
+    return model_cfg.get("teacher_backbone_path") or kd_cfg.get("teacher_backbone_path") or cfg.get("load_from", None)
+
+
+def _build_backbone_from(cfg: Any, checkpoint: Optional[str]) -> nn.Module:
+    from mmcv.models.builder import build_backbone
+    backbone = build_backbone(_teacher_backbone_cfg(cfg))
+    if checkpoint:
+        state = extract_backbone_state_dict(checkpoint)
+        result = backbone.load_state_dict(state, strict=False)
+        missing = result.missing_keys
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{checkpoint}: backbone weights do not match the config's backbone: missing "
+                             f"{missing[:4]} ({len(missing)}), unexpected {result.unexpected_keys[:4]} "
+                             f"({len(result.unexpected_keys)})")
+    else:
+        warnings.warn("no checkpoint given: the backbone keeps its random initialisation")
+    return backbone
+
+
+def _build_detector_from(cfg: Any, checkpoint: Optional[str]) -> nn.Module:
+    """The unpruned detector holding ``checkpoint``'s weights; an OrionStudent config gives its base detector.
+
+    Scoring the teacher's heads needs the teacher in the detector and the task loss; for an
+    OrionStudent config that is exactly its base detector (e.g. ``Orion``) loaded from the checkpoint,
+    so ``--checkpoint`` means the same for every config.
+    """
+    from mmcv.models.builder import build_model
+    from mmcv.models.detectors.orion_student import base_detector_config
+    model_cfg = dict(cfg.model)
+    if model_cfg.get("type") == "OrionStudent":
+        model_cfg = base_detector_config(model_cfg)
+    model_cfg["img_backbone"] = _teacher_backbone_cfg(cfg)  # a student config's detector gets all the heads
+    model = build_model(model_cfg, train_cfg=cfg.get("train_cfg", None), test_cfg=cfg.get("test_cfg", None))
+    if not checkpoint:
+        warnings.warn("no checkpoint given: the detector keeps its initial weights")
+        return model
+    state = state_dict_of(load_checkpoint_file(checkpoint), checkpoint)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k.startswith(BACKBONE_PREFIX)]
+    if missing:
+        raise ValueError(f"{checkpoint}: {len(missing)} backbone weights missing, e.g. {missing[:4]}")
+    if result.missing_keys or result.unexpected_keys:
+        warnings.warn(f"{checkpoint}: {len(result.missing_keys)} missing and {len(result.unexpected_keys)} "
+                      f"unexpected keys outside the backbone")
+    return model
+
+
+class _RandomImages:
+    """``count`` batches of random images (smoke tests and timing only: no real importance)."""
+
+    def __init__(self, count: int, batch_size: int, img_hw: Tuple[int, int], seed: int = 0) -> None:
+        self.count, self.batch_size, self.img_hw, self.seed = count, batch_size, img_hw, seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.count):
+            yield torch.randn(self.batch_size, 3, self.img_hw[0], self.img_hw[1], generator=generator)
+
+
+def _build_loader(cfg: Any, args: argparse.Namespace, backbone: Optional[nn.Module]) -> Iterable:
+    if args.synthetic_data:
+        geometry = describe_backbone(backbone) if backbone is not None else {}
+        hw = geometry.get("img_hw") or [224, 224]
+        warnings.warn("--synthetic-data: random images, useful for smoke tests and timing only")
+        return _RandomImages(args.num_batches, args.batch_size, (hw[0], hw[1]), args.seed)
+    data_cfg = (cfg.get("data", None) or {}).get(args.split, None)
+    if data_cfg is None:
+        raise ValueError(f"config: expected data.{args.split} (a dataset config), or pass --synthetic-data")
+    from mmcv.datasets import build_dataset
+    dataset = build_dataset(data_cfg)
+    collate = getattr(dataset, "collate_fn", None)  # the miniature world's datasets carry their own
+    if collate is None:
+        with contextlib.suppress(ImportError):
+            from functools import partial
+
+            from mmcv.parallel import collate as mmcv_collate  # ORION's DataContainer-aware collate
+            collate = partial(mmcv_collate, samples_per_gpu=args.batch_size)
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=0,
+                                       collate_fn=collate)
+
+
+def _importance_from_args(args: argparse.Namespace) -> HeadImportance:
+    if getattr(args, "importance", None):
+        return HeadImportance.load(args.importance, allow_pickle=args.allow_pickle)
+    if not args.config:
+        raise ValueError("give --importance FILE, or --config (and --checkpoint) to compute it")
+    cfg = _load_config(args.config)
+    checkpoint = _checkpoint_path(args, cfg)
+    device = torch.device(args.device)
+    if args.method == "gradient":
+        model = _build_detector_from(cfg, checkpoint).to(device)
+        loader = _build_loader(cfg, args, find_backbone(model))
+        return compute_head_importance_gradient(model, loader, num_batches=args.num_batches,
+                                                normalize=not args.no_normalize)
+    backbone = _build_backbone_from(cfg, checkpoint).to(device)
+    if args.method == "magnitude":
+        return compute_head_importance_magnitude(backbone, include_proj=args.include_proj)
+    loader = _build_loader(cfg, args, backbone)
+    if args.method == "entropy":
+        return compute_head_importance_entropy(backbone, loader, num_batches=args.num_batches,
+                                               num_query_samples=args.num_query_samples, seed=args.seed)
+    return compute_head_importance_activation(backbone, loader, num_batches=args.num_batches)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Attention-head importance, pruning configurations, impact analysis "
+                                                 "(pruning_ratio = fraction of heads REMOVED).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="ORION-style config (model.img_backbone, data.train/val)")
+        p.add_argument("--checkpoint", help="checkpoint with the teacher's weights (an OrionStudent config is scored "
+                                            "on its base detector); default: teacher_backbone_path, then load_from")
+        p.add_argument("--method", choices=METHODS, default="magnitude")
+        p.add_argument("--importance", help="importance file (.json/.npz/.pkl) instead of computing it")
+        p.add_argument("--allow-pickle", action="store_true", help="allow loading a .pkl importance file")
+        p.add_argument("--num-batches", type=int, default=8)
+        p.add_argument("--batch-size", type=int, default=1)
+        p.add_argument("--split", choices=("train", "val", "test"), default="train")
+        p.add_argument("--num-query-samples", type=int, default=64)
+        p.add_argument("--no-normalize", action="store_true", help="gradient: no per-layer L2 normalisation")
+        p.add_argument("--include-proj", action="store_true", help="magnitude: count proj columns too")
+        p.add_argument("--synthetic-data", action="store_true", help="random images (smoke tests, timing)")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--seed", type=int, default=0)
+
+    def normalization(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--block-normalization", choices=BLOCK_NORMALIZATIONS, default="l2",
+                       help="global strategy: scale each block's scores by their L2 norm before ranking (default)")
+
+    p = sub.add_parser("importance", help="compute head importance and save it")
+    common(p)
+    p.add_argument("--out", required=True, help=".json, .npz or .pkl")
+    p = sub.add_parser("prune-config", help="choose the heads to keep")
+    common(p)
+    p.add_argument("--pruning-ratio", type=float, default=0.5, help="fraction of heads REMOVED (0.5: 16 -> 8)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="uniform")
+    p.add_argument("--min-heads-per-layer", type=int, default=1)
+    normalization(p)
+    p.add_argument("--out", required=True, help=".json")
+    p = sub.add_parser("analyze", help="impact of several pruning ratios and strategies")
+    common(p)
+    p.add_argument("--pruning-ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    p.add_argument("--strategies", choices=STRATEGIES, nargs="+", default=list(STRATEGIES))
+    normalization(p)
+    p.add_argument("--img-size", type=int, nargs="+", help="input size for MACs (default: the backbone's)")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the measured fidelity (no data pass)")
+    p.add_argument("--plot", help="also write the fidelity-vs-ratio plot here (.png)")
+    p.add_argument("--out", required=True, help=".json")
+    p = sub.add_parser("plot", help="heat map of head importance (kept heads outlined)")
+    common(p)
+    p.add_argument("--pruning-config", help="pruning configuration (.json) whose kept heads are outlined")
+    p.add_argument("--out", required=True, help=".png")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "importance":
+        importance = _importance_from_args(args)
+        importance.save(args.out)
+        print(f"{importance.method} importance of {importance.num_layers} blocks x {importance.num_heads} heads "
+              f"({importance.num_samples} samples, {importance.metadata.get('seconds', 0):.2f} s) -> {args.out}")
+    elif args.command == "prune-config":
+        config = create_pruning_config(_importance_from_args(args), args.pruning_ratio, args.strategy,
+                                       args.min_heads_per_layer, args.block_normalization)
+        config.save(args.out)
+        print(f"{config.strategy} pruning, ratio {config.pruning_ratio:g} removed: heads per block {config.num_heads}"
+              f" -> {args.out}")
+    elif args.command == "analyze":
+        importance = _importance_from_args(args)
+        model = loader = None
+        if args.config and not args.no_fidelity:
+            cfg = _load_config(args.config)
+            model = _build_backbone_from(cfg, _checkpoint_path(args, cfg)).to(torch.device(args.device))
+            loader = _build_loader(cfg, args, model)
+        img_size = None if not args.img_size else (args.img_size[0] if len(args.img_size) == 1 else args.img_size)
+        analysis = analyze_pruning_impact(importance, args.pruning_ratios, model=model, dataloader=loader,
+                                          strategies=args.strategies, num_batches=args.num_batches,
+                                          img_size=img_size, save_path=args.out,
+                                          block_normalization=args.block_normalization)
+        if args.plot:
+            plot_fidelity_vs_ratio(analysis, args.plot)
+    else:
+        config = PruningConfig.load(args.pruning_config) if args.pruning_config else None
+        plot_head_importance(_importance_from_args(args), args.out, pruning_config=config)
+        print(f"heat map -> {args.out}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit status (2 with one line on stderr for a user error)."""
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except (ValueError, KeyError, FileNotFoundError, pickle.UnpicklingError) as err:
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
