@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mmcv import Config
-from mmcv.models.detectors.orion_student import KDConfigError, resolve_distillation_alpha, warmup_iterations
+from mmcv.models.utils.kd_config import KDConfigError, resolve_distillation_alpha, resolve_kd_config, warmup_iterations
 from mmcv.runner.hooks import HOOKS
 from mmcv.runner.hooks.kd_hooks import KDAlphaScheduleHook, KDCheckHook, KDExportStudentHook, KDRunError
 from tests.test_orion_student import make_student, teacher_ckpt  # noqa: F401  (a fixture)
@@ -220,8 +220,7 @@ def test_stage3_kd_config_changes_only_the_model_and_extension_points(tmp_path: 
     assert hooks["KDAlphaScheduleHook"]["iters_per_epoch"] == base.num_iters_per_epoch == 1834
     alphas = [resolve_distillation_alpha(cfg.kd_config, i, 1834) for i in (0, 1833, 1834, cfg.runner.max_iters - 1)]
     assert alphas == [0.8, 0.8, 0.6, 0.6]
-    from mmcv.models.detectors.orion_student import OrionStudent
-    OrionStudent._resolve_kd_config(copy.deepcopy(dict(cfg.kd_config)), m.teacher_backbone_path, True)
+    resolve_kd_config(copy.deepcopy(dict(cfg.kd_config)), m.teacher_backbone_path, True)
     HOOKS.build(dict(hooks["KDAlphaScheduleHook"]))
 
 

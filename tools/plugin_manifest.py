@@ -26,6 +26,7 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "mmcv/models/utils/eva_cost.py",
     "mmcv/models/utils/head_importance.py",
     "mmcv/models/utils/pruning_config.py",
+    "mmcv/models/utils/kd_config.py",
     "mmcv/models/backbones/eva_vit_student.py",
     "mmcv/models/detectors/orion_student.py",
     "mmcv/models/losses/kd_losses.py",

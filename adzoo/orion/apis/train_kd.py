@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmcv.models.utils.checkpoint_io import (atomic_torch_save, atomic_write_text, load_checkpoint_file,
                                             state_dict_of)
-from mmcv.models.detectors.orion_student import resolve_distillation_alpha, validate_kd_config
+from mmcv.models.utils.kd_config import resolve_distillation_alpha, validate_kd_config
 from mmcv.models.utils.batch_io import move_batch_to_device
 from mmcv.utils import get_dist_info
 

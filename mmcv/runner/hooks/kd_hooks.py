@@ -26,7 +26,8 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
-from mmcv.models.detectors.orion_student import OrionStudent, resolve_distillation_alpha
+from mmcv.models.detectors.orion_student import OrionStudent
+from mmcv.models.utils.kd_config import resolve_distillation_alpha
 from mmcv.models.utils.checkpoint_io import atomic_write_text
 from mmcv.runner.hooks import HOOKS, Hook
 
