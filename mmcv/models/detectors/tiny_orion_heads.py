@@ -6,8 +6,9 @@ the roles of ORION's heads at toy scale:
 * ``TinyDetHead`` (``pts_bbox_head``): a dense, one-object-per-cell detector. The
   cell holding a box centre predicts its class, the centre offset inside the
   cell, the log size, and for traffic lights the lamp state. Like ORION's
-  heads it keeps a little state across training calls (``num_train_calls``), so
-  tests can check that a KD step runs it exactly once.
+  detection head it keeps a temporal memory per batch slot (``SceneMemory``:
+  the previous frame's fused cell features, reset at a scene change), so it
+  must run exactly once per frame; ``num_train_calls`` lets tests check that.
 * ``TinyMapHead`` (``map_head``): lane-marking logits at a finer grid (pixel shuffle).
 * ``TinyVLProjector``: pools the token grid and the detection head's cell
   features of every camera into local and global scene tokens, adds camera and
@@ -25,6 +26,8 @@ from torch import Tensor, nn
 
 from mmcv.datasets.chat_b2d_metrics import box_iou
 from mmcv.models.builder import HEADS
+
+from .tiny_temporal_memory import SceneMemory
 
 
 def generalized_box_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -66,13 +69,21 @@ class TinyDetHead(nn.Module):
     units of the stride) and ``num_light_states`` lamp-state logits.
     Losses: ``loss_cls`` (weighted cross-entropy), ``loss_bbox`` (L1 on the box
     numbers), ``loss_iou`` (1 - GIoU) and ``loss_traffic`` (lamp-state cross-entropy
-    on traffic-light cells).
+    on traffic-light cells). With ``memory=True`` the cell features are fused with
+    the slot's memory of the previous frame (see :class:`SceneMemory`), when the
+    call brings ``img_metas`` with ``scene_token`` and ``timestamp``.
+
+    Per sample it also predicts the traffic state that governs the ego
+    (``num_light_states`` lamp states plus 'none') from the fused features of all
+    its cameras, supervised by ``img_metas[i]['traffic_state']`` on every frame
+    (``loss_traffic_state``), also when the light has left the view: then only the
+    memory knows it.
     """
 
     def __init__(self, in_channels: int = 128, feat_channels: int = 96, num_classes: int = 3,
                  num_light_states: int = 3, stride: int = 8, light_class: int = 2, bg_weight: float = 0.2,
                  loss_weights: Optional[Dict[str, float]] = None, score_thr: float = 0.4, nms_iou: float = 0.5,
-                 max_per_img: int = 16) -> None:
+                 max_per_img: int = 16, memory: bool = True, memory_max_gap: float = 2.0) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.num_light_states = num_light_states
@@ -81,7 +92,7 @@ class TinyDetHead(nn.Module):
         self.score_thr = score_thr
         self.nms_iou = nms_iou
         self.max_per_img = max_per_img
-        weights = dict(cls=1.0, bbox=1.0, iou=1.0, traffic=0.5)
+        weights = dict(cls=1.0, bbox=1.0, iou=1.0, traffic=0.5, traffic_state=0.5)
         weights.update(loss_weights or {})
         self.loss_weights = weights
         self.register_buffer("class_weight", torch.tensor([1.0] * num_classes + [bg_weight]), persistent=False)
@@ -89,20 +100,43 @@ class TinyDetHead(nn.Module):
         self.cls_out = nn.Conv2d(feat_channels, num_classes + 1, 1)
         self.box_out = nn.Conv2d(feat_channels, 4, 1)
         self.light_out = nn.Conv2d(feat_channels, num_light_states, 1)
+        self.traffic_state_out = nn.Linear(feat_channels, num_light_states + 1)
         nn.init.constant_(self.cls_out.bias[-1], math.log(100.0))  # start predicting background
+        self.temporal = SceneMemory(feat_channels, memory_max_gap) if memory else None
         self.num_train_calls = 0
 
-    def forward(self, feats: Tensor) -> Dict[str, Tensor]:
-        """[BN, C, h, w] -> ``cls_logits`` [BN, K+1, h, w], ``bbox_pred`` [BN, 4, h, w], ``light_logits``."""
+    def reset_memory(self) -> None:
+        """Forget the previous frame of every batch slot."""
+        if self.temporal is not None:
+            self.temporal.reset()
+
+    def forward(self, feats: Tensor, img_metas: Optional[Sequence[dict]] = None) -> Dict[str, Tensor]:
+        """[BN, C, h, w] -> ``cls_logits`` [BN, K+1, h, w], ``bbox_pred`` [BN, 4, h, w], ``light_logits``.
+
+        Reads and then updates the temporal memory (once per frame, in training and evaluation).
+        """
         if self.training:
             self.num_train_calls += 1
         x = self.trunk(feats)
-        return dict(cls_logits=self.cls_out(x), bbox_pred=self.box_out(x), light_logits=self.light_out(x),
+        if self.temporal is not None:
+            x = self.temporal(x, img_metas)
+        outs = dict(cls_logits=self.cls_out(x), bbox_pred=self.box_out(x), light_logits=self.light_out(x),
                     scene_feats=x)
+        if img_metas is not None:  # one traffic state per sample, from all of its cameras
+            per_sample = x.view(len(img_metas), -1, *x.shape[1:]).amax(dim=(1, 3, 4))
+            outs["traffic_state_logits"] = self.traffic_state_out(per_sample)
+        return outs
 
     def scene_features(self, feats: Tensor) -> Tensor:
-        """The per-cell features the predictions are read from, [BN, feat_channels, h, w] (no state change)."""
-        return self.trunk(feats)
+        """The per-cell features the predictions are read from, [BN, feat_channels, h, w], without state change:
+        fused with the memory that the last :meth:`forward` read (zeros when it does not fit ``feats``)."""
+        x = self.trunk(feats)
+        if self.temporal is None:
+            return x
+        prev = self.temporal.last_read
+        if prev is None or prev.shape != x.shape:
+            prev = torch.zeros_like(x)
+        return self.temporal.fuse_with(x, prev.to(x.dtype))
 
     def _decode(self, bbox_pred: Tensor) -> Tensor:
         """[BN, 4, h, w] raw box numbers -> [BN, h, w, 4] pixel boxes (x1, y1, x2, y2)."""
@@ -141,8 +175,9 @@ class TinyDetHead(nn.Module):
         return dict(labels=labels, boxes=boxes, states=states)
 
     def loss(self, outs: Dict[str, Tensor], gt_bboxes: Sequence[Tensor], gt_labels: Sequence[Tensor],
-             gt_light_states: Sequence[Tensor]) -> Dict[str, Tensor]:
-        """``loss_cls``, ``loss_bbox``, ``loss_iou``, ``loss_traffic`` for flattened (B*N) cameras."""
+             gt_light_states: Sequence[Tensor], img_metas: Optional[Sequence[dict]] = None) -> Dict[str, Tensor]:
+        """``loss_cls``, ``loss_bbox``, ``loss_iou``, ``loss_traffic`` for flattened (B*N) cameras, and
+        ``loss_traffic_state`` per sample when ``img_metas`` carry ``traffic_state``."""
         cls_logits = outs["cls_logits"]
         if len(gt_bboxes) != cls_logits.shape[0]:
             raise ValueError(f"TinyDetHead.loss: got boxes for {len(gt_bboxes)} images, expected "
@@ -173,8 +208,14 @@ class TinyDetHead(nn.Module):
         else:
             loss_traffic = light_logits.sum() * 0.0
         w = self.loss_weights
-        return dict(loss_cls=loss_cls * w["cls"], loss_bbox=loss_bbox * w["bbox"], loss_iou=loss_iou * w["iou"],
-                    loss_traffic=loss_traffic * w["traffic"])
+        losses = dict(loss_cls=loss_cls * w["cls"], loss_bbox=loss_bbox * w["bbox"], loss_iou=loss_iou * w["iou"],
+                      loss_traffic=loss_traffic * w["traffic"])
+        if img_metas is not None and "traffic_state_logits" in outs and \
+                all("traffic_state" in meta for meta in img_metas):
+            target = torch.tensor([int(meta["traffic_state"]) for meta in img_metas], device=cls_logits.device)
+            losses["loss_traffic_state"] = F.cross_entropy(outs["traffic_state_logits"].float(), target) * \
+                w["traffic_state"]
+        return losses
 
     @torch.no_grad()
     def get_bboxes(self, outs: Dict[str, Tensor], img_hw: Tuple[int, int]) -> List[Dict[str, Tensor]]:
