@@ -48,7 +48,11 @@ model = dict(
         vl_distill_weight=0.0),
     img_backbone=dict(type='EVAViTStudent', num_heads=8, teacher_num_heads=16))
 
-data = dict(train=dict(num_samples=512))
+# 512 frames = 64 scenes; streaming order as in ORION's stage 3 (warm-up pieces for the first epoch).
+data = dict(
+    train=dict(num_samples=512),
+    shuffler_sampler=dict(_delete_=True, type='InfiniteGroupEachSampleInBatchSampler', seq_split_num=1,
+                          warmup_split_num=2, num_iters_to_seq=64))
 
 optimizer = dict(
     _delete_=True,
@@ -65,6 +69,7 @@ runner = dict(_delete_=True, type='EpochBasedRunner', max_epochs=3)
 checkpoint_config = dict(_delete_=True, interval=1, max_keep_ckpts=3)
 log_config = dict(_delete_=True, interval=16, hooks=[dict(type='TextLoggerHook'), dict(type='TensorboardLoggerHook')])
 evaluation = dict(_delete_=True, interval=1, max_samples=256)
+custom_hooks = []
 work_dir = 'work_dirs/orion_tiny_kd_train'
 load_from = None
 resume_from = None
