@@ -281,7 +281,7 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
         report["kd_log"] = str(logs[-1]) if logs else None
 
     with Stage(7, total, "evaluate the exported student"):
-        export = kd_dir / "student_export.pth"
+        export = export_final_student(kd_config, kd_dir)
         student = load_exported_student(export)
         after_metrics = evaluate(student, val_set)
         after_similarity = backbone_similarity(before.teacher_backbone, student.img_backbone, loader, 8)
@@ -303,7 +303,7 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
             status = train_main([str(task_config), "--work-dir", str(task_dir), "--seed", str(args.seed)])
             if status:
                 raise RuntimeError(f"task-only training failed with status {status}")
-            control = load_exported_student(task_dir / "student_export.pth")
+            control = load_exported_student(export_final_student(task_config, task_dir))
             report["task_only_metrics"] = evaluate(control, val_set)
             report["task_only_backbone"] = backbone_similarity(before.teacher_backbone, control.img_backbone, loader, 8)
             print("  task loss only:", {k: round(v, 4) for k, v in report["task_only_metrics"].items()
@@ -333,6 +333,23 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
     report["targets"] = evaluate_targets(report)
     write_report(report, work)
     return report
+
+
+def export_final_student(config: Path, work_dir: Path) -> Path:
+    """Export the student of the run's final checkpoint (``latest.pth``) to ``work_dir/student_export.pth``.
+
+    The training loop only trains; exporting is the job of a hook in the config or, here, of the demo.
+    """
+    from mmcv import Config
+    from mmcv.models.builder import build_model
+    from mmcv.models.utils.checkpoint_io import load_checkpoint_file, state_dict_of
+
+    latest = work_dir / "latest.pth"
+    model = build_model(Config.fromfile(str(config)).model)
+    model.load_state_dict(state_dict_of(load_checkpoint_file(latest), str(latest)), strict=True)
+    path = work_dir / "student_export.pth"
+    model.export_student(path)
+    return path
 
 
 def load_exported_student(path: Path) -> Any:

@@ -204,7 +204,7 @@ def _frames(scene_len: int = 4, num_scenes: int = 3) -> SyntheticChatB2D:
 def _head_with_active_memory(model: TinyOrion):
     head = model.pts_bbox_head
     torch.manual_seed(1)
-    torch.nn.init.normal_(head.temporal.fuse[-1].weight, std=0.5)  # an untrained memory is the identity
+    torch.nn.init.normal_(head.memory_fuse[-1].weight, std=0.5)  # an untrained memory is the identity
     return head
 
 
@@ -218,16 +218,16 @@ def test_memory_carries_the_previous_frame_of_each_slot_and_resets_at_scene_chan
         fresh = head(feats, [meta(1), meta(5)])["cls_logits"]
         head.reset_memory()
         head(feats, [meta(0), meta(4)])
-        assert head.temporal.kept_slots([meta(1), meta(8)]) == [True, False]  # slot 1 moved to another scene
+        assert head.memory.kept_slots([meta(1), meta(8)]) == [True, False]  # slot 1 moved to another scene
         carried = head(feats, [meta(1), meta(8)])["cls_logits"]
         assert not torch.allclose(carried[:2], fresh[:2])  # slot 0 (2 cameras) used frame 0's memory
         assert torch.allclose(carried[2:], fresh[2:])  # slot 1 started from an empty memory
         late = meta(2, timestamp=meta(1)["timestamp"] + 2.0)
-        assert head.temporal.kept_slots([late, meta(9)]) == [False, True]  # 2 s apart: reset, as ORION's heads
+        assert head.memory.kept_slots([late, meta(9)]) == [False, True]  # 2 s apart: reset, as ORION's heads
         back = meta(1, timestamp=meta(1)["timestamp"] - 0.5)
-        assert head.temporal.kept_slots([back, meta(9)]) == [True, True]  # |dt| < 2 s, as ORION's check
+        assert head.memory.kept_slots([back, meta(9)]) == [True, True]  # |dt| < 2 s, as ORION's check
     head.reset_memory()
-    assert head.temporal.kept_slots([meta(1), meta(5)]) == [False, False]
+    assert head.memory.kept_slots([meta(1), meta(5)]) == [False, False]
 
 
 def test_memory_acts_in_training_mode_and_stays_out_of_the_state_dict(fresh_model):
@@ -242,7 +242,7 @@ def test_memory_acts_in_training_mode_and_stays_out_of_the_state_dict(fresh_mode
     after_frame0 = head(feats, batch1["img_metas"])["cls_logits"]
     assert not torch.allclose(alone, after_frame0)
     after_frame0.sum().backward()  # no gradient flows into the stored (detached) memory
-    assert head.temporal._memory.grad_fn is None and not head.temporal._memory.requires_grad
+    assert head.memory._memory.grad_fn is None and not head.memory._memory.requires_grad
     assert not any("memory" in k and "fuse" not in k for k in model.state_dict())
 
 
@@ -255,16 +255,16 @@ def test_a_training_step_runs_the_head_once_and_vl_tokens_reuse_its_memory(fresh
     calls = model.pts_bbox_head.num_train_calls
     model(frame1, return_loss=True)
     assert model.pts_bbox_head.num_train_calls == calls + 1
-    assert model.pts_bbox_head.temporal._tokens == [m["scene_token"] for m in frame1["img_metas"]]
+    assert model.pts_bbox_head.memory._tokens == [m["scene_token"] for m in frame1["img_metas"]]
     model.eval()
     with torch.no_grad():
         feats = model.extract_img_feat(frame1["img"])
         model.pts_bbox_head(feats.flatten(0, 1), frame0["img_metas"])  # memory := frame 0 of both slots
         det_out = model.pts_bbox_head(feats.flatten(0, 1), frame1["img_metas"])  # frame 1, reading frame 0
-        stored = model.pts_bbox_head.temporal._memory.clone()
+        stored = model.pts_bbox_head.memory._memory.clone()
         tokens = model.vl_tokens(feats, **frame1)
         assert torch.allclose(tokens, model._vl_tokens_from(feats, det_out), atol=1e-6)  # the step's memory
-        assert torch.equal(model.pts_bbox_head.temporal._memory, stored)  # and no state change
+        assert torch.equal(model.pts_bbox_head.memory._memory, stored)  # and no state change
 
 
 class _RecordingModel(torch.nn.Module):

@@ -94,11 +94,11 @@ def test_orion_student_resumed_run_equals_the_uninterrupted_one(tmp_path, teache
     assert not any("teacher" in k for k in full["state_dict"])  # the frozen teacher stays out of checkpoints
     for key in full["state_dict"]:
         assert torch.equal(full["state_dict"][key], resumed["state_dict"][key]), key
-    memory_full = full["memory"][0]["pts_bbox_head.temporal"]
-    memory_resumed = resumed["memory"][0]["pts_bbox_head.temporal"]
+    memory_full = full["memory"][0]["pts_bbox_head.memory"]
+    memory_resumed = resumed["memory"][0]["pts_bbox_head.memory"]
     assert memory_full["tokens"] == memory_resumed["tokens"] and memory_full["memory"] is not None
     assert torch.equal(memory_full["memory"], memory_resumed["memory"])  # the heads' temporal memory continued
-    assert load(tmp_path / "full" / "iter_2.pth")["memory"][0]["pts_bbox_head.temporal"]["memory"] is not None
+    assert load(tmp_path / "full" / "iter_2.pth")["memory"][0]["pts_bbox_head.memory"]["memory"] is not None
 
 
 def _student(tmp_path: Path, teacher: Path) -> torch.nn.Module:

@@ -17,7 +17,7 @@ LAMP_COLOURS = np.array([[1.00, 0.10, 0.05], [1.00, 0.80, 0.05], [0.10, 1.00, 0.
 _UNLIT = np.array([0.3, 0.3, 0.3], np.float32)
 _NO_ID = -1
 VISIBLE_DEPTH = (0.2, 1.35)  # screen depths t drawn at all (t = Z_NEAR / z)
-LIGHT_RISE = 1.0  # the lamp's bottom edge rises LIGHT_RISE * t * (ground rows) above the horizon
+LIGHT_RISE = 0.8  # the lamp's bottom edge rises LIGHT_RISE * t * (ground rows) above the horizon
 LIGHT_LANE = 1.3  # lateral position of the light pole, lane widths right of the ego lane's centre
 
 
@@ -150,7 +150,7 @@ def _light_drawable(view: CameraView, distance: float) -> Optional[dict]:
     if distance <= 0:
         return None
     t = Z_NEAR / distance
-    bw = 18.0 * t
+    bw = 24.0 * t
     y2 = view.horizon - LIGHT_RISE * t * (view.h - 1 - view.horizon)
     xm = float(view.x_at(np.array(t), LIGHT_LANE))
     return dict(kind=2, z=distance, box=(xm - bw / 2, y2 - 2.4 * bw, xm + bw / 2, y2), u=LIGHT_LANE, t=t,

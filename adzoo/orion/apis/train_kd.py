@@ -24,7 +24,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,28 @@ def _device_for(distributed: bool) -> torch.device:
     return torch.device("cpu")
 
 
+def _data_settings(cfg: Any) -> Tuple[int, int, Mapping]:
+    """(samples_per_gpu, workers_per_gpu, shuffler_sampler) from ``cfg.data``."""
+    data_cfg = cfg_get(cfg, "data") or {}
+    samples_per_gpu, workers = int(cfg_get(data_cfg, "samples_per_gpu", 1)), int(cfg_get(data_cfg, "workers_per_gpu", 0))
+    if samples_per_gpu <= 0 or workers < 0:
+        raise ConfigError("data.samples_per_gpu must be > 0 and data.workers_per_gpu >= 0, got {} and {}".format(
+            samples_per_gpu, workers))
+    sampler_cfg = cfg_get(data_cfg, "shuffler_sampler")
+    if sampler_cfg is None:
+        raise ConfigError("data.shuffler_sampler is not set: the loop takes its training order from it, e.g. "
+                          "dict(type='InfiniteGroupEachSampleInBatchSampler', seq_split_num=1)")
+    return samples_per_gpu, workers, sampler_cfg
+
+
+def _prepare_work_dir(cfg: Any, work_dir: str, ckpt_dir: str, logger: Any) -> None:
+    """Remove temporary files a killed run left behind and write the config next to the logs (rank 0)."""
+    for path in remove_stale_temp_files(ckpt_dir):
+        logger.info("removed %s, left by an interrupted run", path)
+    atomic_write_text(os.path.join(work_dir, os.path.basename(cfg_get(cfg, "filename") or "config.py")),
+                      config_text(cfg))
+
+
 def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = False, timestamp: Optional[str] = None,
              meta: Optional[Mapping] = None) -> nn.Module:
     """Train ``model`` on ``datasets[0]`` as ``cfg`` says (see the module docstring); returns the model.
@@ -62,22 +84,13 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
     if distributed and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("train_kd(distributed=True) needs torch.distributed to be initialised")
     rank, world_size = get_dist_info() if distributed else (0, 1)
-    work_dir = cfg_get(cfg, "work_dir")
-    if not work_dir:
+    if not cfg_get(cfg, "work_dir"):
         raise ConfigError("cfg.work_dir is not set (use --work-dir)")
-    work_dir = os.path.abspath(work_dir)
+    work_dir = os.path.abspath(cfg_get(cfg, "work_dir"))
     os.makedirs(work_dir, exist_ok=True)
 
     # ---- settings
-    data_cfg = cfg_get(cfg, "data") or {}
-    samples_per_gpu, workers = int(cfg_get(data_cfg, "samples_per_gpu", 1)), int(cfg_get(data_cfg, "workers_per_gpu", 0))
-    if samples_per_gpu <= 0 or workers < 0:
-        raise ConfigError("data.samples_per_gpu must be > 0 and data.workers_per_gpu >= 0, got {} and {}".format(
-            samples_per_gpu, workers))
-    sampler_cfg = cfg_get(data_cfg, "shuffler_sampler")
-    if sampler_cfg is None:
-        raise ConfigError("data.shuffler_sampler is not set: the loop takes its training order from it, e.g. "
-                          "dict(type='InfiniteGroupEachSampleInBatchSampler', seq_split_num=1)")
+    samples_per_gpu, workers, sampler_cfg = _data_settings(cfg)
     dataset = datasets[0] if isinstance(datasets, (list, tuple)) else datasets
     seed = int(cfg_get(cfg, "seed") or 0)
     schedule = read_schedule(cfg, iters_per_epoch=int(math.ceil(len(dataset) / (samples_per_gpu * world_size))))
@@ -89,10 +102,7 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
     try:
         device = _device_for(distributed)
         if rank == 0:
-            for path in remove_stale_temp_files(os.path.abspath(ckpts.out_dir or work_dir)):
-                logger.info("removed %s, left by an interrupted run", path)
-            atomic_write_text(os.path.join(work_dir, os.path.basename(cfg_get(cfg, "filename") or "config.py")),
-                              config_text(cfg))
+            _prepare_work_dir(cfg, work_dir, os.path.abspath(ckpts.out_dir or work_dir), logger)
 
         # ---- model, optimiser and lr schedule (the model froze its parts in __init__)
         model = model.to(device)
@@ -104,7 +114,7 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
                     sum(g["numel"] for g in groups) / 1e6, sum(p.numel() for p in model.parameters()) / 1e6,
                     len(groups), ", ".join("{:.4g}".format(g["lr_scale"]) for g in groups))
 
-        # ---- weights: resume (weights, optimiser, schedule, scaler, RNG) or load_from
+        # ---- weights: resume (weights, optimiser, schedule, scaler, RNG, memory) or load_from
         start_iter, rng_to_restore, hook_msgs = 0, None, {}
         resume_from = cfg_get(cfg, "resume_from")
         if not resume_from and cfg_get(cfg, "auto_resume", False):
@@ -112,9 +122,8 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
             logger.info("auto-resume: %s", resume_from or "no checkpoint in the work dir, starting fresh")
         if resume_from:
             state = resume(resume_from, model, optimizer, scheduler, scaler, rank, world_size, logger)
-            start_iter, rng_to_restore = state["iter"], state["rng"]
+            start_iter, rng_to_restore, hook_msgs = state["iter"], state["rng"], state["meta"].get("hook_msgs") or {}
             seed = int(state["meta"].get("seed", seed))  # the batch order of the interrupted run
-            hook_msgs = dict(state["meta"].get("hook_msgs") or {})
         elif cfg_get(cfg, "load_from"):
             load_from(model, cfg_get(cfg, "load_from"), logger)
 

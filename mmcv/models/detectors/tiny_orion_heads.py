@@ -7,8 +7,9 @@ the roles of ORION's heads at toy scale:
   cell holding a box centre predicts its class, the centre offset inside the
   cell, the log size, and for traffic lights the lamp state. Like ORION's
   detection head it keeps a temporal memory per batch slot (``SceneMemory``:
-  the previous frame's fused cell features, reset at a scene change), so it
-  must run exactly once per frame; ``num_train_calls`` lets tests check that.
+  the previous frame's pooled features and traffic-state probabilities, reset
+  at a scene change), so it must run exactly once per frame;
+  ``num_train_calls`` lets tests check that.
 * ``TinyMapHead`` (``map_head``): lane-marking logits at a finer grid (pixel shuffle).
 * ``TinyVLProjector``: pools the token grid and the detection head's cell
   features of every camera into local and global scene tokens, adds camera and
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from mmcv.datasets.chat_b2d_metrics import box_iou
 from mmcv.models.builder import HEADS
 
-from .tiny_temporal_memory import SceneMemory
+from .tiny_temporal_memory import SceneMemory, pooled_per_sample
 
 
 def generalized_box_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -69,9 +70,10 @@ class TinyDetHead(nn.Module):
     units of the stride) and ``num_light_states`` lamp-state logits.
     Losses: ``loss_cls`` (weighted cross-entropy), ``loss_bbox`` (L1 on the box
     numbers), ``loss_iou`` (1 - GIoU) and ``loss_traffic`` (lamp-state cross-entropy
-    on traffic-light cells). With ``memory=True`` the cell features are fused with
-    the slot's memory of the previous frame (see :class:`SceneMemory`), when the
-    call brings ``img_metas`` with ``scene_token`` and ``timestamp``.
+    on traffic-light cells). With ``memory=True`` every cell is fused with the
+    slot's memory of the previous frame (its pooled fused features and traffic-state
+    probabilities, see :class:`SceneMemory`), when the call brings ``img_metas``
+    with ``scene_token`` and ``timestamp``.
 
     Per sample it also predicts the traffic state that governs the ego
     (``num_light_states`` lamp states plus 'none') from the fused features of all
@@ -92,7 +94,7 @@ class TinyDetHead(nn.Module):
         self.score_thr = score_thr
         self.nms_iou = nms_iou
         self.max_per_img = max_per_img
-        weights = dict(cls=1.0, bbox=1.0, iou=1.0, traffic=0.5, traffic_state=0.5)
+        weights = dict(cls=1.0, bbox=1.0, iou=1.0, traffic=0.5, traffic_state=1.0)
         weights.update(loss_weights or {})
         self.loss_weights = weights
         self.register_buffer("class_weight", torch.tensor([1.0] * num_classes + [bg_weight]), persistent=False)
@@ -100,43 +102,68 @@ class TinyDetHead(nn.Module):
         self.cls_out = nn.Conv2d(feat_channels, num_classes + 1, 1)
         self.box_out = nn.Conv2d(feat_channels, 4, 1)
         self.light_out = nn.Conv2d(feat_channels, num_light_states, 1)
-        self.traffic_state_out = nn.Linear(feat_channels, num_light_states + 1)
         nn.init.constant_(self.cls_out.bias[-1], math.log(100.0))  # start predicting background
-        self.temporal = SceneMemory(feat_channels, memory_max_gap) if memory else None
+        num_traffic_states = num_light_states + 1  # the lamp states and 'none'
+        # Memory per slot: the pooled fused features and the traffic-state probabilities of the previous frame.
+        self.memory_dim = feat_channels + num_traffic_states if memory else 0
+        self.memory = SceneMemory(memory_max_gap) if memory else None
+        if memory:
+            self.memory_fuse = nn.Sequential(nn.Conv2d(feat_channels + self.memory_dim, feat_channels, 1), nn.GELU(),
+                                             nn.Conv2d(feat_channels, feat_channels, 1))
+            nn.init.zeros_(self.memory_fuse[-1].weight)  # an untrained memory changes nothing
+            nn.init.zeros_(self.memory_fuse[-1].bias)
+        self.traffic_state_out = nn.Linear(feat_channels + self.memory_dim, num_traffic_states)
         self.num_train_calls = 0
 
     def reset_memory(self) -> None:
         """Forget the previous frame of every batch slot."""
-        if self.temporal is not None:
-            self.temporal.reset()
+        if self.memory is not None:
+            self.memory.reset()
+
+    def _fuse_memory(self, x: Tensor, prev: Tensor) -> Tensor:
+        """Add what the memory ``prev`` [B, D] says to every cell of the sample's cameras, ``x`` [B*N, C, h, w]."""
+        per_map = prev.repeat_interleave(x.shape[0] // prev.shape[0], dim=0)[:, :, None, None]
+        return x + self.memory_fuse(torch.cat([x, per_map.expand(-1, -1, *x.shape[2:])], dim=1))
 
     def forward(self, feats: Tensor, img_metas: Optional[Sequence[dict]] = None) -> Dict[str, Tensor]:
-        """[BN, C, h, w] -> ``cls_logits`` [BN, K+1, h, w], ``bbox_pred`` [BN, 4, h, w], ``light_logits``.
+        """[BN, C, h, w] -> ``cls_logits`` [BN, K+1, h, w], ``bbox_pred`` [BN, 4, h, w], ``light_logits``,
+        ``scene_feats`` and, given ``img_metas``, ``traffic_state_logits`` [B, num_light_states + 1].
 
-        Reads and then updates the temporal memory (once per frame, in training and evaluation).
+        With ``img_metas`` it reads the temporal memory, then stores this frame's (once per frame, in
+        training and evaluation); without them it runs memory-less and changes no memory.
         """
         if self.training:
             self.num_train_calls += 1
         x = self.trunk(feats)
-        if self.temporal is not None:
-            x = self.temporal(x, img_metas)
+        batch = len(img_metas) if img_metas is not None else x.shape[0]
+        if img_metas is not None and x.shape[0] % batch:
+            raise ValueError(f"TinyDetHead: {x.shape[0]} feature maps do not split into {batch} samples")
+        prev = None
+        if self.memory is not None:
+            prev = self.memory.read(img_metas, x, self.memory_dim) if img_metas is not None else \
+                x.new_zeros(batch, self.memory_dim)
+            x = self._fuse_memory(x, prev)
         outs = dict(cls_logits=self.cls_out(x), bbox_pred=self.box_out(x), light_logits=self.light_out(x),
                     scene_feats=x)
-        if img_metas is not None:  # one traffic state per sample, from all of its cameras
-            per_sample = x.view(len(img_metas), -1, *x.shape[1:]).amax(dim=(1, 3, 4))
-            outs["traffic_state_logits"] = self.traffic_state_out(per_sample)
+        if img_metas is not None:  # one traffic state per sample, from all of its cameras and the memory
+            pooled = pooled_per_sample(x, batch)
+            logits = self.traffic_state_out(pooled if prev is None else torch.cat([pooled, prev], dim=1))
+            outs["traffic_state_logits"] = logits
+            if self.memory is not None:
+                self.memory.last_read = prev.detach()
+                self.memory.write(torch.cat([pooled, logits.float().softmax(-1).to(pooled.dtype)], dim=1), img_metas)
         return outs
 
     def scene_features(self, feats: Tensor) -> Tensor:
         """The per-cell features the predictions are read from, [BN, feat_channels, h, w], without state change:
         fused with the memory that the last :meth:`forward` read (zeros when it does not fit ``feats``)."""
         x = self.trunk(feats)
-        if self.temporal is None:
+        if self.memory is None:
             return x
-        prev = self.temporal.last_read
-        if prev is None or prev.shape != x.shape:
-            prev = torch.zeros_like(x)
-        return self.temporal.fuse_with(x, prev.to(x.dtype))
+        prev = self.memory.last_read
+        if prev is None or x.shape[0] % prev.shape[0]:
+            prev = x.new_zeros(x.shape[0], self.memory_dim)  # no usable memory: zeros
+        return self._fuse_memory(x, prev.to(x.dtype))
 
     def _decode(self, bbox_pred: Tensor) -> Tensor:
         """[BN, 4, h, w] raw box numbers -> [BN, h, w, 4] pixel boxes (x1, y1, x2, y2)."""

@@ -1,16 +1,15 @@
-"""The miniature ORION's temporal memory: what a batch slot saw in the previous frame.
+"""The miniature ORION's temporal memory: what a batch slot saw and predicted in its previous frame.
 
-ORION's heads keep, for every batch slot, queries of earlier frames and fuse
-them into the current frame; before each frame they keep the memory of a slot
-only if its sample has the same ``scene_token`` as the slot's previous sample
-and lies less than 2 s from it, and zero it otherwise. The stored memory is
-detached (no gradient through time). ``SceneMemory`` does the same at toy
-scale with the detection head's feature map: the fused map of frame ``k`` is
-the memory of frame ``k + 1``, so information (a traffic light's state seen
-before it left the view) can travel over many frames. The memory acts in
-training and in evaluation alike and is not part of the state dict (it belongs
-to one process's stream of batches); ``memory_state()`` / ``load_memory_state()``
-let the standalone loop save it per rank, so a resumed run continues exactly.
+ORION's heads keep, for every batch slot, query embeddings of earlier frames together with
+what they predicted there (reference points, velocities) and fuse them into the current
+frame; before each frame they keep the memory of a slot only if its sample has the same
+``scene_token`` as the slot's previous sample and lies less than 2 s from it, and zero it
+otherwise. The stored memory is detached (no gradient through time). ``SceneMemory`` holds
+one such vector per slot with that refresh rule; the detection head decides what goes in
+(its pooled fused features and traffic-state probabilities) and how it is fused. The memory
+acts in training and in evaluation alike and is not part of the state dict (it belongs to
+one process's stream of batches); ``memory_state()`` / ``load_memory_state()`` let the
+standalone loop save it per rank, so that a resumed run continues exactly.
 """
 from __future__ import annotations
 
@@ -21,26 +20,19 @@ from torch import Tensor, nn
 
 
 class SceneMemory(nn.Module):
-    """Per-slot memory of a [C, h, w] map per camera, refreshed at scene changes; fuses it into the present.
+    """One detached vector per batch slot, kept while the slot stays in its scene (ORION's refresh rule)."""
 
-    ``fused = feats + fuse([feats, memory, mean(memory) broadcast])`` with 1x1
-    convolutions; the last one starts at zero, so an untrained memory changes nothing.
-    """
-
-    def __init__(self, channels: int, max_gap: float = 2.0) -> None:
+    def __init__(self, max_gap: float = 2.0) -> None:
         super().__init__()
         self.max_gap = float(max_gap)
-        self.fuse = nn.Sequential(nn.Conv2d(3 * channels, channels, 1), nn.GELU(), nn.Conv2d(channels, channels, 1))
-        nn.init.zeros_(self.fuse[-1].weight)
-        nn.init.zeros_(self.fuse[-1].bias)
         self.reset()
 
     def reset(self) -> None:
         """Forget every slot (a new evaluation or run starts from an empty memory)."""
-        self._memory: Optional[Tensor] = None  # [B, N, C, h, w], detached
-        self._tokens: List[str] = []
+        self._memory: Optional[Tensor] = None  # [B, D], detached
+        self._tokens: List[Optional[str]] = []
         self._times: List[float] = []
-        self.last_read: Optional[Tensor] = None  # the memory the last forward fused, [B*N, C, h, w]
+        self.last_read: Optional[Tensor] = None  # what the last forward read, [B, D]
 
     def memory_state(self) -> Dict[str, Any]:
         """The stored memory as CPU tensors and plain types (``weights_only``-loadable)."""
@@ -55,7 +47,7 @@ class SceneMemory(nn.Module):
         self._times = [float(t) for t in state["times"]]
 
     def kept_slots(self, img_metas: Sequence[dict]) -> List[bool]:
-        """Which slots keep their memory for these samples: same scene and less than ``max_gap`` s later."""
+        """Which slots keep their memory for these samples: same scene and less than ``max_gap`` s apart."""
         kept = []
         for slot, meta in enumerate(img_metas):
             token, stamp = meta.get("scene_token"), meta.get("timestamp")
@@ -63,37 +55,25 @@ class SceneMemory(nn.Module):
                         and token == self._tokens[slot] and abs(float(stamp) - self._times[slot]) < self.max_gap)
         return kept
 
-    def read(self, feats: Tensor, img_metas: Optional[Sequence[dict]]) -> Tensor:
-        """The memory for ``feats`` [B*N, C, h, w]: the previous map of each kept slot, zeros elsewhere."""
-        prev = torch.zeros_like(feats)
-        if img_metas is None or self._memory is None:
-            return prev
-        b = len(img_metas)
-        per_slot = prev.view(b, feats.shape[0] // b, *feats.shape[1:])
-        if tuple(self._memory.shape[1:]) != tuple(per_slot.shape[1:]):
-            return prev
-        for slot, keep in enumerate(self.kept_slots(img_metas)):
-            if keep:
-                per_slot[slot] = self._memory[slot].to(device=feats.device, dtype=feats.dtype)
+    def read(self, img_metas: Sequence[dict], like: Tensor, dim: int) -> Tensor:
+        """[B, dim] for these samples: each kept slot's previous vector, zeros elsewhere (no state change)."""
+        prev = like.new_zeros(len(img_metas), dim)
+        if self._memory is not None and self._memory.shape[1] == dim:
+            for slot, keep in enumerate(self.kept_slots(img_metas)):
+                if keep:
+                    prev[slot] = self._memory[slot].to(device=like.device, dtype=like.dtype)
         return prev
 
-    def fuse_with(self, feats: Tensor, prev: Tensor) -> Tensor:
-        """Fuse a memory map into ``feats`` (pure function, no state change)."""
-        context = prev.mean(dim=(2, 3), keepdim=True).expand_as(prev)
-        return feats + self.fuse(torch.cat([feats, prev, context], dim=1))
-
-    def forward(self, feats: Tensor, img_metas: Optional[Sequence[dict]]) -> Tensor:
-        """Read, fuse, and store the fused map as the memory of the next frame (when ``img_metas`` are given)."""
-        if img_metas is not None and feats.shape[0] % max(len(img_metas), 1):
-            raise ValueError(f"SceneMemory: {feats.shape[0]} feature maps do not split into {len(img_metas)} samples")
-        prev = self.read(feats, img_metas)
-        fused = self.fuse_with(feats, prev)
-        self.last_read = prev.detach()
-        if img_metas is not None:
-            self._memory = fused.detach().view(len(img_metas), -1, *fused.shape[1:])
-            self._tokens = [meta.get("scene_token") for meta in img_metas]
-            self._times = [float(meta.get("timestamp", float("nan"))) for meta in img_metas]
-        return fused
+    def write(self, vectors: Tensor, img_metas: Sequence[dict]) -> None:
+        """Store ``vectors`` [B, D] (detached) as the memory of the samples' slots."""
+        self._memory = vectors.detach()
+        self._tokens = [meta.get("scene_token") for meta in img_metas]
+        self._times = [float(meta.get("timestamp", float("nan"))) for meta in img_metas]
 
 
-__all__ = ["SceneMemory"]
+def pooled_per_sample(feats: Tensor, batch: int) -> Tensor:
+    """[B*N, C, h, w] -> [B, C]: the maximum over each sample's cameras and cells."""
+    return feats.view(batch, -1, *feats.shape[1:]).amax(dim=(1, 3, 4))
+
+
+__all__ = ["SceneMemory", "pooled_per_sample"]
