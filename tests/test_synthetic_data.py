@@ -75,8 +75,10 @@ def test_answers_and_plan_follow_the_scene():
             assert float(s["ego_fut_trajs"][:, 0].max()) <= 2.5
         elif meta["action"] != "slow down":
             assert float(s["ego_fut_trajs"][-1, 0]) == pytest.approx(18.0)
-        lights = (labels == 2).sum()
-        assert bool(lights) == (meta["light_state"] != "none" and not meta["light_hidden"])
+        lights = int((labels == 2).sum())
+        assert lights <= 1 and (meta["light_state"] != "none" or not lights)
+        if meta["light_hidden"]:  # no pixel in view: no box either
+            assert not lights and meta["light_state"] != "none"
 
 
 def test_samples_are_consecutive_frames_of_scenes_with_orion_group_flags():
@@ -114,7 +116,7 @@ def test_a_traffic_light_approaches_rises_out_of_view_and_its_state_stays_the_an
         if state == "none":
             assert not any(m["light_hidden"] for _, m in frames)
             continue
-        assert frames[0][0] is not None  # visible in the first frame of its scene
+        assert not frames[0][1]["light_hidden"]  # in view in the first frame of its scene
         visible = [box for box, m in frames if box is not None]
         hidden = [m["light_hidden"] for _, m in frames]
         assert hidden == sorted(hidden)  # once out of view, it stays out of view
@@ -125,6 +127,8 @@ def test_a_traffic_light_approaches_rises_out_of_view_and_its_state_stays_the_an
         if state == "red":
             assert all(m["action"] == "stop" for _, m in frames)
     assert hidden_later >= 8  # most lit scenes end with the light out of view: only memory knows its state
+    assert sum(frames[0][0] is not None for frames in [_light_boxes(ds, s) for s in range(6)]
+               if frames[0][1]["light_state"] != "none") >= 2  # and usually a detection target at first
 
 
 def test_objects_move_consistently_between_frames():
@@ -134,7 +138,7 @@ def test_objects_move_consistently_between_frames():
         travel = [script.ego_travel(k * ds.frame_dt) for k in range(ds.scene_len)]
         assert np.all(np.diff(travel) >= 0)  # the ego never drives backwards
         if script.decel > 0:  # braking for a red or yellow light: it stops before the light
-            assert script.light_distance(100.0) >= 4.9
+            assert script.light_distance(100.0) >= 3.4
         for thing in script.front:
             z = [thing.distance(k * ds.frame_dt, travel[k], rear=False) for k in range(ds.scene_len)]
             if thing.mode == "static":  # pedestrians and bushes come closer exactly as far as the ego drives

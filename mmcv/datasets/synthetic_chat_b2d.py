@@ -29,7 +29,7 @@ every head of TinyOrion:
 * ``vlm_question_ids`` / ``vlm_answer_ids``: four Chat-B2D-like questions
   (cars ahead, pedestrians ahead, light state, next action) and their answers,
   tokenised by :class:`ChatTokenizer`. The light state is the state of the
-  scene's light even when it is out of view (``img_metas['light_hidden']``);
+  scene's light even when no pixel of it is in view (``img_metas['light_hidden']``);
 * ``img_metas['traffic_state']``: that state as an index into ``LIGHT_STATES``
   (``len(LIGHT_STATES)``: no light), the per-frame target of the detection head's
   traffic-state output (ORION's heads also read traffic states from ``img_metas``).
@@ -217,7 +217,7 @@ class SyntheticChatB2D(Dataset):
             s = self.lane_mask_stride
             lanes.append(canvas.lane.reshape(h // s, s, w // s, s).sum(axis=(1, 3)) >= 2)
 
-        light_visible = any(o[1] == 2 for o in front_truth)
+        light_in_view = any(o["kind"] == 2 and o.get("visible_px", 0) > 0 for o in front_drawn)
         cues = dict(ped_in_path=any(o["kind"] == 1 and abs(o["u"]) < 0.45 and o["t"] >= 0.5 for o in front_drawn),
                     car_ahead=any(o["kind"] == 0 and abs(o["u"]) < 0.5 and o["t"] >= 0.6 for o in front_drawn))
         action = self._decide_action(script.light_state, cues, script.curvature)
@@ -239,7 +239,7 @@ class SyntheticChatB2D(Dataset):
             img_norm_cfg=dict(mean=list(self.IMG_MEAN), std=list(self.IMG_STD), to_rgb=False),
             qa_types=list(QA_TYPES), questions=questions, answers=[answers[t] for t in QA_TYPES],
             action=action, light_state=light_word, curvature=script.curvature,
-            light_hidden=script.light_state >= 0 and not light_visible,
+            light_hidden=script.light_state >= 0 and not light_in_view,
             traffic_state=script.light_state if script.light_state >= 0 else len(self.LIGHT_STATES),
         )
         return dict(

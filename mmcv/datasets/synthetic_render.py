@@ -17,7 +17,7 @@ LAMP_COLOURS = np.array([[1.00, 0.10, 0.05], [1.00, 0.80, 0.05], [0.10, 1.00, 0.
 _UNLIT = np.array([0.3, 0.3, 0.3], np.float32)
 _NO_ID = -1
 VISIBLE_DEPTH = (0.2, 1.35)  # screen depths t drawn at all (t = Z_NEAR / z)
-LIGHT_RISE = 0.8  # the lamp's bottom edge rises LIGHT_RISE * t * (ground rows) above the horizon
+LIGHT_RISE = 1.2  # the lamp's bottom edge rises LIGHT_RISE * t * (ground rows) above the horizon
 LIGHT_LANE = 1.3  # lateral position of the light pole, lane widths right of the ego lane's centre
 
 
@@ -162,7 +162,8 @@ def render_camera(cv: Canvas, view: CameraView, things: List[Thing], time: float
     """Paint ``things`` (and the light) and return ``(ground truth, drawn objects)``.
 
     Ground truth: ``(box, label, light state)`` per visible object; drawn objects
-    carry ``kind``, ``t`` (screen depth) and ``u`` (lateral position) for the plan cues.
+    carry ``kind``, ``t`` (screen depth) and ``u`` (lateral position) for the plan cues, and
+    ``visible_px``, the number of their pixels left in view.
     """
     drawn = []
     for thing in things:
@@ -192,8 +193,9 @@ def render_camera(cv: Canvas, view: CameraView, things: List[Thing], time: float
         clip = (max(x1, 0.0), max(y1, 0.0), min(x2, float(cv.w)), min(y2, float(cv.h)))
         cw, ch = clip[2] - clip[0], clip[3] - clip[1]
         own = cv.painted.get(obj["id"], 0)
+        obj["visible_px"] = int(visible_px[obj["id"]])
         obj["visible"] = (cw >= 4 and ch >= 6 and cw * ch >= 0.6 * (x2 - x1) * (y2 - y1) and own > 0
-                          and visible_px[obj["id"]] >= 0.5 * own)
+                          and obj["visible_px"] >= 0.5 * own)
         if obj["visible"]:
             truth.append((clip, obj["kind"], light_state if obj["kind"] == 2 else -1))
     return truth, drawn

@@ -30,8 +30,8 @@ from typing import List, Tuple
 import numpy as np
 
 Z_NEAR = 5.0  # metres at which a point on the road lies on the bottom image row
-LIGHT_STOP_GAP = (5.0, 8.0)  # the ego stops this far before a red or yellow light
-LIGHT_START = (13.0, 18.0)  # distance of the light at the first frame (visible there)
+LIGHT_STOP_GAP = (3.5, 6.0)  # the ego stops this far before a red or yellow light
+LIGHT_START = (13.0, 18.0)  # distance of the light at the first frame (in view there)
 RED, YELLOW, GREEN = 0, 1, 2
 
 
