@@ -282,7 +282,7 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
         report["kd_log"] = str(logs[-1]) if logs else None
 
     with Stage(7, total, "evaluate the exported student"):
-        export = kd_dir / "student_export.pth"
+        export = export_final_student(kd_config, kd_dir)
         student = load_exported_student(export)
         after_metrics = evaluate(student, val_set)
         after_similarity = backbone_similarity(before.teacher_backbone, student.img_backbone, loader, 8)
@@ -304,7 +304,7 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
             status = train_main([str(task_config), "--work-dir", str(task_dir), "--seed", str(args.seed)])
             if status:
                 raise RuntimeError(f"task-only training failed with status {status}")
-            control = load_exported_student(task_dir / "student_export.pth")
+            control = load_exported_student(export_final_student(task_config, task_dir))
             report["task_only_metrics"] = evaluate(control, val_set)
             report["task_only_backbone"] = backbone_similarity(before.teacher_backbone, control.img_backbone, loader, 8)
             print("  task loss only:", {k: round(v, 4) for k, v in report["task_only_metrics"].items()
@@ -334,6 +334,18 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
     report["targets"] = evaluate_targets(report)
     write_report(report, work)
     return report
+
+
+def export_final_student(config: Path, work_dir: Path) -> Path:
+    """The student that the config's ``KDExportStudentHook`` exported at the end of the run.
+
+    The training loop only trains; exporting is the hook's job, as in ORION.
+    """
+    path = work_dir / "student_pruned.pth"
+    if not path.is_file():
+        raise RuntimeError(f"{config}: the run ended without {path}; its custom_hooks need "
+                           "dict(type='KDExportStudentHook', filename='student_pruned.pth')")
+    return path
 
 
 def load_exported_student(path: Path) -> Any:
@@ -432,7 +444,7 @@ Backbone fidelity right after pruning (cosine of the output feature map to the f
 
 ## Files
 importance_*.json, pruning_config.json, impact_analysis.json, importance_heatmap.png, fidelity_vs_ratio.png,
-loss_curves.png, kd/ (training logs, checkpoints, student_export.pth).
+loss_curves.png, kd/ (training logs, checkpoints, student_pruned.pth).
 
 Stage times (s): {', '.join(f"{k}: {v:.1f}" for k, v in report['stage_seconds'].items())}; total
 {report['total_seconds']:.1f}s.

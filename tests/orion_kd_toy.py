@@ -1,40 +1,31 @@
-"""A toy KD detector and dataset for the training-loop tests (test-only registry names).
+"""A toy KD detector, dataset and test hooks for the training-loop tests (test-only registry names).
 
-``OrionKDTestToyDetector`` follows the detector contract of .dev/INTERFACES.md:
+``OrionKDTestToyDetector`` follows ORION's detector contract:
 ``forward(data, return_loss=True) -> dict(loss, log_vars, num_samples)``, an
-``img_backbone.blocks.N`` path (layer-wise decay), a frozen teacher left out of
-``state_dict()``, frozen heads, GridMask-like and dropout randomness, and the
-optional ``set_distillation_alpha`` / ``export_student`` hooks. It can also be
-told to sleep per step (kill tests) or to raise on one rank (failure tests).
+``img_backbone.blocks.N`` path (layer-wise decay), a frozen teacher held outside the
+module tree, frozen heads, GridMask-like and dropout randomness and
+``set_distillation_alpha``. It records the alpha and the autocast dtype of every
+forward, can sleep per step (kill tests) and raise on one rank (failure tests).
+``OrionKDTestToyDataset`` has scenes of two samples (``flag``) for the streaming sampler.
+The ``OrionKDTest*Hook`` classes are small ``custom_hooks`` that record what the loop does.
 """
 from __future__ import annotations
 
-import atexit
+import json
 import os
 import time
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from mmcv.datasets.builder import DATASETS
 from mmcv.models.builder import MODELS
-
-try:
-    from mmcv.datasets.builder import DATASETS
-except ImportError:  # the dataset registry has not landed: in-process tests still work
-    DATASETS = None
-
-
-class ToyDataContainer:
-    """Duck-typed stand-in for mmcv's DataContainer (``data``, ``stack``, ``cpu_only``)."""
-
-    def __init__(self, data: Any, stack: bool = False, cpu_only: bool = False) -> None:
-        self.data = data
-        self.stack = stack
-        self.cpu_only = cpu_only
+from mmcv.runner.hooks import HOOKS, Hook
 
 
 class ToyBlock(nn.Module):
@@ -76,54 +67,31 @@ class ToyGridMask(nn.Module):
 
 
 class OrionKDTestToyDetector(nn.Module):
-    """Student backbone (trained) + frozen teacher backbone + frozen heads."""
+    """Student backbone (trained) + frozen teacher backbone (outside the module tree) + frozen heads."""
 
     def __init__(self, embed_dim: int = 16, depth: int = 3, drop: float = 0.1, sleep: float = 0.0,
-                 fail_rank: Optional[int] = None, fail_iter: Optional[int] = None, dump_dir: Optional[str] = None,
+                 fail_rank: Optional[int] = None, fail_iter: Optional[int] = None,
                  train_cfg: Optional[dict] = None, test_cfg: Optional[dict] = None) -> None:
         super().__init__()
         self.img_backbone = ToyBackbone(embed_dim, depth, drop=drop)
-        self.teacher_backbone = ToyBackbone(embed_dim, depth, drop=0.0)
+        object.__setattr__(self, "teacher_backbone", ToyBackbone(embed_dim, depth, drop=0.0).eval())
         self.img_neck = None
         self.pts_bbox_head = nn.Linear(embed_dim, 4)
         self.map_head = nn.Linear(embed_dim, 2)
-        self.lm_head = None
         self.grid_mask = ToyGridMask()
         self.use_grid_mask = True
         self.alpha = 0.5
-        self.alpha_history: List[float] = []
+        self.alpha_per_forward: List[float] = []
+        self.head_output_dtypes: List[torch.dtype] = []
         self.sleep = sleep
         self.fail_rank, self.fail_iter = fail_rank, fail_iter
         self.calls = 0
         for name, p in self.named_parameters():
             p.requires_grad_(name.startswith("img_backbone."))
-        if dump_dir:  # every rank writes its final student weights at exit (DDP consistency tests)
-            atexit.register(self._dump_weights, dump_dir)
-
-    def _dump_weights(self, dump_dir: str) -> None:
-        os.makedirs(dump_dir, exist_ok=True)
-        path = os.path.join(dump_dir, "rank{}.pth".format(os.environ.get("RANK", "0")))
-        torch.save({k: v.detach().cpu() for k, v in self.img_backbone.state_dict().items()}, path)
-
-    def train(self, mode: bool = True) -> "OrionKDTestToyDetector":
-        super().train(mode)
-        self.teacher_backbone.eval()
-        return self
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> Dict[str, torch.Tensor]:
-        sd = super().state_dict(*args, **kwargs)
-        for key in [k for k in sd if k.startswith("teacher_backbone.")]:
-            del sd[key]
-        return sd
+        self.teacher_backbone.requires_grad_(False)
 
     def set_distillation_alpha(self, alpha: float) -> None:
         self.alpha = float(alpha)
-        self.alpha_history.append(self.alpha)
-
-    def export_student(self, path: str) -> None:
-        tmp = path + ".tmp"
-        torch.save({"state_dict": self.img_backbone.state_dict()}, tmp)
-        os.replace(tmp, path)
 
     def forward(self, data: Dict[str, Any], return_loss: bool = True) -> Dict[str, Any]:
         self.calls += 1
@@ -140,9 +108,11 @@ class OrionKDTestToyDetector(nn.Module):
         feat = self.img_backbone(x)[0]
         with torch.no_grad():
             teacher = self.teacher_backbone(x)[0]
+        self.alpha_per_forward.append(self.alpha)
         pred = self.pts_bbox_head(feat.mean(1)).view(b, n, -1).mean(1)
-        task_loss = F.mse_loss(pred, data["gt"])
-        distill_loss = F.mse_loss(feat, teacher)
+        self.head_output_dtypes.append(pred.dtype)  # a Linear: its dtype shows autocast
+        task_loss = F.mse_loss(pred.float(), data["gt"])
+        distill_loss = F.mse_loss(feat.float(), teacher.float())
         loss = (1 - self.alpha) * task_loss + self.alpha * distill_loss
         log_vars = dict(task_loss=float(task_loss.detach()), backbone_distill_loss=float(distill_loss.detach()),
                         total_loss=float(loss.detach()))
@@ -150,11 +120,12 @@ class OrionKDTestToyDetector(nn.Module):
 
 
 class OrionKDTestToyDataset(Dataset):
-    """Deterministic multi-view samples: ``img`` [2, 3, 16, 16], ``gt`` [4], ``img_metas``."""
+    """Deterministic multi-view samples: ``img`` [2, 3, 16, 16], ``gt`` [4], ``img_metas``; scenes of 2."""
 
     def __init__(self, num_samples: int = 10, num_cams: int = 2) -> None:
         self.num_samples = num_samples
         self.num_cams = num_cams
+        self.flag = np.arange(num_samples, dtype=np.int64) // 2
 
     def __len__(self) -> int:
         return self.num_samples
@@ -167,12 +138,108 @@ class OrionKDTestToyDataset(Dataset):
 
     @staticmethod
     def collate_fn(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
-        return dict(img=ToyDataContainer([torch.stack([s["img"] for s in samples])], stack=True),
-                    gt=torch.stack([s["gt"] for s in samples]),
-                    img_metas=ToyDataContainer([[s["img_metas"] for s in samples]], cpu_only=True))
+        return dict(img=torch.stack([s["img"] for s in samples]), gt=torch.stack([s["gt"] for s in samples]),
+                    img_metas=[s["img_metas"] for s in samples])
 
 
-if "OrionKDTestToyDetector" not in MODELS:
-    MODELS.register_module(name="OrionKDTestToyDetector", module=OrionKDTestToyDetector)
-if DATASETS is not None and "OrionKDTestToyDataset" not in DATASETS:
-    DATASETS.register_module(name="OrionKDTestToyDataset", module=OrionKDTestToyDataset)
+def _raw(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class OrionKDTestRecordHook(Hook):
+    """Records ``(stage, iter, epoch, inner_iter)`` at every stage; writes them to ``out`` (per rank) at the end."""
+
+    instances: List["OrionKDTestRecordHook"] = []
+
+    def __init__(self, out: Optional[str] = None) -> None:
+        self.out = out
+        self.calls: List[tuple] = []
+        OrionKDTestRecordHook.instances.append(self)
+
+    def _record(self, stage: str, runner: Any) -> None:
+        self.calls.append((stage, runner.iter, runner.epoch, runner.inner_iter))
+
+    def before_run(self, runner: Any) -> None:
+        self._record("before_run", runner)
+
+    def before_epoch(self, runner: Any) -> None:
+        self._record("before_epoch", runner)
+
+    def before_train_epoch(self, runner: Any) -> None:
+        self._record("before_train_epoch", runner)
+
+    def before_train_iter(self, runner: Any) -> None:
+        self._record("before_train_iter", runner)
+
+    def after_train_iter(self, runner: Any) -> None:
+        self._record("after_train_iter", runner)
+
+    def after_train_epoch(self, runner: Any) -> None:
+        self._record("after_train_epoch", runner)
+
+    def after_epoch(self, runner: Any) -> None:
+        self._record("after_epoch", runner)
+
+    def after_run(self, runner: Any) -> None:
+        self._record("after_run", runner)
+        if self.out:
+            path = "{}.rank{}.json".format(self.out, runner.rank)
+            with open(path, "w") as handle:
+                json.dump(self.calls, handle)
+
+
+class OrionKDTestAlphaHook(Hook):
+    """Sets the distillation alpha before every iteration: ``high`` before ``switch_iter``, ``low`` after."""
+
+    def __init__(self, switch_iter: int = 3, high: float = 0.8, low: float = 0.6) -> None:
+        self.switch_iter, self.high, self.low = switch_iter, high, low
+
+    def before_train_iter(self, runner: Any) -> None:
+        _raw(runner.model).set_distillation_alpha(self.high if runner.iter < self.switch_iter else self.low)
+
+
+class OrionKDTestLogHook(Hook):
+    """Adds ``hook_value`` (= iter) to the log buffer and remembers the last iteration in ``meta['hook_msgs']``."""
+
+    def after_train_iter(self, runner: Any) -> None:
+        runner.log_buffer.update(dict(hook_value=float(runner.iter)), 1)
+        runner.meta.setdefault("hook_msgs", {})["last_iter"] = runner.iter
+        runner.meta["hook_msgs"].setdefault("iters_seen", 0)
+        runner.meta["hook_msgs"]["iters_seen"] += 1
+
+
+class OrionKDTestDumpWeightsHook(Hook):
+    """Every rank writes its model's state dict before and after the run (DDP consistency tests)."""
+
+    def __init__(self, dump_dir: str) -> None:
+        self.dump_dir = dump_dir
+
+    def _dump(self, runner: Any, when: str) -> None:
+        os.makedirs(self.dump_dir, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in _raw(runner.model).state_dict().items()}
+        torch.save(state, os.path.join(self.dump_dir, "{}_rank{}.pth".format(when, runner.rank)))
+
+    def before_run(self, runner: Any) -> None:
+        self._dump(runner, "before")
+
+    def after_run(self, runner: Any) -> None:
+        self._dump(runner, "after")
+
+
+class OrionKDTestOrderHook(Hook):
+    """Appends its name to ``ORDER`` at ``before_run`` (priority-order tests)."""
+
+    ORDER: List[str] = []
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def before_run(self, runner: Any) -> None:
+        OrionKDTestOrderHook.ORDER.append(self.name)
+
+
+for _registry, _cls in ((MODELS, OrionKDTestToyDetector), (DATASETS, OrionKDTestToyDataset),
+                        (HOOKS, OrionKDTestRecordHook), (HOOKS, OrionKDTestAlphaHook), (HOOKS, OrionKDTestLogHook),
+                        (HOOKS, OrionKDTestDumpWeightsHook), (HOOKS, OrionKDTestOrderHook)):
+    if _cls.__name__ not in _registry:
+        _registry.register_module(name=_cls.__name__, module=_cls)

@@ -118,7 +118,7 @@ def test_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((work / "report.json").read_text())
     for name in ("report.md", "importance_heatmap.png", "fidelity_vs_ratio.png", "loss_curves.png",
-                 "pruning_config.json", "kd/student_export.pth"):
+                 "pruning_config.json", "kd/student_pruned.pth"):
         assert (work / name).is_file(), name
     assert report["pruning_config"]["num_heads"] == [8, 8, 8, 8]
     assert set(report["after_kd_metrics"]) >= {"det_f1", "lane_iou", "qa_acc", "plan_l2"}

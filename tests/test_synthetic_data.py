@@ -4,9 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import numpy as np
+
 from mmcv.datasets import (DATASETS, ChatB2DMetrics, ChatTokenizer, PriorBaseline, SyntheticChatB2D, build_dataset,
                            chance_levels, collate_chat_b2d, evaluate)
 from mmcv.datasets.chat_b2d_metrics import box_iou, f1_score, match_detections
+from mmcv.datasets.synthetic_chat_b2d import scene_flags
 
 
 def _assert_samples_equal(a: dict, b: dict) -> None:
@@ -72,8 +75,77 @@ def test_answers_and_plan_follow_the_scene():
             assert float(s["ego_fut_trajs"][:, 0].max()) <= 2.5
         elif meta["action"] != "slow down":
             assert float(s["ego_fut_trajs"][-1, 0]) == pytest.approx(18.0)
-        lights = (labels == 2).sum()
-        assert bool(lights) == (meta["light_state"] != "none")
+        lights = int((labels == 2).sum())
+        assert lights <= 1 and (meta["light_state"] != "none" or not lights)
+        if meta["light_hidden"]:  # no pixel in view: no box either
+            assert not lights and meta["light_state"] != "none"
+
+
+def test_samples_are_consecutive_frames_of_scenes_with_orion_group_flags():
+    ds = SyntheticChatB2D("train", num_samples=20, scene_len=8, frame_dt=0.5)
+    metas = [ds[i]["img_metas"] for i in range(20)]
+    assert ds.flag.tolist() == [i // 8 for i in range(20)]
+    assert [m["frame_idx"] for m in metas] == [i % 8 for i in range(20)]
+    for scene in range(3):
+        frames = metas[scene * 8:(scene + 1) * 8]
+        assert len({m["scene_token"] for m in frames}) == 1
+        assert np.allclose(np.diff([m["timestamp"] for m in frames]), 0.5)
+    assert metas[8]["scene_token"] != metas[7]["scene_token"] and metas[8]["timestamp"] - metas[7]["timestamp"] >= 2.0
+    assert scene_flags(10, 4, seq_split_num=2).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # ORION's pieces
+    assert scene_flags(5, 4, seq_split_num="all").tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="seq_mode=False"):
+        SyntheticChatB2D(seq_mode=False)
+
+
+def _light_boxes(ds: SyntheticChatB2D, scene: int) -> list:
+    out = []
+    for k in range(ds.scene_len):
+        s = ds[scene * ds.scene_len + k]
+        lights = s["gt_bboxes"][0][s["gt_labels"][0] == 2]
+        out.append((lights[0] if len(lights) else None, s["img_metas"]))
+    return out
+
+
+def test_a_traffic_light_approaches_rises_out_of_view_and_its_state_stays_the_answer():
+    ds = SyntheticChatB2D("train", num_samples=8 * 24, cache=False)
+    hidden_later = 0
+    for scene in range(24):
+        frames = _light_boxes(ds, scene)
+        state = frames[0][1]["light_state"]
+        assert all(m["light_state"] == state and m["answers"][2] == state for _, m in frames)
+        if state == "none":
+            assert not any(m["light_hidden"] for _, m in frames)
+            continue
+        assert not frames[0][1]["light_hidden"]  # in view in the first frame of its scene
+        visible = [box for box, m in frames if box is not None]
+        hidden = [m["light_hidden"] for _, m in frames]
+        assert hidden == sorted(hidden)  # once out of view, it stays out of view
+        tops = [float(b[1]) for b in visible]
+        widths = [float(b[2] - b[0]) for b in visible]
+        assert tops == sorted(tops, reverse=True) and widths == sorted(widths)  # rising and growing as we approach
+        hidden_later += hidden[-1]
+        if state == "red":
+            assert all(m["action"] == "stop" for _, m in frames)
+    assert hidden_later >= 8  # most lit scenes end with the light out of view: only memory knows its state
+    assert sum(frames[0][0] is not None for frames in [_light_boxes(ds, s) for s in range(6)]
+               if frames[0][1]["light_state"] != "none") >= 2  # and usually a detection target at first
+
+
+def test_objects_move_consistently_between_frames():
+    ds = SyntheticChatB2D("train", num_samples=8 * 12, cache=False)
+    for scene in range(12):
+        script = ds.scene_script(scene)
+        travel = [script.ego_travel(k * ds.frame_dt) for k in range(ds.scene_len)]
+        assert np.all(np.diff(travel) >= 0)  # the ego never drives backwards
+        if script.decel > 0:  # braking for a red or yellow light: it stops before the light
+            assert script.light_distance(100.0) >= 3.4
+        for thing in script.front:
+            z = [thing.distance(k * ds.frame_dt, travel[k], rear=False) for k in range(ds.scene_len)]
+            if thing.mode == "static":  # pedestrians and bushes come closer exactly as far as the ego drives
+                assert np.allclose(np.array(z) + np.array(travel), z[0])
+            elif thing.mode == "gap":
+                assert min(z) >= 6.4  # the car ahead in the ego lane keeps its distance
+        assert ds[scene * 8]["img_metas"]["curvature"] == ds[scene * 8 + 7]["img_metas"]["curvature"]
 
 
 def test_collate_stacks_fixed_shapes_and_keeps_ragged_lists():
@@ -205,6 +277,16 @@ def test_evaluate_gives_perfect_scores_to_an_oracle_and_restores_mode():
     assert out["det_f1"] == 1.0 and out["lane_iou"] == 1.0 and out["qa_acc"] == 1.0 and out["plan_l2"] == 0.0
     assert out["num_samples"] == 6.0
     assert evaluate(oracle, ds, max_samples=2)["num_samples"] == 2.0
+
+
+def test_metrics_on_frames_with_the_light_out_of_view():
+    batch, preds = _hand_made_batch_and_predictions()
+    batch["img_metas"][0]["light_hidden"] = True
+    metrics = ChatB2DMetrics(qa_types=("count_cars", "light_state"))
+    metrics.update(preds, batch)
+    out = metrics.compute()
+    assert out["num_light_hidden"] == 1.0 and out["qa_acc_light_state_hidden"] == 0.0  # answered green, was red
+    assert out["plan_l2_light_hidden"] == pytest.approx(2.0)
 
 
 def test_image_blind_baseline_sets_low_chance_levels():

@@ -1,4 +1,4 @@
-"""The KD training loop, its entry point and launcher, on a toy detector (tests/orion_kd_toy.py)."""
+"""The standalone KD loop, its hooks, entry point and launcher, on a toy detector (tests/orion_kd_toy.py)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
 import torch
@@ -21,8 +21,12 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(ROOT))
 
-import orion_kd_toy  # noqa: E402,F401  (registers the toy types)
+import orion_kd_toy  # noqa: E402  (registers the toy types and test hooks)
 from adzoo.orion.apis import train_kd as loop  # noqa: E402
+from adzoo.orion.apis.hooks import LoopRunner, build_custom_hooks, get_priority  # noqa: E402
+from adzoo.orion.apis.optim import build_kd_optimizer, build_lr_scheduler, lr_factor_at  # noqa: E402
+from adzoo.orion.apis.settings import ConfigError, read_log_settings, read_schedule  # noqa: E402
+from mmcv.models.utils.batch_io import move_batch_to_device  # noqa: E402
 from mmcv.utils import Config  # noqa: E402
 
 ENTRY = ROOT / "adzoo" / "orion" / "train_kd.py"
@@ -37,9 +41,10 @@ EPOCH_LINE = re.compile(r"Epoch \[(\d+)\]\[(\d+)/(\d+)\]\s+lr: \d\.\d{3}e[-+]\d{
 
 BASE_CFG: Dict[str, Any] = dict(
     custom_imports=dict(imports=["orion_kd_toy"], allow_failed_imports=False),
-    model=dict(type="OrionKDTestToyDetector", embed_dim=16, depth=3, drop=0.1, sleep=0.0, dump_dir=None,
-               fail_rank=None, fail_iter=None),
-    data=dict(samples_per_gpu=2, workers_per_gpu=0, train=dict(type="OrionKDTestToyDataset", num_samples=10)),
+    model=dict(type="OrionKDTestToyDetector", embed_dim=16, depth=3, drop=0.1, sleep=0.0, fail_rank=None,
+               fail_iter=None),
+    data=dict(samples_per_gpu=2, workers_per_gpu=0, train=dict(type="OrionKDTestToyDataset", num_samples=10),
+              shuffler_sampler=dict(type="InfiniteGroupEachSampleInBatchSampler", seq_split_num=1)),
     optimizer=dict(constructor="LearningRateDecayOptimizerConstructor", type="AdamW", lr=1e-2, weight_decay=1e-4,
                    paramwise_cfg=dict(decay_rate=0.9, num_layers=3)),
     optimizer_config=dict(grad_clip=dict(max_norm=35, norm_type=2)),
@@ -48,7 +53,7 @@ BASE_CFG: Dict[str, Any] = dict(
     runner=dict(type="IterBasedRunner", max_iters=12),
     checkpoint_config=dict(interval=2, max_keep_ckpts=3),
     log_config=dict(interval=2, hooks=[dict(type="TextLoggerHook"), dict(type="TensorboardLoggerHook")]),
-    kd_config=dict(alpha_schedule="step", warmup_alpha=0.8, finetune_alpha=0.6, warmup_epochs=1),
+    custom_hooks=[],
     seed=0,
 )
 
@@ -63,6 +68,7 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
 def write_config(directory: Path, name: str = "toy_kd.py", **over: Any) -> Path:
     """Write the toy config (with overrides merged into it) as a Python config file."""
     cfg = _merge(BASE_CFG, over)
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     path.write_text("".join("{} = {!r}\n".format(k, v) for k, v in cfg.items()))
     return path
@@ -77,7 +83,7 @@ def env() -> Dict[str, str]:
     return e
 
 
-def run_entry(*args: str, cwd: Optional[Path] = None, timeout: int = 120) -> subprocess.CompletedProcess:
+def run_entry(*args: Any, cwd: Optional[Path] = None, timeout: int = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ENTRY)] + [str(a) for a in args], cwd=cwd, env=env(),
                           capture_output=True, text=True, timeout=timeout)
 
@@ -88,7 +94,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_launcher(*args: str, cwd: Path, timeout: int = 150) -> subprocess.CompletedProcess:
+def run_launcher(*args: Any, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     e = env()
     e["MASTER_PORT"] = str(free_port())
     e["ORION_KD_DIST_TIMEOUT"] = "60"
@@ -112,31 +118,48 @@ def build_toy(cfg: Config) -> torch.nn.Module:
     return build_model(cfg.model)
 
 
+def train_toy(cfg: Config, timestamp: str = "t0") -> torch.nn.Module:
+    model = build_toy(cfg)
+    loop.train_kd(model, [orion_kd_toy.OrionKDTestToyDataset(cfg.data.train.num_samples)], cfg, timestamp=timestamp)
+    return model
+
+
+def json_records(work_dir: Path) -> List[Dict[str, Any]]:
+    return [json.loads(x) for x in next(work_dir.glob("*.log.json")).read_text().splitlines()]
+
+
 # --------------------------------------------------------------------------- pure pieces
 def test_lr_is_linear_warmup_times_cosine_to_min_ratio() -> None:
     lc = dict(policy="CosineAnnealing", warmup="linear", warmup_iters=4, warmup_ratio=1.0 / 3, min_lr_ratio=1e-3)
     n = 20
 
-    def cos(i: int) -> float:
-        return 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * i / n))
+    def expected(i: int) -> float:
+        cos = 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * i / n))
+        return cos * (1 - (1 - i / 4) * (1 - 1.0 / 3) if i < 4 else 1.0)
 
-    for i in range(n + 1):
-        warm = 1 - (1 - i / 4) * (1 - 1.0 / 3) if i < 4 else 1.0
-        assert loop.lr_factor_at(i, n, lc) == pytest.approx(cos(i) * warm, rel=0, abs=1e-15)
-    assert loop.lr_factor_at(0, n, lc) == pytest.approx(1.0 / 3)
-    assert loop.lr_factor_at(n, n, lc) == pytest.approx(1e-3)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([dict(params=[param], lr=0.5)], lr=0.5)
+    scheduler = build_lr_scheduler(optimizer, lc, n)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
+    seen = []
+    for _ in range(n + 1):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([0.5 * expected(i) for i in range(n + 1)], rel=1e-12)
+    assert seen[0] == pytest.approx(0.5 / 3) and seen[n] == pytest.approx(0.5e-3)
     # by epoch: constant inside an epoch, cosine over epochs (no warmup here)
     lc_epoch = dict(policy="CosineAnnealing", min_lr_ratio=0.0)
-    assert [loop.lr_factor_at(i, 12, lc_epoch, iters_per_epoch=4, by_epoch=True) for i in (0, 3, 4, 8)] == \
+    assert [lr_factor_at(i, 12, lc_epoch, iters_per_epoch=4, by_epoch=True) for i in (0, 3, 4, 8)] == \
         pytest.approx([1.0, 1.0, 0.75, 0.25])
-    with pytest.raises(loop.ConfigError, match="warmup must be 'linear'"):
-        loop.lr_factor_at(0, 10, dict(warmup="exp"))
+    with pytest.raises(ConfigError, match="warmup must be 'linear'"):
+        build_lr_scheduler(optimizer, dict(warmup="exp"), 10)
 
 
 def test_layer_decay_groups_cover_only_trainable_params(tmp_path: Path) -> None:
     cfg = cfg_obj(tmp_path)
     model = build_toy(cfg)
-    opt, groups = loop.build_kd_optimizer(model, cfg.optimizer)
+    opt, groups = build_kd_optimizer(model, cfg.optimizer)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in in_opt) == p.requires_grad == name.startswith("img_backbone."), name
@@ -154,94 +177,183 @@ def test_layer_decay_groups_cover_only_trainable_params(tmp_path: Path) -> None:
     assert group_of[id(params["img_backbone.blocks.0.fc1.weight"])]["weight_decay"] == pytest.approx(1e-4)
     for no_decay in ("img_backbone.blocks.0.fc1.bias", "img_backbone.pos_embed", "img_backbone.norm.weight"):
         assert group_of[id(params[no_decay])]["weight_decay"] == 0.0
-    with pytest.raises(loop.ConfigError, match="num_layers=2"):
-        loop.build_kd_optimizer(model, dict(cfg.optimizer, paramwise_cfg=dict(decay_rate=0.9, num_layers=2)))
-    with pytest.raises(loop.ConfigError, match="unknown keys"):
-        loop.build_kd_optimizer(model, dict(cfg.optimizer, paramwise_cfg=dict(decay_rat=0.9, num_layers=3)))
+    with pytest.raises(ConfigError, match="num_layers=2"):
+        build_kd_optimizer(model, dict(cfg.optimizer, paramwise_cfg=dict(decay_rate=0.9, num_layers=2)))
+    with pytest.raises(ConfigError, match="unknown keys"):
+        build_kd_optimizer(model, dict(cfg.optimizer, paramwise_cfg=dict(decay_rat=0.9, num_layers=3)))
 
 
-def test_batches_unwrap_datacontainers() -> None:
-    batch = orion_kd_toy.OrionKDTestToyDataset.collate_fn([orion_kd_toy.OrionKDTestToyDataset(4)[i] for i in range(2)])
-    moved = loop.move_batch_to_device(batch, torch.device("cpu"))
+def test_batches_move_to_the_device_recursively() -> None:
+    ds = orion_kd_toy.OrionKDTestToyDataset(4)
+    moved = move_batch_to_device(ds.collate_fn([ds[0], ds[1]]), torch.device("cpu"))
     assert moved["img"].shape == (2, 2, 3, 16, 16)
     assert moved["img_metas"] == [dict(sample_idx=0), dict(sample_idx=1)]
 
 
-def test_sampler_order_depends_on_seed_and_epoch_and_skips_batches() -> None:
-    s = loop.ResumableDistributedSampler(10, batch_size=2, num_replicas=2, rank=1, seed=3)
-    assert s.num_batches == 3 and len(s) == 6
-    s.set_epoch(1)
-    full = list(s)
-    s.set_start_batch(2)
-    assert list(s) == full[4:]
-    s2 = loop.ResumableDistributedSampler(10, batch_size=2, num_replicas=2, rank=1, seed=3)
-    s2.set_epoch(1)
-    assert list(s2) == full
-    s2.set_epoch(2)
-    assert list(s2) != full
+def test_hook_priorities_follow_mmcv_and_keep_registration_order_within_a_level() -> None:
+    names = [("normal_a", "NORMAL"), ("high", "HIGH"), ("normal_b", 50), ("lowest", "LOWEST"),
+             ("very_high", "very_high"), ("int_20", 20), ("normal_c", None)]
+    configs = [dict(type="OrionKDTestOrderHook", name=n, **({} if p is None else dict(priority=p))) for n, p in names]
+    hooks = build_custom_hooks(configs)
+    assert [h.name for h in hooks] == ["very_high", "int_20", "high", "normal_a", "normal_b", "normal_c", "lowest"]
+    assert [h.priority for h in hooks] == [10, 20, 30, 50, 50, 50, 100]
+    assert get_priority("ABOVE_NORMAL") == 40 and get_priority(0) == 0
+    for bad in (101, "URGENT", 2.5):
+        with pytest.raises(ConfigError, match="priority"):
+            get_priority(bad)
+    with pytest.raises(ConfigError, match="not registered in mmcv.runner.hooks.HOOKS.*custom_imports"):
+        build_custom_hooks([dict(type="NoSuchHook")])
 
 
-# --------------------------------------------------------------------------- in-process loop
-def test_epoch_runner_logs_epoch_lines_saves_epochs_and_sets_alpha(tmp_path: Path) -> None:
+def test_the_runner_hooks_see_offers_exactly_the_contract_attributes() -> None:
+    contract = {"iter", "max_iters", "epoch", "inner_iter", "model", "optimizer", "work_dir", "logger", "rank",
+                "world_size", "meta", "outputs", "log_buffer"}
+    runner = LoopRunner(torch.nn.Linear(1, 1), None, "/tmp", None, 0, 1, 10, meta={})
+    public = {name for name in dir(runner) if not name.startswith("_")}
+    assert public == contract
+    with pytest.raises(AttributeError):
+        runner.data_loader = None  # nothing outside the contract can be attached
+    runner.log_buffer.update(dict(a=1.0), 3)
+    runner.log_buffer.update(dict(a=3.0), 1)
+    assert runner.log_buffer.average() == dict(a=1.5)  # weighted by count, as mmcv's LogBuffer
+
+
+# --------------------------------------------------------------------------- hooks in the loop
+def _calls(hook: Any, stage: str) -> List[tuple]:
+    return [c[1:] for c in hook.calls if c[0] == stage]
+
+
+def test_iter_runner_calls_hooks_where_mmcv_iter_based_runner_does(tmp_path: Path) -> None:
+    cfg = cfg_obj(tmp_path, runner=dict(max_iters=7), custom_hooks=[dict(type="OrionKDTestRecordHook")])
+    orion_kd_toy.OrionKDTestRecordHook.instances.clear()
+    train_toy(cfg)
+    hook = orion_kd_toy.OrionKDTestRecordHook.instances[-1]
+    stages = [c[0] for c in hook.calls]
+    assert stages[:3] == ["before_run", "before_epoch", "before_train_iter"]
+    assert stages[-2:] == ["after_epoch", "after_run"] and "before_train_epoch" not in stages
+    # (iter, epoch, inner_iter): iter is the index of the running iteration; 5 iterations per epoch
+    assert _calls(hook, "before_train_iter") == [(i, i // 5, i % 5) for i in range(7)]
+    assert _calls(hook, "after_train_iter") == _calls(hook, "before_train_iter")
+    assert _calls(hook, "after_run") == [(7, 1, 2)]
+
+
+def test_epoch_runner_calls_train_epoch_hooks_at_every_epoch_boundary(tmp_path: Path) -> None:
     cfg = cfg_obj(tmp_path, runner=dict(type="EpochBasedRunner", max_epochs=2),
-                  checkpoint_config=dict(interval=1, max_keep_ckpts=1), log_config=dict(interval=2),
-                  mixed_precision="bf16")
-    model = build_toy(cfg)
-    loop.train_kd(model, [orion_kd_toy.OrionKDTestToyDataset(10)], cfg, timestamp="t0")
+                  custom_hooks=[dict(type="OrionKDTestRecordHook")])
+    orion_kd_toy.OrionKDTestRecordHook.instances.clear()
+    train_toy(cfg)
+    hook = orion_kd_toy.OrionKDTestRecordHook.instances[-1]
+    assert _calls(hook, "before_train_epoch") == [(0, 0, 0), (5, 1, 0)]
+    assert _calls(hook, "after_train_epoch") == [(4, 0, 4), (9, 1, 4)]
+    assert not _calls(hook, "before_epoch") and len(_calls(hook, "after_train_iter")) == 10
+
+
+def test_the_loop_sets_no_alpha_and_a_hook_sets_it_before_each_forward(tmp_path: Path) -> None:
+    plain = train_toy(cfg_obj(tmp_path / "plain", runner=dict(max_iters=5)))
+    assert plain.alpha_per_forward == [0.5] * 5  # the model's own alpha: the loop does not schedule it
+    cfg = cfg_obj(tmp_path / "hooked", runner=dict(max_iters=5),
+                  custom_hooks=[dict(type="OrionKDTestAlphaHook", switch_iter=3, high=0.8, low=0.6)])
+    hooked = train_toy(cfg)
+    assert hooked.alpha_per_forward == [0.8, 0.8, 0.8, 0.6, 0.6]
+    assert not (Path(cfg.work_dir) / "student_export.pth").exists()  # exporting is a hook's job too
+
+
+def test_hook_values_reach_the_log_and_hook_msgs_survive_a_resume(tmp_path: Path) -> None:
+    cfg = cfg_obj(tmp_path, runner=dict(max_iters=6), custom_hooks=[dict(type="OrionKDTestLogHook")])
+    train_toy(cfg)
+    records = json_records(Path(cfg.work_dir))
+    assert [r["hook_value"] for r in records] == [0.5, 2.5, 4.0, 5.0]  # means over each logged window
+    assert load(Path(cfg.work_dir) / "iter_4.pth")["meta"]["hook_msgs"] == dict(last_iter=3, iters_seen=4)
+    resumed = cfg_obj(tmp_path / "resumed", runner=dict(max_iters=6), custom_hooks=[dict(type="OrionKDTestLogHook")],
+                      resume_from=str(Path(cfg.work_dir) / "iter_4.pth"))
+    train_toy(resumed, timestamp="t1")
+    assert load(Path(resumed.work_dir) / "latest.pth")["meta"]["hook_msgs"] == dict(last_iter=5, iters_seen=6)
+
+
+@pytest.mark.parametrize("precision, dtype", [(dict(mixed_precision="bf16"), torch.bfloat16),
+                                              (dict(fp16=dict(loss_scale="dynamic")), torch.float16),
+                                              (dict(fp16=dict(loss_scale=128.0)), torch.float16)])
+def test_mixed_precision_runs_under_cpu_autocast_with_the_loss_scaler_saved(tmp_path: Path, precision: Dict[str, Any],
+                                                                            dtype: torch.dtype) -> None:
+    if not torch.amp.is_autocast_available("cpu"):
+        pytest.skip("this torch build has no CPU autocast")
+    cfg = cfg_obj(tmp_path, runner=dict(max_iters=6), **precision)
+    model = train_toy(cfg)
+    assert set(model.head_output_dtypes) == {dtype}  # every forward ran under autocast
+    log = next(Path(cfg.work_dir).glob("*.log")).read_text()
+    assert "precision {}".format("bf16" if dtype == torch.bfloat16 else "fp16") in log
+    ckpt = load(Path(cfg.work_dir) / "latest.pth")
+    if dtype == torch.float16:
+        assert ckpt["scaler"]["scale"] > 0
+        if precision["fp16"]["loss_scale"] == 128.0:  # a static scale never changes
+            assert ckpt["scaler"]["scale"] == 128.0
+    else:
+        assert ckpt["scaler"] is None
+    assert all(math.isfinite(r["total_loss"]) for r in json_records(Path(cfg.work_dir)))
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_epoch_runner_logs_epoch_lines_and_saves_epoch_checkpoints(tmp_path: Path) -> None:
+    cfg = cfg_obj(tmp_path, runner=dict(type="EpochBasedRunner", max_epochs=2),
+                  checkpoint_config=dict(interval=1, max_keep_ckpts=1), log_config=dict(interval=2))
+    train_toy(cfg)
     wd = Path(cfg.work_dir)
     lines = [ln for ln in (wd / "t0.log").read_text().splitlines() if "Epoch [" in ln]
     assert lines and all(EPOCH_LINE.search(ln) for ln in lines), lines
     assert [EPOCH_LINE.search(ln).group(1, 2) for ln in lines] == [("1", "2"), ("1", "4"), ("1", "5"),
                                                                     ("2", "2"), ("2", "4"), ("2", "5")]
-    assert model.alpha_history == [0.8, 0.6]
-    assert sorted(p.name for p in wd.glob("*.pth")) == ["epoch_2.pth", "latest.pth", "student_export.pth"]
+    assert sorted(p.name for p in wd.glob("*.pth")) == ["epoch_2.pth", "latest.pth"]
     ck = load(wd / "latest.pth")
-    assert ck["meta"]["epoch"] == 2 and ck["meta"]["iter"] == 10 and ck["meta"]["distillation_alpha"] == 0.6
-    assert "precision bf16" in (wd / "t0.log").read_text()
+    assert ck["meta"]["epoch"] == 2 and ck["meta"]["iter"] == 10
+
+
+def test_a_missing_shuffler_sampler_is_a_config_error(tmp_path: Path) -> None:
+    cfg = cfg_obj(tmp_path)
+    del cfg.data["shuffler_sampler"]
+    with pytest.raises(ConfigError, match="data.shuffler_sampler is not set"):
+        train_toy(cfg)
 
 
 # --------------------------------------------------------------------------- command line
-def test_cli_logs_checkpoints_json_tensorboard_and_export(tmp_path: Path) -> None:
+def test_cli_logs_checkpoints_json_and_tensorboard(tmp_path: Path) -> None:
     cfg_path = write_config(tmp_path)
     wd = tmp_path / "wd"
-    t0 = time.time()
     res = run_entry(cfg_path, "--work-dir", wd)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert time.time() - t0 < 60
     logs = list(wd.glob("*.log"))
     assert len(logs) == 1
     lines = [ln for ln in logs[0].read_text().splitlines() if "Iter [" in ln]
     assert all(ITER_LINE.search(ln) for ln in lines), lines
     assert [int(ITER_LINE.search(ln).group(1)) for ln in lines] == [2, 4, 5, 6, 8, 10, 12]
-    for key in ("task_loss", "backbone_distill_loss", "total_loss", "grad_norm", "alpha"):
+    for key in ("task_loss", "backbone_distill_loss", "total_loss", "grad_norm"):
         assert key + ": " in lines[0]
     assert lines[0] in res.stdout  # also on the console
-    records = [json.loads(x) for x in next(wd.glob("*.log.json")).read_text().splitlines()]
+    assert "sampler InfiniteGroupEachSampleInBatchSampler" in res.stdout
+    records = json_records(wd)
     assert [r["iter"] for r in records] == [2, 4, 5, 6, 8, 10, 12]
-    assert {"lr", "time", "data_time", "memory", "task_loss", "total_loss", "alpha"} <= set(records[0])
-    assert [r["alpha"] for r in records] == [0.8, 0.8, 0.8, 0.6, 0.6, 0.6, 0.6]
+    assert {"lr", "time", "data_time", "memory", "task_loss", "total_loss"} <= set(records[0])
+    lr = [r["lr"] for r in records]
+    assert lr[0] == pytest.approx(1e-2 * lr_factor_at(1, 12, BASE_CFG["lr_config"]))  # the last step of the window
     # checkpoints: max_keep_ckpts=3, latest.pth is the newest, weights_only loadable, ORION's layout
     assert sorted(p.name for p in wd.glob("iter_*.pth")) == ["iter_10.pth", "iter_12.pth", "iter_8.pth"]
     ck = load(wd / "latest.pth")
-    assert {"meta", "state_dict", "optimizer", "lr_scheduler", "scaler", "rng", "epoch", "iter"} <= set(ck)
+    assert {"meta", "state_dict", "optimizer", "lr_scheduler", "scaler", "rng", "memory", "epoch", "iter"} <= set(ck)
     assert ck["iter"] == 12 and ck["meta"]["seed"] == 0 and "OrionKDTestToyDetector" in ck["meta"]["config"]
-    assert not any(k.startswith("teacher_backbone.") for k in ck["state_dict"])
-    assert torch.equal(ck["state_dict"]["img_backbone.pos_embed"], load(wd / "iter_12.pth")["state_dict"]
-                       ["img_backbone.pos_embed"])
-    assert (wd / "student_export.pth").is_file()
+    assert ck["lr_scheduler"]["last_epoch"] == 12
+    assert torch.equal(ck["state_dict"]["img_backbone.pos_embed"],
+                       load(wd / "iter_12.pth")["state_dict"]["img_backbone.pos_embed"])
     assert (wd / "toy_kd.py").is_file()  # config dump
-    assert not list(wd.glob("*.tmp*"))
+    assert not [p for p in wd.iterdir() if ".tmp." in p.name]
     try:
         import tensorboard  # noqa: F401
         assert list((wd / "tf_logs").glob("events.out.tfevents.*"))
     except ImportError:
         pass
-    # loss falls
     assert records[-1]["total_loss"] < records[0]["total_loss"]
 
 
 def test_kill9_then_auto_resume_is_bit_identical(tmp_path: Path) -> None:
-    cfg_path = write_config(tmp_path)
+    cfg_path = write_config(tmp_path, custom_hooks=[dict(type="OrionKDTestRecordHook", out=str(tmp_path / "calls"))])
     ref = run_entry(cfg_path, "--work-dir", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-3000:]
 
@@ -250,11 +362,11 @@ def test_kill9_then_auto_resume_is_bit_identical(tmp_path: Path) -> None:
                              "--cfg-options", "model.sleep=0.25"], env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + 120
         while not (wd / "iter_4.pth").exists():
             assert proc.poll() is None and time.time() < deadline, "run ended before the checkpoint"
             time.sleep(0.05)
-        time.sleep(0.3)  # mid-epoch, between checkpoints
+        time.sleep(0.3)  # between checkpoints
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -267,41 +379,47 @@ def test_kill9_then_auto_resume_is_bit_identical(tmp_path: Path) -> None:
     res = run_entry(cfg_path, "--work-dir", wd, "--auto-resume")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout
+    calls = json.loads(Path(str(tmp_path / "calls") + ".rank0.json").read_text())
+    assert [c[1] for c in calls if c[0] == "before_train_iter"] == list(range(done_before, 12))
     a = load(tmp_path / "ref" / "latest.pth")["state_dict"]
     b = load(wd / "latest.pth")["state_dict"]
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    ea = torch.load(str(tmp_path / "ref" / "student_export.pth"), weights_only=True)["state_dict"]
-    eb = torch.load(str(wd / "student_export.pth"), weights_only=True)["state_dict"]
-    assert all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
 def test_two_gloo_processes_keep_identical_weights_and_loss_falls(tmp_path: Path) -> None:
     dumps = tmp_path / "dumps"
-    cfg_path = write_config(tmp_path, model=dict(dump_dir=str(dumps)))
+    cfg_path = write_config(tmp_path, custom_hooks=[dict(type="OrionKDTestDumpWeightsHook", dump_dir=str(dumps))])
     res = run_launcher(cfg_path, "2", "--work-dir", "wd", cwd=tmp_path)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-    r0, r1 = load(dumps / "rank0.pth"), load(dumps / "rank1.pth")
+    r0, r1 = load(dumps / "after_rank0.pth"), load(dumps / "after_rank1.pth")
+    before = load(dumps / "before_rank0.pth")
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key
-    records = [json.loads(x) for x in next((tmp_path / "wd").glob("*.log.json")).read_text().splitlines()]
+    assert not torch.equal(r0["img_backbone.pos_embed"], before["img_backbone.pos_embed"])
+    records = json_records(tmp_path / "wd")
     assert records[-1]["total_loss"] < records[0]["total_loss"]
     assert list((tmp_path / "wd").glob("dist_train_*.log"))  # console teed
     assert "Iter [12/12]" in res.stdout
 
 
-def test_exception_in_one_rank_ends_the_job_nonzero_within_60s(tmp_path: Path) -> None:
+def test_exception_in_one_rank_ends_the_job_nonzero(tmp_path: Path) -> None:
     cfg_path = write_config(tmp_path, model=dict(fail_rank=1, fail_iter=3))
-    t0 = time.time()
-    res = run_launcher(cfg_path, "2", "--work-dir", "wd", cwd=tmp_path, timeout=90)
-    elapsed = time.time() - t0
+    res = run_launcher(cfg_path, "2", "--work-dir", "wd", cwd=tmp_path, timeout=150)  # a hang raises TimeoutExpired
     assert res.returncode != 0
-    assert elapsed < 60, elapsed
     assert "toy failure on rank 1" in res.stdout + res.stderr
 
 
 # --------------------------------------------------------------------------- bad input
+def test_a_hook_type_nobody_registered_is_one_clear_error(tmp_path: Path) -> None:
+    res = run_entry(write_config(tmp_path, custom_hooks=[dict(type="KDAlphaSchedulHook")]), "--work-dir",
+                    tmp_path / "wd")
+    assert res.returncode == 2
+    assert "'KDAlphaSchedulHook' is not registered in mmcv.runner.hooks.HOOKS" in res.stderr
+    assert res.stderr.count("\n") == 1, res.stderr
+
+
 def test_missing_config_is_one_clear_error(tmp_path: Path) -> None:
     res = run_entry(tmp_path / "nope.py")
     assert res.returncode == 2

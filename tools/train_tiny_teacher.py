@@ -1,20 +1,24 @@
-"""Train the miniature ORION teacher (TinyOrion on SyntheticChatB2D) on CPU in about a minute or two.
+"""Train the miniature ORION teacher (TinyOrion on SyntheticChatB2D) on CPU in a few minutes.
 
     python tools/train_tiny_teacher.py [--config adzoo/orion/configs/orion_tiny_train.py]
                                        [--out ckpt/orion_tiny/orion_tiny.pth] [--seed 0]
+    python tools/train_tiny_teacher.py --memory-benefit [--checkpoint ckpt/orion_tiny/orion_tiny.pth]
 
-The loop reads top to bottom: config, data, model, optimiser, then one loop
-that steps, logs and finally evaluates against the image-blind chance levels
-and saves an ORION-format checkpoint (``{'meta', 'state_dict'}``) atomically.
-The same seed (and thread count, fixed by the config) gives the same teacher.
-``ensure_tiny_teacher()`` creates the checkpoint when it is missing (the demo
-calls it); ``load_tiny_teacher()`` rebuilds the model from the checkpoint alone.
+The loop reads top to bottom: config, data (batches from ``data.shuffler_sampler``,
+ORION's streaming order), model, optimiser and lr schedule (the KD loop's builders),
+then one loop that steps, logs and finally evaluates against the image-blind chance
+levels and saves an ORION-format checkpoint (``{'meta', 'state_dict'}``) atomically.
+The final evaluation streams the validation scenes twice, with the temporal memory and
+with the memory reset before every frame, and records both (``--memory-benefit`` repeats
+that measurement for an existing checkpoint). The same seed (and thread count, fixed by
+the config) gives the same teacher. ``ensure_tiny_teacher()`` creates the checkpoint when
+it is missing (the demo calls it); ``load_tiny_teacher()`` rebuilds the model from it.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import math
+import json
 import os
 import sys
 import time
@@ -27,44 +31,30 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from adzoo.orion.apis.optim import build_kd_optimizer, build_lr_scheduler  # noqa: E402
+from adzoo.orion.apis.step import forward_train, optimizer_step  # noqa: E402
 from mmcv import Config, DictAction  # noqa: E402
 from mmcv.datasets import build_dataloader, build_dataset, chance_levels, evaluate  # noqa: E402
 from mmcv.models import build_model  # noqa: E402
-from mmcv.models.utils.checkpoint_io import atomic_torch_save  # noqa: E402
+from mmcv.models.utils.checkpoint_io import (atomic_torch_save, atomic_write_json, load_checkpoint_file,  # noqa: E402
+                                            state_dict_of)
 from mmcv.utils import set_random_seed  # noqa: E402
 
 DEFAULT_CONFIG = REPO_ROOT / "adzoo" / "orion" / "configs" / "orion_tiny_train.py"
 DEFAULT_CHECKPOINT = REPO_ROOT / "ckpt" / "orion_tiny" / "orion_tiny.pth"
-# Metrics where lower is better; every other reported metric is higher-is-better.
-LOWER_IS_BETTER = ("plan_l2", "plan_l2_1s", "plan_l2_2s", "plan_l2_3s")
+# Metrics where lower is better (the plan errors); every other reported metric is higher-is-better.
+LOWER_IS_BETTER = ("plan_l2", "plan_l2_1s", "plan_l2_2s", "plan_l2_3s", "plan_l2_light_hidden")
+COUNTS = ("num_samples", "num_light_hidden")
 HEADLINE_METRICS = ("det_f1", "lane_iou", "qa_acc", "plan_l2")
-
-
-def lr_at(it: int, base_lr: float, max_iters: int, lr_config: dict) -> float:
-    """Linear warm-up (``warmup_iters``, from ``warmup_ratio``) then cosine decay to ``min_lr_ratio``."""
-    warmup = int(lr_config.get("warmup_iters", 0)) if lr_config.get("warmup") else 0
-    if it < warmup:
-        ratio = float(lr_config.get("warmup_ratio", 0.1))
-        return base_lr * (ratio + (1.0 - ratio) * it / warmup)
-    min_lr = base_lr * float(lr_config.get("min_lr_ratio", 0.0))
-    progress = (it - warmup) / max(max_iters - warmup, 1)
-    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def build_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.Optimizer:
-    """``torch.optim.<type>`` over the trainable parameters with the remaining keys as arguments."""
-    cfg = dict(cfg)
-    name = cfg.pop("type")
-    if not hasattr(torch.optim, name):
-        raise ValueError(f"optimizer.type: expected a torch.optim class name, got {name!r}")
-    return getattr(torch.optim, name)([p for p in model.parameters() if p.requires_grad], **cfg)
+MEMORY_METRICS = ("traffic_state_acc_hidden", "qa_acc_light_state_hidden", "plan_l2_light_hidden",
+                  "traffic_state_acc", "qa_acc_light_state", "qa_acc", "plan_l2", "det_f1", "lane_iou")
 
 
 def format_metrics_table(metrics: Dict[str, float], chance: Dict[str, float]) -> str:
     """Rows ``metric  chance  reached  better?`` for every metric both dicts have."""
     lines = [f"{'metric':<26}{'chance':>10}{'reached':>10}  better than chance"]
     for key in metrics:
-        if key not in chance or key == "num_samples":
+        if key not in chance or key in COUNTS:
             continue
         better = metrics[key] < chance[key] if key in LOWER_IS_BETTER else metrics[key] > chance[key]
         lines.append(f"{key:<26}{chance[key]:>10.3f}{metrics[key]:>10.3f}  {'yes' if better else 'NO'}")
@@ -77,7 +67,7 @@ def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG,
     """Train TinyOrion from ``config``; return ``{'model', 'meta', 'losses', 'path'}``.
 
     ``out`` None: nothing is written. ``max_iters`` overrides ``runner.max_iters``
-    (short runs for tests). ``evaluate_at_end`` False skips the validation pass.
+    (short runs for tests). ``evaluate_at_end`` False skips the validation passes.
     """
     cfg = config if isinstance(config, Config) else Config.fromfile(str(config))
     seed = int(cfg.get("seed", 0) if seed is None else seed)
@@ -88,16 +78,18 @@ def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG,
 
     train_set = build_dataset(cfg.data["train"])
     val_set = build_dataset(cfg.data["val"])
-    loader = build_dataloader(train_set, cfg.data["samples_per_gpu"], cfg.data.get("workers_per_gpu", 0),
-                              shuffle=True, seed=seed, drop_last=True)
+    loader = build_dataloader(train_set, cfg.data["samples_per_gpu"], cfg.data.get("workers_per_gpu", 0), seed=seed,
+                              shuffler_sampler=cfg.data.get("shuffler_sampler"), drop_last=True)
     model = build_model(cfg.model, train_cfg=cfg.model.get("train_cfg"), test_cfg=cfg.model.get("test_cfg"))
     model.train()
-    optimizer = build_optimizer(model, cfg.optimizer)
-    base_lr = float(cfg.optimizer["lr"])
+    optimizer, _ = build_kd_optimizer(model, cfg.optimizer)
+    scheduler = build_lr_scheduler(optimizer, cfg.lr_config, max_iters)
     grad_clip = (cfg.get("optimizer_config") or {}).get("grad_clip")
+    trainable = [p for p in model.parameters() if p.requires_grad]
     log_interval = int(cfg.log_config.get("interval", 20))
 
-    log(f"[train_tiny_teacher] seed {seed}, {max_iters} iters, batch {cfg.data['samples_per_gpu']}, "
+    log(f"[train_tiny_teacher] seed {seed}, {max_iters} iters, batch {cfg.data['samples_per_gpu']}, order "
+        f"{(cfg.data.get('shuffler_sampler') or {}).get('type', 'random')}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {torch.get_num_threads()} threads")
     losses, start, window, data_time = [], time.time(), time.time(), 0.0
     batches = iter(loader)
@@ -105,19 +97,14 @@ def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG,
         t0 = time.time()
         try:
             batch = next(batches)
-        except StopIteration:
+        except StopIteration:  # a finite (random-order) loader starts a new pass
             batches = iter(loader)
             batch = next(batches)
         data_time += time.time() - t0
-        lr = lr_at(it, base_lr, max_iters, cfg.lr_config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        outputs = model(batch, return_loss=True)
-        optimizer.zero_grad(set_to_none=True)
-        outputs["loss"].backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), **grad_clip)
-        optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
+        outputs = forward_train(model, batch)
+        optimizer_step(outputs["loss"], optimizer, trainable, grad_clip, None)
+        scheduler.step()
         losses.append(outputs["log_vars"]["loss"])
         if (it + 1) % log_interval == 0 or it + 1 == max_iters:
             n = (it % log_interval) + 1
@@ -136,16 +123,40 @@ def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG,
         time=datetime.datetime.now().isoformat(timespec="seconds"), model_type=cfg.model["type"])
     if evaluate_at_end:
         max_val = (cfg.get("evaluation") or {}).get("max_samples")
-        metrics = evaluate(model, val_set, max_samples=max_val)
+        memory = measure_memory_benefit(model, val_set, max_val)
         chance = chance_levels(train_set, val_set, max_val_samples=max_val)
-        meta.update(metrics=metrics, chance=chance)
-        log("[train_tiny_teacher] validation metrics vs image-blind chance:\n" + format_metrics_table(metrics, chance))
+        meta.update(metrics=memory["with_memory"], metrics_memory_reset=memory["memory_reset_each_frame"],
+                    chance=chance)
+        log("[train_tiny_teacher] validation metrics (streaming, with memory) vs image-blind chance:\n"
+            + format_metrics_table(memory["with_memory"], chance))
+        log("[train_tiny_teacher] the temporal memory's share:\n" + format_memory_table(memory))
     path = None
     if out is not None:
         state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         path = atomic_torch_save(dict(meta=meta, state_dict=state_dict), out)
         log(f"[train_tiny_teacher] wrote {path}")
     return dict(model=model, meta=meta, losses=losses, path=path)
+
+
+def measure_memory_benefit(model: torch.nn.Module, dataset: Any, max_samples: Optional[int] = None
+                           ) -> Dict[str, Dict[str, float]]:
+    """Validation metrics in streaming order with the temporal memory and with it reset before every frame."""
+    return dict(with_memory=evaluate(model, dataset, max_samples=max_samples),
+                memory_reset_each_frame=evaluate(model, dataset, max_samples=max_samples,
+                                                 reset_memory_each_frame=True))
+
+
+def format_memory_table(memory: Dict[str, Dict[str, float]]) -> str:
+    """Rows ``metric  memory reset every frame  with memory`` for the metrics the memory can change."""
+    with_memory, reset = memory["with_memory"], memory["memory_reset_each_frame"]
+    lines = [f"{'metric':<28}{'memory reset':>14}{'with memory':>13}  "
+             f"({int(with_memory.get('num_light_hidden', 0))} of {int(with_memory['num_samples'])} frames have the "
+             f"light out of view)"]
+    for key in MEMORY_METRICS:
+        if key in with_memory and key in reset:
+            arrow = "lower is better" if key in LOWER_IS_BETTER else ""
+            lines.append(f"{key:<28}{reset[key]:>14.3f}{with_memory[key]:>13.3f}  {arrow}")
+    return "\n".join(lines)
 
 
 def load_tiny_teacher(path: Union[str, os.PathLike] = DEFAULT_CHECKPOINT, config: Optional[Union[str, Config]] = None,
@@ -155,7 +166,7 @@ def load_tiny_teacher(path: Union[str, os.PathLike] = DEFAULT_CHECKPOINT, config
     if not path.is_file():
         raise FileNotFoundError(f"load_tiny_teacher: no checkpoint at {path}; create it with "
                                 f"`python tools/train_tiny_teacher.py --out {path}`")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         got = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"load_tiny_teacher: {path} is not an ORION-format checkpoint: expected keys "
@@ -168,8 +179,8 @@ def load_tiny_teacher(path: Union[str, os.PathLike] = DEFAULT_CHECKPOINT, config
     else:
         cfg = config if isinstance(config, Config) else Config.fromfile(str(config))
     model = build_model(cfg.model, train_cfg=cfg.model.get("train_cfg"), test_cfg=cfg.model.get("test_cfg"))
-    model.load_state_dict(ckpt["state_dict"], strict=True)
-    return model.eval()
+    model.load_state_dict(state_dict_of(ckpt, str(path)), strict=True)
+    return model.to(map_location).eval()
 
 
 def ensure_tiny_teacher(path: Union[str, os.PathLike] = DEFAULT_CHECKPOINT, seed: int = 0,
@@ -191,6 +202,11 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's seed)")
     parser.add_argument("--max-iters", type=int, default=None, help="override runner.max_iters")
     parser.add_argument("--no-eval", action="store_true", help="skip the final validation")
+    parser.add_argument("--memory-benefit", action="store_true",
+                        help="train nothing: evaluate --checkpoint in streaming order with the temporal memory and "
+                             "with it reset before every frame, print both and write --json")
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="teacher for --memory-benefit")
+    parser.add_argument("--json", default="work_dirs/memory_benefit.json", help="where --memory-benefit writes")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config keys, key=value")
     return parser.parse_args(argv)
 
@@ -200,6 +216,16 @@ def main(argv: Optional[list] = None) -> int:
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
+    if args.memory_benefit:
+        torch.set_num_threads(int(cfg.get("num_threads", 2)))
+        model = load_tiny_teacher(args.checkpoint)
+        memory = measure_memory_benefit(model, build_dataset(cfg.data["val"]),
+                                        (cfg.get("evaluation") or {}).get("max_samples"))
+        print(f"[train_tiny_teacher] {args.checkpoint}, validation split, streaming order:")
+        print(format_memory_table(memory))
+        atomic_write_json(args.json, dict(checkpoint=args.checkpoint, **memory))
+        print(f"[train_tiny_teacher] wrote {args.json}")
+        return 0
     out = args.out or cfg.get("out_checkpoint") or str(DEFAULT_CHECKPOINT)
     train_tiny_teacher(cfg, seed=args.seed, out=out, max_iters=args.max_iters, evaluate_at_end=not args.no_eval)
     return 0

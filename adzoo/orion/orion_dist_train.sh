@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Launch ORION-KD training on GPUS processes per node with torchrun (ORION's convention):
+# Launch the standalone ORION-KD training (this repository's loop, e.g. the miniature world) on GPUS
+# processes per node with torchrun, with ORION's command line. Not part of the overlay: in an ORION
+# checkout, ORION's own adzoo/orion/orion_dist_train.sh runs ORION's train.py.
 #
 #   ./adzoo/orion/orion_dist_train.sh CONFIG GPUS [extra train_kd.py args]
 #

@@ -1,13 +1,15 @@
-"""Entry point of ORION-KD training, with ORION's ``train.py`` command line.
+"""Entry point of the standalone ORION-KD training (the miniature world), with ORION's ``train.py`` command line.
 
     python adzoo/orion/train_kd.py CONFIG [--work-dir DIR] [--resume-from CKPT | --auto-resume]
         [--load-from CKPT] [--cfg-options k=v ...] [--launcher {none,pytorch}] [--seed N]
         [--deterministic] [--local-rank N]
 
-Multi-GPU: ``./adzoo/orion/orion_dist_train.sh CONFIG GPUS [args]``. User errors
-(missing files, bad config values, a teacher checkpoint that does not fit) are
-printed as one ``error: ...`` line with exit status 2; set ``ORION_KD_DEBUG=1``
-for the full traceback. Plugin file: Python 3.8, no mmengine import.
+Several processes: ``./adzoo/orion/orion_dist_train.sh CONFIG GPUS [args]``. It builds the
+model and ``data.train`` from the config and runs the standalone loop
+(``adzoo.orion.apis.train_kd``); in an ORION checkout ORION's own launcher, ``train.py``
+and runner train instead. User errors (missing files, bad config values, a teacher
+checkpoint that does not fit) are printed as one ``error: ...`` line with exit status 2;
+set ``ORION_KD_DEBUG=1`` for the full traceback.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 ``PriorBaseline`` never looks at the images: it is fitted on training targets
 and then predicts the same things for every frame (boxes copied from the
 training distribution, the lane cells that are lane most often, the majority
-answer per question type, the mean ego plan). Scoring it with the same
+answer per question type, the most frequent traffic state, the mean ego plan). Scoring it with the same
 ``evaluate`` as the real models gives the chance level of every metric;
 a model is only learning something when it beats these numbers.
 """
@@ -35,6 +35,7 @@ class PriorBaseline(nn.Module):
         lanes: List[torch.Tensor] = []
         plans = []
         answers: Dict[str, Dict[tuple, int]] = {}
+        traffic: Dict[int, int] = {}
         boxes: List[List[List[torch.Tensor]]] = []  # [cam][class] -> list of boxes
         for i in range(n):
             s = dataset[i]
@@ -48,6 +49,9 @@ class PriorBaseline(nn.Module):
             lanes.append(lane)
             lane_sum = lane.float() if lane_sum is None else lane_sum + lane.float()
             plans.append(s["ego_fut_trajs"])
+            if "traffic_state" in s["img_metas"]:
+                state = int(s["img_metas"]["traffic_state"])
+                traffic[state] = traffic.get(state, 0) + 1
             for qa_type, ids in zip(s["img_metas"]["qa_types"], s["vlm_answer_ids"]):
                 key = tuple(ids.tolist())
                 answers.setdefault(qa_type, {})
@@ -68,6 +72,7 @@ class PriorBaseline(nn.Module):
         self.lane_mask = freq >= best
         self.plan = torch.stack(plans).mean(0)
         self.majority = {t: list(max(c.items(), key=lambda kv: kv[1])[0]) for t, c in answers.items()}
+        self.traffic_state = max(traffic.items(), key=lambda kv: kv[1])[0] if traffic else None
         self.fitted = True
         return self
 
@@ -97,6 +102,8 @@ class PriorBaseline(nn.Module):
             answer_ids = [list(self.majority.get(t, [])) for t in meta["qa_types"]]
             outputs.append(dict(boxes=boxes, scores=scores, labels=labels, lane_masks=self.lane_mask.clone(),
                                 answer_ids=answer_ids, plan=self.plan.clone()))
+            if self.traffic_state is not None:
+                outputs[-1]["traffic_state"] = self.traffic_state
         return outputs
 
 

@@ -20,6 +20,15 @@ Metrics (all floats):
 * ``qa_acc`` and ``qa_acc_<type>``: exact match of the decoded answer tokens.
 * ``plan_l2``: mean waypoint distance (m) over the horizon; ``plan_l2_<t>s``: the mean over
   the waypoints up to t seconds (VAD/ORION style), for t = 1, 2, 3 when the horizon reaches it.
+* ``traffic_state_acc``: accuracy of a prediction's ``traffic_state`` (the state of the light
+  that governs the ego, or none) against ``img_metas['traffic_state']``, when both exist.
+* ``traffic_state_acc_hidden``, ``qa_acc_light_state_hidden`` and ``plan_l2_light_hidden``
+  (with ``num_light_hidden``): the same on the frames whose traffic light has left the view
+  (``img_metas['light_hidden']``), where its state can only come from earlier frames, i.e.
+  from the model's temporal memory.
+
+``evaluate`` feeds a dataset with scenes (a ``flag`` attribute) in streaming order: every
+batch slot walks whole scenes frame by frame, as ORION's temporal heads need.
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .chat_tokenizer import ChatTokenizer
+from .samplers import GroupStreamBatchSampler
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -106,6 +116,11 @@ class ChatB2DMetrics:
         self.qa_total = torch.zeros(len(self.qa_types), dtype=torch.long)
         self.plan_err_sum: Optional[Tensor] = None
         self.num_samples = 0
+        self.hidden_light_correct = 0
+        self.hidden_light_plan_err = 0.0
+        self.num_light_hidden = 0
+        self.traffic_correct = [0, 0]  # all frames, frames with the light out of view
+        self.traffic_total = [0, 0]
 
     def _answer_tokens(self, ids: Sequence[int]) -> List[int]:
         out = []
@@ -150,11 +165,16 @@ class ChatB2DMetrics:
             if len(pred["answer_ids"]) != len(gt_answers):
                 raise ValueError(f"ChatB2DMetrics.update: prediction {b} has {len(pred['answer_ids'])} answers, "
                                  f"expected {len(gt_answers)} (one per question)")
-            qa_types = batch["img_metas"][b].get("qa_types", self.qa_types)
+            meta = batch["img_metas"][b]
+            qa_types = meta.get("qa_types", self.qa_types)
+            hidden = bool(meta.get("light_hidden", False))
             for q, (ans, ref) in enumerate(zip(pred["answer_ids"], gt_answers)):
                 t = self.qa_types.index(qa_types[q])
+                correct = int(self._answer_tokens(ans) == self._answer_tokens(ref.tolist()))
                 self.qa_total[t] += 1
-                self.qa_correct[t] += int(self._answer_tokens(ans) == self._answer_tokens(ref.tolist()))
+                self.qa_correct[t] += correct
+                if hidden and qa_types[q] == "light_state":
+                    self.hidden_light_correct += correct
             gt_plan = batch["ego_fut_trajs"][b].detach().cpu().float()
             plan = torch.as_tensor(pred["plan"]).detach().cpu().float()
             if plan.shape != gt_plan.shape:
@@ -163,6 +183,14 @@ class ChatB2DMetrics:
             err = (plan - gt_plan).norm(dim=-1)
             self.plan_err_sum = err if self.plan_err_sum is None else self.plan_err_sum + err
             self.num_samples += 1
+            if hidden:
+                self.num_light_hidden += 1
+                self.hidden_light_plan_err += float(err.mean())
+            if "traffic_state" in pred and "traffic_state" in meta:
+                correct = int(int(pred["traffic_state"]) == int(meta["traffic_state"]))
+                for subset in ((0, 1) if hidden else (0,)):
+                    self.traffic_correct[subset] += correct
+                    self.traffic_total[subset] += 1
 
     def compute(self) -> Dict[str, float]:
         """The metric dict described in the module docstring."""
@@ -188,6 +216,13 @@ class ChatB2DMetrics:
             steps = int(round(seconds / self.plan_dt))
             if 1 <= steps <= mean_err.numel():
                 out[f"plan_l2_{seconds}s"] = float(mean_err[:steps].mean())
+        for subset, key in enumerate(("traffic_state_acc", "traffic_state_acc_hidden")):
+            if self.traffic_total[subset]:
+                out[key] = self.traffic_correct[subset] / self.traffic_total[subset]
+        if self.num_light_hidden:
+            out["qa_acc_light_state_hidden"] = self.hidden_light_correct / self.num_light_hidden
+            out["plan_l2_light_hidden"] = self.hidden_light_plan_err / self.num_light_hidden
+        out["num_light_hidden"] = float(self.num_light_hidden)
         out["num_samples"] = float(self.num_samples)
         return out
 
@@ -204,14 +239,26 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def evaluation_batches(dataset: Any, batch_size: int, num_samples: int) -> List[List[int]]:
+    """Index batches over the first ``num_samples`` samples: streaming (scenes in order per slot)
+    when the dataset has a ``flag``, plain consecutive chunks otherwise."""
+    if getattr(dataset, "flag", None) is not None:
+        return list(GroupStreamBatchSampler(dataset, batch_size, indices=range(num_samples)))
+    return [list(range(start, min(start + batch_size, num_samples))) for start in range(0, num_samples, batch_size)]
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: Any, batch_size: int = 16, max_samples: Optional[int] = None,
-             device: Optional[torch.device] = None, iou_thr: float = 0.5) -> Dict[str, float]:
-    """Run ``model(batch, return_loss=False)`` over ``dataset`` (in order) and return its metrics.
+             device: Optional[torch.device] = None, iou_thr: float = 0.5,
+             reset_memory_each_frame: bool = False) -> Dict[str, float]:
+    """Run ``model(batch, return_loss=False)`` over ``dataset`` and return its metrics.
 
-    The model is put in eval mode for the run and its previous mode restored.
-    ``device`` defaults to the device of the model's first parameter (CPU when
-    it has none).
+    Samples come in streaming order (:func:`evaluation_batches`); a model with a
+    temporal memory (``reset_memory()``) starts from an empty one, and with
+    ``reset_memory_each_frame`` forgets it before every batch (the no-memory
+    control). The model is put in eval mode for the run and its previous mode
+    restored. ``device`` defaults to the device of the model's first parameter
+    (CPU when it has none).
     """
     if device is None:
         first = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
@@ -226,11 +273,14 @@ def evaluate(model: torch.nn.Module, dataset: Any, batch_size: int = 16, max_sam
     collate = getattr(dataset, "collate_fn", None)
     if collate is None:
         raise AttributeError(f"evaluate: dataset {type(dataset).__name__} has no collate_fn attribute")
+    reset = getattr(model, "reset_memory", None)
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, n, batch_size):
-            batch = collate([dataset[i] for i in range(start, min(start + batch_size, n))])
+        for number, indices in enumerate(evaluation_batches(dataset, batch_size, n)):
+            if callable(reset) and (number == 0 or reset_memory_each_frame):
+                reset()
+            batch = collate([dataset[i] for i in indices])
             preds = model(_to_device(batch, device), return_loss=False)
             metrics.update(preds, batch)
     finally:
@@ -238,4 +288,4 @@ def evaluate(model: torch.nn.Module, dataset: Any, batch_size: int = 16, max_sam
     return metrics.compute()
 
 
-__all__ = ["box_iou", "match_detections", "f1_score", "ChatB2DMetrics", "evaluate"]
+__all__ = ["box_iou", "match_detections", "f1_score", "ChatB2DMetrics", "evaluate", "evaluation_batches"]

@@ -51,7 +51,11 @@ model = dict(
         vl_distill_weight=0.0),
     img_backbone=dict(type='EVAViTStudent', num_heads=8, teacher_num_heads=16))
 
-data = dict(train=dict(num_samples=512))
+# 512 frames = 64 scenes; streaming order as in ORION's stage 3 (warm-up pieces for the first epoch).
+data = dict(
+    train=dict(num_samples=512),
+    shuffler_sampler=dict(_delete_=True, type='InfiniteGroupEachSampleInBatchSampler', seq_split_num=1,
+                          warmup_split_num=2, num_iters_to_seq=64))
 num_iters_per_epoch = 512 // 8  # train.num_samples // samples_per_gpu (orion_tiny_train.py), one process
 
 # What a KD run needs from the runner, as in ORION (mmcv/runner/hooks/kd_hooks.py).

@@ -3,6 +3,9 @@
 # log_config / work_dir). Train with:  python tools/train_tiny_teacher.py --config THIS_FILE
 # Shapes: 2 cameras of 80x80 px, patch 8 -> a 10x10 token grid; window blocks use 4x4
 # windows on the grid zero-padded to 12x12 (3x3 windows, like ORION's 40 -> 48 with 16x16).
+# Data: scenes of 8 frames 0.5 s apart; the detection head keeps a temporal memory per batch
+# slot, so training streams scenes (data.shuffler_sampler, ORION's stage-3 keys) and
+# evaluation walks them in order.
 
 img_size = 80
 patch_size = 8
@@ -36,7 +39,7 @@ model = dict(
         frozen=False),
     pts_bbox_head=dict(
         type='TinyDetHead', in_channels=embed_dim, feat_channels=96, num_classes=3, num_light_states=3,
-        stride=patch_size, score_thr=0.4, nms_iou=0.5),
+        stride=patch_size, score_thr=0.4, nms_iou=0.5, memory=True, memory_max_gap=2.0),
     map_head=dict(type='TinyMapHead', in_channels=embed_dim, feat_channels=64, stride=patch_size, mask_stride=4),
     vl_proj=dict(type='TinyVLProjector', in_channels=embed_dim, det_channels=96, out_channels=lm_hidden,
                  num_cams=num_cams,
@@ -47,22 +50,29 @@ model = dict(
     test_cfg=dict(max_answer_len=3))
 
 dataset_type = 'SyntheticChatB2D'
+scene_len = 8
+max_iters = 360
 data = dict(
     samples_per_gpu=8,
     workers_per_gpu=0,
     train=dict(type=dataset_type, split='train', num_samples=2048, seed=0, img_size=(img_size, img_size),
-               num_cams=num_cams, lane_mask_stride=4, plan_horizon=plan_horizon),
+               num_cams=num_cams, lane_mask_stride=4, plan_horizon=plan_horizon, scene_len=scene_len,
+               seq_mode=True, seq_split_num=1),
     val=dict(type=dataset_type, split='val', num_samples=256, seed=0, img_size=(img_size, img_size),
-             num_cams=num_cams, lane_mask_stride=4, plan_horizon=plan_horizon),
+             num_cams=num_cams, lane_mask_stride=4, plan_horizon=plan_horizon, scene_len=scene_len),
     test=dict(type=dataset_type, split='test', num_samples=256, seed=0, img_size=(img_size, img_size),
-              num_cams=num_cams, lane_mask_stride=4, plan_horizon=plan_horizon))
+              num_cams=num_cams, lane_mask_stride=4, plan_horizon=plan_horizon, scene_len=scene_len),
+    # ORION's streaming order: every batch slot walks one scene; scenes are cut into short pieces
+    # (2 cut points) for the first quarter of training, then streamed whole.
+    shuffler_sampler=dict(type='InfiniteGroupEachSampleInBatchSampler', seq_split_num=1, warmup_split_num=2,
+                          num_iters_to_seq=max_iters // 4))
 
 optimizer = dict(type='AdamW', lr=2e-3, weight_decay=1e-4)
 optimizer_config = dict(grad_clip=dict(max_norm=5.0, norm_type=2))
 lr_config = dict(policy='CosineAnnealing', warmup='linear', warmup_iters=30, warmup_ratio=1.0 / 10,
                  min_lr_ratio=1e-2)
-runner = dict(type='IterBasedRunner', max_iters=360)
-checkpoint_config = dict(interval=360)
+runner = dict(type='IterBasedRunner', max_iters=max_iters)
+checkpoint_config = dict(interval=max_iters)
 log_config = dict(interval=20, hooks=[dict(type='TextLoggerHook')])
 evaluation = dict(interval=360, max_samples=256)
 num_threads = 2

@@ -14,7 +14,13 @@ It keeps the attributes and calling conventions of ORION's ``Orion`` detector
   ``_parse_losses`` -> ``dict(loss, log_vars, num_samples)``;
   ``forward(data, return_loss=False)`` -> one prediction dict per sample;
 * ``vl_tokens(img_feats, **data)`` gives the visual tokens the LM receives and
-  changes no state.
+  changes no state;
+* like ORION's heads, ``pts_bbox_head`` keeps a temporal memory per batch slot
+  that carries the previous frame of the slot's scene into the present and is
+  reset at a scene change (``img_metas[i]['scene_token']``) or a gap of 2 s
+  (``img_metas[i]['timestamp']``); it acts in training and in evaluation, so
+  samples must come in streaming order (``InfiniteGroupEachSampleInBatchSampler``
+  for training, ``evaluate`` streams scenes). ``reset_memory()`` forgets it.
 """
 from __future__ import annotations
 
@@ -71,6 +77,10 @@ class TinyOrion(nn.Module):
     @property
     def with_img_neck(self) -> bool:
         return self.img_neck is not None
+
+    def reset_memory(self) -> None:
+        """Forget the temporal memory of every batch slot (e.g. before an evaluation)."""
+        self.pts_bbox_head.reset_memory()
 
     # ---------------------------------------------------------------- features
     def extract_img_feat(self, img: Tensor, img_metas: Optional[Sequence[dict]] = None) -> Tensor:
@@ -136,7 +146,8 @@ class TinyOrion(nn.Module):
                       gt_labels: Sequence[Sequence[Tensor]], gt_light_states: Sequence[Sequence[Tensor]],
                       gt_lane_masks: Tensor, ego_fut_trajs: Tensor, vlm_question_ids: Tensor,
                       vlm_answer_ids: Tensor, **kwargs: Any) -> Dict[str, Tensor]:
-        """All task losses, ORION-style keys: detection, traffic light, lanes, ``vlm_loss``, plan."""
+        """All task losses, ORION-style keys: detection, traffic light (per box and the ego's traffic state),
+        lanes, ``vlm_loss``, plan."""
         img_feats = self.extract_feat(img, img_metas)
         b, n = img_feats.shape[:2]
         flat = img_feats.flatten(0, 1)
@@ -145,9 +156,9 @@ class TinyOrion(nn.Module):
             raise ValueError(f"TinyOrion.forward_train: gt_bboxes covers {len(flat_boxes)} camera images, "
                              f"expected B*N = {b * n}")
         losses: Dict[str, Tensor] = OrderedDict()
-        det_out = self.pts_bbox_head(flat)
+        det_out = self.pts_bbox_head(flat, img_metas)
         losses.update(self.pts_bbox_head.loss(det_out, flat_boxes, [c for s in gt_labels for c in s],
-                                              [c for s in gt_light_states for c in s]))
+                                              [c for s in gt_light_states for c in s], img_metas))
         losses.update(self.map_head.loss(self.map_head(flat), gt_lane_masks.flatten(0, 1)))
         vis = self._vl_tokens_from(img_feats, det_out)
         losses.update(self.lm_head.loss(vis, vlm_question_ids, vlm_answer_ids, ego_fut_trajs))
@@ -206,11 +217,12 @@ class TinyOrion(nn.Module):
                      vlm_question_ids: Optional[Tensor] = None, **kwargs: Any) -> List[dict]:
         """Predictions per sample: ``boxes``/``scores``/``labels``/``light_states`` (lists over
         cameras), ``lane_masks`` [N, Hm, Wm] bool, ``answer_ids`` and ``answers`` (one per
-        question), ``plan`` [T, 2]."""
+        question), ``plan`` [T, 2] and, given ``img_metas``, ``traffic_state`` (the state of the
+        light that governs the ego; index into the lamp states, the last one meaning none)."""
         img_feats = self.extract_feat(img, img_metas)
         b, n = img_feats.shape[:2]
         flat = img_feats.flatten(0, 1)
-        det_out = self.pts_bbox_head(flat)
+        det_out = self.pts_bbox_head(flat, img_metas)
         dets = self.pts_bbox_head.get_bboxes(det_out, tuple(img.shape[-2:]))
         lane_logits = self.map_head(flat)
         lanes = self.map_head.get_masks(lane_logits).reshape(b, n, *lane_logits.shape[-2:])
@@ -227,6 +239,8 @@ class TinyOrion(nn.Module):
                 labels=[d["labels"] for d in cams], light_states=[d["light_states"] for d in cams],
                 lane_masks=lanes[i], answer_ids=answer_ids[i],
                 answers=[self.tokenizer.decode(a) for a in answer_ids[i]], plan=plan[i]))
+            if "traffic_state_logits" in det_out:
+                results[-1]["traffic_state"] = int(det_out["traffic_state_logits"][i].argmax())
         return results
 
 

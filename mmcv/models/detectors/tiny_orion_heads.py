@@ -6,8 +6,10 @@ the roles of ORION's heads at toy scale:
 * ``TinyDetHead`` (``pts_bbox_head``): a dense, one-object-per-cell detector. The
   cell holding a box centre predicts its class, the centre offset inside the
   cell, the log size, and for traffic lights the lamp state. Like ORION's
-  heads it keeps a little state across training calls (``num_train_calls``), so
-  tests can check that a KD step runs it exactly once.
+  detection head it keeps a temporal memory per batch slot (``SceneMemory``:
+  the previous frame's pooled features and traffic-state probabilities, reset
+  at a scene change), so it must run exactly once per frame;
+  ``num_train_calls`` lets tests check that.
 * ``TinyMapHead`` (``map_head``): lane-marking logits at a finer grid (pixel shuffle).
 * ``TinyVLProjector``: pools the token grid and the detection head's cell
   features of every camera into local and global scene tokens, adds camera and
@@ -25,6 +27,8 @@ from torch import Tensor, nn
 
 from mmcv.datasets.chat_b2d_metrics import box_iou
 from mmcv.models.builder import HEADS
+
+from .tiny_temporal_memory import SceneMemory, pooled_per_sample
 
 
 def generalized_box_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -66,13 +70,22 @@ class TinyDetHead(nn.Module):
     units of the stride) and ``num_light_states`` lamp-state logits.
     Losses: ``loss_cls`` (weighted cross-entropy), ``loss_bbox`` (L1 on the box
     numbers), ``loss_iou`` (1 - GIoU) and ``loss_traffic`` (lamp-state cross-entropy
-    on traffic-light cells).
+    on traffic-light cells). With ``memory=True`` every cell is fused with the
+    slot's memory of the previous frame (its pooled fused features and traffic-state
+    probabilities, see :class:`SceneMemory`), when the call brings ``img_metas``
+    with ``scene_token`` and ``timestamp``.
+
+    Per sample it also predicts the traffic state that governs the ego
+    (``num_light_states`` lamp states plus 'none') from the fused features of all
+    its cameras, supervised by ``img_metas[i]['traffic_state']`` on every frame
+    (``loss_traffic_state``), also when the light has left the view: then only the
+    memory knows it.
     """
 
     def __init__(self, in_channels: int = 128, feat_channels: int = 96, num_classes: int = 3,
                  num_light_states: int = 3, stride: int = 8, light_class: int = 2, bg_weight: float = 0.2,
                  loss_weights: Optional[Dict[str, float]] = None, score_thr: float = 0.4, nms_iou: float = 0.5,
-                 max_per_img: int = 16) -> None:
+                 max_per_img: int = 16, memory: bool = True, memory_max_gap: float = 2.0) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.num_light_states = num_light_states
@@ -81,7 +94,7 @@ class TinyDetHead(nn.Module):
         self.score_thr = score_thr
         self.nms_iou = nms_iou
         self.max_per_img = max_per_img
-        weights = dict(cls=1.0, bbox=1.0, iou=1.0, traffic=0.5)
+        weights = dict(cls=1.0, bbox=1.0, iou=1.0, traffic=0.5, traffic_state=1.0)
         weights.update(loss_weights or {})
         self.loss_weights = weights
         self.register_buffer("class_weight", torch.tensor([1.0] * num_classes + [bg_weight]), persistent=False)
@@ -90,19 +103,67 @@ class TinyDetHead(nn.Module):
         self.box_out = nn.Conv2d(feat_channels, 4, 1)
         self.light_out = nn.Conv2d(feat_channels, num_light_states, 1)
         nn.init.constant_(self.cls_out.bias[-1], math.log(100.0))  # start predicting background
+        num_traffic_states = num_light_states + 1  # the lamp states and 'none'
+        # Memory per slot: the pooled fused features and the traffic-state probabilities of the previous frame.
+        self.memory_dim = feat_channels + num_traffic_states if memory else 0
+        self.memory = SceneMemory(memory_max_gap) if memory else None
+        if memory:
+            self.memory_fuse = nn.Sequential(nn.Conv2d(feat_channels + self.memory_dim, feat_channels, 1), nn.GELU(),
+                                             nn.Conv2d(feat_channels, feat_channels, 1))
+            nn.init.zeros_(self.memory_fuse[-1].weight)  # an untrained memory changes nothing
+            nn.init.zeros_(self.memory_fuse[-1].bias)
+        self.traffic_state_out = nn.Linear(feat_channels + self.memory_dim, num_traffic_states)
         self.num_train_calls = 0
 
-    def forward(self, feats: Tensor) -> Dict[str, Tensor]:
-        """[BN, C, h, w] -> ``cls_logits`` [BN, K+1, h, w], ``bbox_pred`` [BN, 4, h, w], ``light_logits``."""
+    def reset_memory(self) -> None:
+        """Forget the previous frame of every batch slot."""
+        if self.memory is not None:
+            self.memory.reset()
+
+    def _fuse_memory(self, x: Tensor, prev: Tensor) -> Tensor:
+        """Add what the memory ``prev`` [B, D] says to every cell of the sample's cameras, ``x`` [B*N, C, h, w]."""
+        per_map = prev.repeat_interleave(x.shape[0] // prev.shape[0], dim=0)[:, :, None, None]
+        return x + self.memory_fuse(torch.cat([x, per_map.expand(-1, -1, *x.shape[2:])], dim=1))
+
+    def forward(self, feats: Tensor, img_metas: Optional[Sequence[dict]] = None) -> Dict[str, Tensor]:
+        """[BN, C, h, w] -> ``cls_logits`` [BN, K+1, h, w], ``bbox_pred`` [BN, 4, h, w], ``light_logits``,
+        ``scene_feats`` and, given ``img_metas``, ``traffic_state_logits`` [B, num_light_states + 1].
+
+        With ``img_metas`` it reads the temporal memory, then stores this frame's (once per frame, in
+        training and evaluation); without them it runs memory-less and changes no memory.
+        """
         if self.training:
             self.num_train_calls += 1
         x = self.trunk(feats)
-        return dict(cls_logits=self.cls_out(x), bbox_pred=self.box_out(x), light_logits=self.light_out(x),
+        batch = len(img_metas) if img_metas is not None else x.shape[0]
+        if img_metas is not None and x.shape[0] % batch:
+            raise ValueError(f"TinyDetHead: {x.shape[0]} feature maps do not split into {batch} samples")
+        prev = None
+        if self.memory is not None:
+            prev = self.memory.read(img_metas, x, self.memory_dim) if img_metas is not None else \
+                x.new_zeros(batch, self.memory_dim)
+            x = self._fuse_memory(x, prev)
+        outs = dict(cls_logits=self.cls_out(x), bbox_pred=self.box_out(x), light_logits=self.light_out(x),
                     scene_feats=x)
+        if img_metas is not None:  # one traffic state per sample, from all of its cameras and the memory
+            pooled = pooled_per_sample(x, batch)
+            logits = self.traffic_state_out(pooled if prev is None else torch.cat([pooled, prev], dim=1))
+            outs["traffic_state_logits"] = logits
+            if self.memory is not None:
+                self.memory.last_read = prev.detach()
+                self.memory.write(torch.cat([pooled, logits.float().softmax(-1).to(pooled.dtype)], dim=1), img_metas)
+        return outs
 
     def scene_features(self, feats: Tensor) -> Tensor:
-        """The per-cell features the predictions are read from, [BN, feat_channels, h, w] (no state change)."""
-        return self.trunk(feats)
+        """The per-cell features the predictions are read from, [BN, feat_channels, h, w], without state change:
+        fused with the memory that the last :meth:`forward` read (zeros when it does not fit ``feats``)."""
+        x = self.trunk(feats)
+        if self.memory is None:
+            return x
+        prev = self.memory.last_read
+        if prev is None or x.shape[0] % prev.shape[0]:
+            prev = x.new_zeros(x.shape[0], self.memory_dim)  # no usable memory: zeros
+        return self._fuse_memory(x, prev.to(x.dtype))
 
     def _decode(self, bbox_pred: Tensor) -> Tensor:
         """[BN, 4, h, w] raw box numbers -> [BN, h, w, 4] pixel boxes (x1, y1, x2, y2)."""
@@ -141,8 +202,9 @@ class TinyDetHead(nn.Module):
         return dict(labels=labels, boxes=boxes, states=states)
 
     def loss(self, outs: Dict[str, Tensor], gt_bboxes: Sequence[Tensor], gt_labels: Sequence[Tensor],
-             gt_light_states: Sequence[Tensor]) -> Dict[str, Tensor]:
-        """``loss_cls``, ``loss_bbox``, ``loss_iou``, ``loss_traffic`` for flattened (B*N) cameras."""
+             gt_light_states: Sequence[Tensor], img_metas: Optional[Sequence[dict]] = None) -> Dict[str, Tensor]:
+        """``loss_cls``, ``loss_bbox``, ``loss_iou``, ``loss_traffic`` for flattened (B*N) cameras, and
+        ``loss_traffic_state`` per sample when ``img_metas`` carry ``traffic_state``."""
         cls_logits = outs["cls_logits"]
         if len(gt_bboxes) != cls_logits.shape[0]:
             raise ValueError(f"TinyDetHead.loss: got boxes for {len(gt_bboxes)} images, expected "
@@ -173,8 +235,14 @@ class TinyDetHead(nn.Module):
         else:
             loss_traffic = light_logits.sum() * 0.0
         w = self.loss_weights
-        return dict(loss_cls=loss_cls * w["cls"], loss_bbox=loss_bbox * w["bbox"], loss_iou=loss_iou * w["iou"],
-                    loss_traffic=loss_traffic * w["traffic"])
+        losses = dict(loss_cls=loss_cls * w["cls"], loss_bbox=loss_bbox * w["bbox"], loss_iou=loss_iou * w["iou"],
+                      loss_traffic=loss_traffic * w["traffic"])
+        if img_metas is not None and "traffic_state_logits" in outs and \
+                all("traffic_state" in meta for meta in img_metas):
+            target = torch.tensor([int(meta["traffic_state"]) for meta in img_metas], device=cls_logits.device)
+            losses["loss_traffic_state"] = F.cross_entropy(outs["traffic_state_logits"].float(), target) * \
+                w["traffic_state"]
+        return losses
 
     @torch.no_grad()
     def get_bboxes(self, outs: Dict[str, Tensor], img_hw: Tuple[int, int]) -> List[Dict[str, Tensor]]:
