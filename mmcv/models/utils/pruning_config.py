@@ -33,7 +33,7 @@ import torch
 from mmcv.models.utils.checkpoint_io import atomic_write_json
 from mmcv.models.utils.eva_surgery import describe_indices
 from mmcv.models.utils.head_importance import ChannelImportance, HeadImportance, ScoresLike, read_json
-from mmcv.models.utils.pruning_cost import UnitCosts, allocate_by_cost, analytic_unit_costs
+from mmcv.models.utils.pruning_cost import UnitCosts, allocate_by_cost, analytic_unit_costs, round_to_multiple
 
 CONFIG_FORMAT = "orion-kd-pruning-config"
 CONFIG_VERSION = 2  # 2: optional SwiGLU channels; version 1 files (heads only) load unchanged
@@ -361,8 +361,9 @@ def _kept_mass(scores: torch.Tensor, selection: Sequence[Sequence[int]]) -> Opti
 
 
 def _allocate(scores: torch.Tensor, ratio: float, strategy: str, floor: Any, normalization: str,
-              unit_cost: Optional[Sequence[float]], kind: UnitKind) -> Tuple[Selection, Dict[str, Any]]:
-    """One unit kind's selection and its metadata (``unit_cost``: cost of one unit per block, for ``cost``)."""
+              unit_cost: Optional[Sequence[float]], kind: UnitKind, multiple: int = 1) -> Tuple[Selection, Dict[str, Any]]:
+    """One unit kind's selection and its metadata (``unit_cost``: cost of one unit per block, for ``cost``;
+    ``multiple``: every block keeps a multiple of it, within the same budget)."""
     depth, units = scores.shape
     floor_arg = f"min_{kind.singular}s_per_layer"
     if isinstance(floor, bool) or not isinstance(floor, int) or not 1 <= floor <= units:
@@ -388,6 +389,14 @@ def _allocate(scores: torch.Tensor, ratio: float, strategy: str, floor: Any, nor
         budget = keep * float(sum(unit_cost))
         selection, spent = allocate_by_cost(ranked, unit_cost, budget, floor)
         info.update(cost_budget=budget, cost_spent=spent)
+    if multiple > 1:
+        costs = list(unit_cost) if strategy == "cost" else [1.0] * depth
+        budget = info.get("cost_budget", float(keep * depth))
+        if strategy == "uniform":  # the nearest multiple for every block, not a redistribution
+            budget = float(min(units, max(multiple, int(math.floor(keep / multiple + 0.5)) * multiple)) * depth)
+        selection = round_to_multiple(ranked, selection, multiple, costs, budget)
+        if "cost_budget" in info:
+            info["cost_spent"] = sum(len(s) * c for s, c in zip(selection, costs))
     kept = sum(len(s) for s in selection)
     info.update(effective_ratio=1.0 - kept / (depth * units), kept_total=kept,
                 importance_mass_kept=_kept_mass(ranked, selection))
@@ -417,7 +426,7 @@ def create_pruning_config(importance: Union[HeadImportance, ScoresLike], pruning
                           strategy: str = "uniform", min_heads_per_layer: int = 1, block_normalization: str = "l2",
                           channel_importance: Optional[Union[ChannelImportance, ScoresLike]] = None,
                           mlp_pruning_ratio: Optional[float] = None, min_channels_per_layer: int = 1,
-                          unit_costs: Optional[UnitCosts] = None) -> PruningConfig:
+                          unit_costs: Optional[UnitCosts] = None, channel_multiple: int = 1) -> PruningConfig:
     """Choose the heads (and with ``channel_importance`` the SwiGLU channels) to keep (policy: module docstring).
 
     ``pruning_ratio`` / ``mlp_pruning_ratio``: fractions of heads / hidden channels REMOVED (0.5: 16 -> 8
@@ -426,7 +435,9 @@ def create_pruning_config(importance: Union[HeadImportance, ScoresLike], pruning
     warning, ``metadata['effective_mlp_pruning_ratio']``). ``block_normalization`` ('l2' or 'none')
     scales each block's scores before a ``global`` or ``cost`` ranking; the ``importance_mass_kept``
     entries are measured on the same scaled scores. ``strategy='cost'`` prices units with ``unit_costs``
-    (default: analytic MACs from the importance's recorded backbone geometry). Ties go to the lower index.
+    (default: analytic MACs from the importance's recorded backbone geometry). ``channel_multiple``: every
+    block keeps a multiple of this many channels (e.g. 64: matmuls at odd widths run slower), within the
+    same budget (``pruning_cost.round_to_multiple``). Ties go to the lower index.
     """
     importance = HeadImportance.coerce(importance)
     scores, method = importance.scores, importance.method
@@ -449,7 +460,7 @@ def create_pruning_config(importance: Union[HeadImportance, ScoresLike], pruning
     channels: Dict[str, Any] = {}
     if channel_importance is not None or mlp_pruning_ratio is not None:
         channels = _channel_part(channel_importance, mlp_pruning_ratio, strategy, min_channels_per_layer,
-                                 block_normalization, channel_cost, depth, metadata)
+                                 block_normalization, channel_cost, depth, metadata, channel_multiple)
     return PruningConfig(selected_heads_per_layer=selection, teacher_num_heads=heads, pruning_ratio=ratio,
                          strategy=strategy, method=method, min_heads_per_layer=min_heads_per_layer,
                          num_heads=[len(h) for h in selection], metadata=metadata, **channels)
@@ -457,7 +468,7 @@ def create_pruning_config(importance: Union[HeadImportance, ScoresLike], pruning
 
 def _channel_part(channel_importance: Any, mlp_pruning_ratio: Optional[float], strategy: str, floor: int,
                   normalization: str, channel_cost: Optional[Sequence[float]], depth: int,
-                  metadata: Dict[str, Any]) -> Dict[str, Any]:
+                  metadata: Dict[str, Any], multiple: int = 1) -> Dict[str, Any]:
     """The channel fields of a joint configuration (and their metadata, added to ``metadata``)."""
     if channel_importance is None or mlp_pruning_ratio is None:
         raise ValueError("joint pruning needs both channel_importance and mlp_pruning_ratio (the fraction of SwiGLU "
@@ -466,8 +477,12 @@ def _channel_part(channel_importance: Any, mlp_pruning_ratio: Optional[float], s
     ratio = check_pruning_ratio(mlp_pruning_ratio, "mlp_pruning_ratio", "channels")
     if importance.num_layers != depth:
         raise ValueError(f"channel importance has {importance.num_layers} blocks, head importance {depth}")
-    selection, info = _allocate(importance.scores, ratio, strategy, floor, normalization, channel_cost, CHANNELS)
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or not 1 <= multiple <= importance.num_channels:
+        raise ValueError(f"channel_multiple: expected an int in [1, {importance.num_channels}], got {multiple!r}")
+    selection, info = _allocate(importance.scores, ratio, strategy, floor, normalization, channel_cost, CHANNELS,
+                                multiple)
     metadata.update(effective_mlp_pruning_ratio=info["effective_ratio"], channels_kept_total=info["kept_total"],
+                    channel_multiple=multiple,
                     channel_importance_mass_kept=info["importance_mass_kept"],
                     channel_importance_source=importance.source)
     if "cost_budget" in info:

@@ -143,4 +143,44 @@ def allocate_by_cost(scores: torch.Tensor, cost_per_block: Sequence[float], budg
     return [torch.nonzero(chosen[layer]).flatten().tolist() for layer in range(depth)], spent
 
 
-__all__ = ["UNIT_COSTS_FORMAT", "BLOCK_TYPES", "UnitCosts", "analytic_unit_costs", "allocate_by_cost"]
+def round_to_multiple(scores: torch.Tensor, selection: Sequence[Sequence[int]], multiple: int,
+                      cost_per_block: Sequence[float], budget: float) -> List[List[int]]:
+    """Make every block keep a multiple of ``multiple`` units (its best ones), spending at most ``budget``.
+
+    Matmul kernels run far slower at odd widths (measured on this CPU: a 1024 x 1365 SwiGLU runs at 56%
+    of the FLOP rate of 1024 x 1536), so kept widths are rounded. Each block's count goes to the nearest
+    multiple (half up, at least one multiple, at most all its units); then, while over ``budget``, the block
+    whose last ``multiple`` kept units score least gives them up, and while a chunk still fits, the block
+    whose next ``multiple`` units score most per cost gains them. ``scores`` are the (normalised) scores.
+    """
+    depth, units = scores.shape
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    ranked = torch.gather(scores.double(), 1, order)
+    costs = [float(c) for c in cost_per_block]
+    counts = [min(units, max(multiple, int(math.floor(len(kept) / multiple + 0.5)) * multiple)) for kept in selection]
+
+    def chunk(layer: int, start: int) -> float:
+        return float(ranked[layer, start:start + multiple].sum())
+
+    def spent() -> float:
+        return sum(count * cost for count, cost in zip(counts, costs))
+
+    tolerance = 1e-9 * max(abs(budget), 1.0)
+    while spent() > budget + tolerance:
+        shrinkable = [layer for layer in range(depth) if counts[layer] > multiple]
+        if not shrinkable:
+            raise ValueError(f"rounding to multiples of {multiple}: one multiple per block already exceeds the budget")
+        layer = min(shrinkable, key=lambda l: (chunk(l, counts[l] - multiple) / (multiple * costs[l]), l))
+        counts[layer] -= multiple
+    while True:
+        growable = [layer for layer in range(depth) if counts[layer] + multiple <= units
+                    and spent() + multiple * costs[layer] <= budget + tolerance]
+        if not growable:
+            break
+        layer = max(growable, key=lambda l: (chunk(l, counts[l]) / (multiple * costs[l]), -l))
+        counts[layer] += multiple
+    return [sorted(order[layer, :count].tolist()) for layer, count in enumerate(counts)]
+
+
+__all__ = ["UNIT_COSTS_FORMAT", "BLOCK_TYPES", "UnitCosts", "analytic_unit_costs", "allocate_by_cost",
+           "round_to_multiple"]
