@@ -42,6 +42,7 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "tools/head_pruning/sites.py",
     "tools/head_pruning/batches.py",
     "tools/head_pruning/importance.py",
+    "tools/head_pruning/channel_importance.py",
     "tools/head_pruning/analysis.py",
     "tools/head_pruning/plots.py",
     "tools/head_pruning/cli.py",
