@@ -48,6 +48,8 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "tools/head_pruning/cli.py",
     "tools/kd_setup_check.py",
     "demo_kd_50_pruning.py",
+    "tools/demo_support.py",
+    "tools/demo_joint.py",
 )
 
 #: Modules the KD config registers through ``custom_imports`` (in this order).
