@@ -41,7 +41,7 @@ def compute_channel_importance_magnitude(model: nn.Module, save_path: Optional[P
     scores = torch.stack([channel_weight_norms(s.mlp.w1.weight, s.mlp.w2.weight, s.mlp.w3.weight, s.mlp.ffn_ln.weight)
                           for s in sites])
     return finish_importance(scores, "magnitude", 0, model, backbone, {}, save_path, time.perf_counter() - start,
-                   kind=ChannelImportance)
+                             kind=ChannelImportance)
 
 
 def compute_channel_importance_gradient(model: nn.Module, dataloader: Iterable, num_batches: Optional[int] = 8,
@@ -60,17 +60,11 @@ def compute_channel_importance_gradient(model: nn.Module, dataloader: Iterable, 
     sites = find_mlp_sites(backbone)
     dtype, device = param_dtype_device(backbone)
     masks = [torch.ones(s.hidden, dtype=dtype, device=device, requires_grad=True) for s in sites]
-    total, batches, samples = mask_gradient_scores(model, backbone, dataloader, num_batches, loss_fn, masks,
-                                                   channel_mask_hooks(sites, masks), "channel gradient importance",
-                                                   progress)
-    scores = total / batches
-    if not bool(scores.abs().sum() > 0):
-        raise ValueError("channel gradient importance: the loss does not depend on any SwiGLU channel (all "
-                         "gradients are zero); check that the loss uses the backbone's output")
-    if normalize:
-        scores = scores / scores.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    scores, batches, samples = mask_gradient_scores(model, backbone, dataloader, num_batches, loss_fn, masks,
+                                                    channel_mask_hooks(sites, masks), "SwiGLU channels", normalize,
+                                                    progress)
     return finish_importance(scores, "gradient", samples, model, backbone, dict(normalize=normalize, batches=batches),
-                   save_path, time.perf_counter() - start, kind=ChannelImportance)
+                             save_path, time.perf_counter() - start, kind=ChannelImportance)
 
 
 def compute_channel_importance_activation(model: nn.Module, dataloader: Iterable, num_batches: Optional[int] = 8,
@@ -99,7 +93,7 @@ def compute_channel_importance_activation(model: nn.Module, dataloader: Iterable
                            "channel activation importance", progress, backbone)
     scores = sums / counts.clamp_min(1.0)[:, None]
     return finish_importance(scores, "activation", images, model, backbone, {}, save_path, time.perf_counter() - start,
-                   kind=ChannelImportance)
+                             kind=ChannelImportance)
 
 
 def compute_channel_importance(model: nn.Module, method: str = "magnitude", dataloader: Optional[Iterable] = None,

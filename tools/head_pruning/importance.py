@@ -33,8 +33,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def finish_importance(scores: torch.Tensor, method: str, num_samples: int, model: nn.Module, backbone: nn.Module,
-            settings: Dict[str, Any], save_path: Optional[PathLike], seconds: float,
-            kind: Type[HeadImportance] = HeadImportance) -> HeadImportance:
+                      settings: Dict[str, Any], save_path: Optional[PathLike], seconds: float,
+                      kind: Type[HeadImportance] = HeadImportance) -> HeadImportance:
     """The result object (``kind``: HeadImportance or ChannelImportance) with settings and geometry; saved if asked."""
     metadata = dict(settings, seconds=round(seconds, 3))
     with contextlib.suppress(Exception):
@@ -62,7 +62,7 @@ def compute_head_importance_magnitude(model: nn.Module, save_path: Optional[Path
         head_weight_norms(s.attn.q_proj.weight, s.attn.k_proj.weight, s.attn.v_proj.weight, s.num_heads,
                           proj_weight=s.attn.proj.weight if include_proj else None) for s in sites])
     return finish_importance(scores, "magnitude", 0, model, backbone, dict(include_proj=include_proj),
-                   save_path, time.perf_counter() - start)
+                             save_path, time.perf_counter() - start)
 
 
 @contextlib.contextmanager
@@ -88,13 +88,14 @@ def _teacher_in_place(model: nn.Module) -> Iterator[None]:
 
 def mask_gradient_scores(model: nn.Module, backbone: nn.Module, dataloader: Iterable, num_batches: Optional[int],
                          loss_fn: Optional[Callable[[Any, Any], torch.Tensor]], masks: Sequence[torch.Tensor],
-                         mask_hooks: Any, desc: str, progress: bool) -> Tuple[torch.Tensor, int, int]:
-    """Sum over batches of ``|dL_b / d mask|`` at ``mask = 1``, with ``mask_hooks`` applying the masks.
+                         mask_hooks: Any, what: str, normalize: bool, progress: bool) -> Tuple[torch.Tensor, int, int]:
+    """Mean over batches of ``|dL_b / d mask|`` at ``mask = 1``, with ``mask_hooks`` applying the masks.
 
     ``model``: a detector whose ``forward(batch, return_loss=True)`` returns a loss (an OrionStudent-like
     model runs with its teacher standing in for the student, alpha 0), or the backbone with
     ``loss_fn(outputs, batch)``. Eval mode without activation checkpointing; parameters get no
-    gradients; modes and flags are restored. Returns (sums ``[blocks, units]`` float64, batches, samples).
+    gradients; modes and flags are restored. ``normalize`` divides each block's row by its L2 norm;
+    ``what`` names the units in messages. Returns (scores ``[blocks, units]`` float64, batches, samples).
     """
     loss_fn = loss_fn or getattr(unwrap_model(model), "loss_fn", None)
     is_backbone = unwrap_model(model) is backbone
@@ -106,7 +107,7 @@ def mask_gradient_scores(model: nn.Module, backbone: nn.Module, dataloader: Iter
     samples = batches = 0
     with preserved_state(model, requires_grad=False, disable_checkpointing=True), \
             _teacher_in_place(unwrap_model(model)), mask_hooks, torch.enable_grad():
-        for batch in take_batches(dataloader, num_batches, desc, progress):
+        for batch in take_batches(dataloader, num_batches, f"gradient importance of {what}", progress):
             if is_backbone:
                 img = images_of(batch, dtype, device)
                 loss = loss_fn(model(img), batch)
@@ -120,7 +121,13 @@ def mask_gradient_scores(model: nn.Module, backbone: nn.Module, dataloader: Iter
                 if grad is not None:
                     total[i] += grad.detach().abs().double().cpu()
             batches += 1
-    return total, batches, samples
+    scores = total / batches
+    if not bool(scores.abs().sum() > 0):
+        raise ValueError(f"gradient importance: the loss does not depend on any of the {what} (all gradients are "
+                         f"zero); check that the loss uses the backbone's output")
+    if normalize:
+        scores = scores / scores.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return scores, batches, samples
 
 
 def compute_head_importance_gradient(model: nn.Module, dataloader: Iterable, num_batches: Optional[int] = 8,
@@ -143,16 +150,11 @@ def compute_head_importance_gradient(model: nn.Module, dataloader: Iterable, num
     sites = find_attention_sites(backbone)
     dtype, device = param_dtype_device(backbone)
     masks = [torch.ones(s.num_heads, dtype=dtype, device=device, requires_grad=True) for s in sites]
-    total, batches, samples = mask_gradient_scores(model, backbone, dataloader, num_batches, loss_fn, masks,
-                                                   head_mask_hooks(sites, masks), "gradient importance", progress)
-    scores = total / batches
-    if not bool(scores.abs().sum() > 0):
-        raise ValueError("gradient importance: the loss does not depend on any attention head (all gradients are "
-                         "zero); check that the loss uses the backbone's output")
-    if normalize:
-        scores = scores / scores.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    scores, batches, samples = mask_gradient_scores(model, backbone, dataloader, num_batches, loss_fn, masks,
+                                                    head_mask_hooks(sites, masks), "attention heads", normalize,
+                                                    progress)
     return finish_importance(scores, "gradient", samples, model, backbone, dict(normalize=normalize, batches=batches),
-                   save_path, time.perf_counter() - start)
+                             save_path, time.perf_counter() - start)
 
 
 def data_pass(hooks: Sequence[Tuple[nn.Module, Callable]], dataloader: Iterable, num_batches: Optional[int],
@@ -232,8 +234,8 @@ def compute_head_importance_entropy(model: nn.Module, dataloader: Iterable, num_
                             "entropy importance", progress, backbone)
     scores = max_entropy[:, None] - sums / counts.clamp_min(1.0)[:, None]
     return finish_importance(scores, "entropy", images, model, backbone,
-                   dict(num_query_samples=num_query_samples, seed=seed, max_entropy=max_entropy.tolist()),
-                   save_path, time.perf_counter() - start)
+                             dict(num_query_samples=num_query_samples, seed=seed, max_entropy=max_entropy.tolist()),
+                             save_path, time.perf_counter() - start)
 
 
 def compute_head_importance_activation(model: nn.Module, dataloader: Iterable, num_batches: Optional[int] = 8,
