@@ -73,8 +73,16 @@ def attention(x: torch.Tensor, sd: Dict[str, torch.Tensor], p: str, num_heads: i
 def reference_forward(sd: Dict[str, torch.Tensor], img: torch.Tensor, *, depth: int, num_heads: int,
                       patch_size: int, window_size: int, window_block_indexes: Sequence[int],
                       pretrain_use_cls_token: bool = True, subln: bool = False,
-                      head_mask: Optional[torch.Tensor] = None, img_size: Optional[int] = None) -> torch.Tensor:
-    """ORION's EVAViT forward: [B, 3, H, W] -> [B, C, H/p, W/p] (float64)."""
+                      head_mask: Optional[torch.Tensor] = None, img_size: Optional[int] = None,
+                      kept_channels: Optional[Sequence[Sequence[int]]] = None,
+                      channel_mask: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """ORION's EVAViT forward: [B, 3, H, W] -> [B, C, H/p, W/p] (float64).
+
+    ``kept_channels[l]``: block ``l``'s MLP keeps only these hidden channels of the teacher: its
+    ``ffn_ln`` normalises over them alone (mean and variance of the kept channels) and ``w3`` reads
+    only their columns, i.e. the arithmetic of a network built with those channels. ``channel_mask[l]``
+    instead multiplies every hidden channel by a factor BEFORE ``ffn_ln`` (masking, not pruning).
+    """
     sd = {k: v.double() for k, v in sd.items()}
     img = img.double()
     x = F.conv2d(img, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch_size)
@@ -116,8 +124,14 @@ def reference_forward(sd: Dict[str, torch.Tensor], img: torch.Tensor, *, depth: 
         y = layer_norm(x, sd[p + "norm2.weight"], sd[p + "norm2.bias"])
         hidden = F.silu(y @ sd[p + "mlp.w1.weight"].T + sd[p + "mlp.w1.bias"]) * (
             y @ sd[p + "mlp.w2.weight"].T + sd[p + "mlp.w2.bias"])
-        hidden = layer_norm(hidden, sd[p + "mlp.ffn_ln.weight"], sd[p + "mlp.ffn_ln.bias"])
-        x = x + hidden @ sd[p + "mlp.w3.weight"].T + sd[p + "mlp.w3.bias"]
+        ln_weight, ln_bias, w3 = sd[p + "mlp.ffn_ln.weight"], sd[p + "mlp.ffn_ln.bias"], sd[p + "mlp.w3.weight"]
+        if channel_mask is not None:
+            hidden = hidden * channel_mask[i].double()
+        if kept_channels is not None:
+            keep = list(kept_channels[i])
+            hidden, ln_weight, ln_bias, w3 = hidden[..., keep], ln_weight[keep], ln_bias[keep], w3[:, keep]
+        hidden = layer_norm(hidden, ln_weight, ln_bias)
+        x = x + hidden @ w3.T + sd[p + "mlp.w3.bias"]
     return x.permute(0, 3, 1, 2)
 
 
@@ -132,14 +146,21 @@ def masked_teacher_mask(depth: int, num_heads: int, selection: List[List[int]]) 
 # --------------------------------------------------------------------------- counts from the architecture
 
 
+def _per_block(value, depth: int) -> List[int]:
+    return [value] * depth if isinstance(value, int) else list(value)
+
+
 def reference_param_count(*, embed_dim: int, depth: int, heads_per_block: Sequence[int], head_dim: int,
-                          mlp_hidden: int, patch_size: int, in_chans: int = 3, pos_tokens: int,
+                          mlp_hidden, patch_size: int, in_chans: int = 3, pos_tokens: int,
                           qkv_bias: bool = True, subln: bool = False) -> int:
-    """Parameters of an EVA-02 backbone, tensor by tensor from ORION's key list (rope tables are buffers)."""
+    """Parameters of an EVA-02 backbone, tensor by tensor from ORION's key list (rope tables are buffers).
+
+    ``mlp_hidden``: the SwiGLU width of every block (int) or of each block.
+    """
     c = embed_dim
     total = c * in_chans * patch_size * patch_size + c  # patch_embed.proj weight, bias
     total += pos_tokens * c  # pos_embed
-    for heads in heads_per_block:
+    for heads, mlp_hidden in zip(heads_per_block, _per_block(mlp_hidden, depth)):
         inner = heads * head_dim
         total += 2 * c + 2 * c  # norm1, norm2 (weight, bias)
         total += 3 * inner * c  # q_proj, k_proj, v_proj weights (no Linear bias)
@@ -153,17 +174,19 @@ def reference_param_count(*, embed_dim: int, depth: int, heads_per_block: Sequen
     return total
 
 
-def reference_macs(*, img_hw: Sequence[int], patch_size: int, in_chans: int, embed_dim: int, mlp_hidden: int,
+def reference_macs(*, img_hw: Sequence[int], patch_size: int, in_chans: int, embed_dim: int, mlp_hidden,
                    head_dim: int, heads_per_block: Sequence[int], window_per_block: Sequence[int]) -> int:
     """Multiply-accumulates of one image, sequence by sequence as the forward runs them (matmuls and the conv).
 
     Window blocks run every zero-padded window as a sequence of window*window tokens; global blocks run one
     sequence of all tokens; per sequence of n tokens and k heads: q/k/v/proj n*C*k*d each, q k^T and
-    attn v n*n*d each per head. The SwiGLU runs on the real tokens: three C x hidden matmuls.
+    attn v n*n*d each per head. The SwiGLU runs on the real tokens: three C x hidden matmuls
+    (``mlp_hidden``: one width or one per block).
     """
     gh, gw = img_hw[0] // patch_size, img_hw[1] // patch_size
     macs = gh * gw * (in_chans * patch_size * patch_size) * embed_dim
-    for heads, window in zip(heads_per_block, window_per_block):
+    widths = _per_block(mlp_hidden, len(heads_per_block))
+    for heads, window, mlp_hidden in zip(heads_per_block, window_per_block, widths):
         if window:
             sequences = [window * window] * (math.ceil(gh / window) * math.ceil(gw / window))
         else:

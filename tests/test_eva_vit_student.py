@@ -113,7 +113,9 @@ def test_orion_l_keys_shapes_and_counts_on_meta_device():
     t_sd, s_sd = teacher.state_dict(), student.state_dict()
     assert len(t_sd) == 511
     head_keys = [k for k in s_sd if k.endswith(".attn.head_index")]
-    assert len(head_keys) == 24 and set(s_sd) - set(head_keys) == set(t_sd)
+    channel_keys = [k for k in s_sd if k.endswith(".mlp.channel_index")]
+    assert len(head_keys) == 24 and len(channel_keys) == 24
+    assert set(s_sd) - set(head_keys) - set(channel_keys) == set(t_sd)
     assert t_sd["pos_embed"].shape == (1, 197, 1024)
     assert t_sd["patch_embed.proj.weight"].shape == (1024, 3, 16, 16)
     assert t_sd["rope_win.freqs_cos"].shape == (256, 64) and t_sd["rope_glb.freqs_sin"].shape == (1600, 64)

@@ -43,7 +43,8 @@ backbone = dict(type='EVAViTStudent', num_heads=4, teacher_num_heads=4, **%r)
 model = build_model(dict(type='Orion', use_grid_mask=True, img_backbone=backbone,
                          pts_bbox_head=dict(type='StreamingDetHead', in_channels=32),
                          map_head=dict(type='LaneHead', in_channels=32)))
-state = {k: v for k, v in model.state_dict().items() if not k.endswith('.head_index')}  # ORION's EVAViT keys
+state = {k: v for k, v in model.state_dict().items()
+         if not k.endswith(('.head_index', '.channel_index'))}  # ORION's EVAViT keys
 torch.save(dict(meta={}, state_dict=state), sys.argv[1])
 """ % (TINY_BACKBONE,)
 

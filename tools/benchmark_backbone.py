@@ -1,23 +1,31 @@
-"""Side-by-side speed and memory of the 16-head teacher and the head-pruned student backbone.
+"""Side-by-side speed and memory of the 16-head teacher and a pruned student backbone (heads, or heads + MLP width).
 
-Both models are built in one process at the ORION-L configuration (``--depth`` may shrink it
-on a CPU; any multiple of 3 keeps ORION's 2:1 window/global mix and so the same ceiling) and
-timed in alternating runs on the same input. Prints medians, the measured speedup, the analytic
-ceiling (MACs ratio), efficiency = measured / ceiling, peak memory, and sdpa vs math attention
-for the teacher; writes everything to JSON. fp32 on CPU, bf16 on CUDA by default.
+Both models are built in one process at the ORION-L configuration (``--depth`` may shrink it on a CPU;
+any multiple of 3 keeps ORION's 2:1 window/global mix and so the same ceiling) and timed in
+alternating runs on the same input. The student is ``--student-heads`` heads per block (and
+``--student-mlp-hidden`` SwiGLU channels), or what a pruning configuration file keeps
+(``--pruning-config``, heads and channels per block; with ``--depth`` below the file's depth its first
+blocks). Timing depends on the kept counts, not on which units, so the models are built from the
+counts with random weights. Prints medians, the measured speedup next to the analytic ceiling
+(MACs ratio) and efficiency = measured / ceiling, peak memory, sdpa vs math attention for the
+teacher; writes everything to JSON. fp32 on CPU, bf16 on CUDA by default.
 
     python tools/benchmark_backbone.py --depth 6 --repeats 7 --out work_dirs/bench_backbone.json
+    python tools/benchmark_backbone.py --depth 6 --student-heads 8 --student-mlp-hidden 1536
+    python tools/benchmark_backbone.py --depth 6 --pruning-config work_dirs/joint_prune.json
+    python tools/benchmark_backbone.py --depth 3 --unit-latency work_dirs/unit_latency.json   # for --strategy cost
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,22 +34,75 @@ import torch
 
 from mmcv.models.backbones.eva_vit_student import EVAViTStudent
 from mmcv.models.utils.checkpoint_io import atomic_write_json
+from mmcv.models.utils.eva_cost import analytic_backbone_macs
+from mmcv.models.utils.pruning_config import PruningConfig
+from mmcv.models.utils.pruning_cost import UnitCosts
 
 ORION_L = dict(img_size=640, patch_size=16, window_size=16, in_chans=3, embed_dim=1024, num_heads=16,
                mlp_ratio=4 * 2 / 3, qkv_bias=True, drop_path_rate=0.0, teacher_num_heads=16)
+TEACHER_HIDDEN = int(1024 * 4 * 2 / 3)  # 2730
+Counts = Union[int, Sequence[int]]
 
 
-def orion_l_config(depth: int, num_heads: int, attn_impl: str, img_size: int = 640) -> dict:
-    """ORION's stage-3 EVAViT arguments at ``depth`` blocks (every third block global)."""
+def orion_window_blocks(depth: int) -> List[int]:
+    """ORION's pattern: every third block (2, 5, ...) global, the others window blocks."""
+    return [i for i in range(depth) if i % 3 != 2]
+
+
+def orion_l_config(depth: int, num_heads: Counts, attn_impl: str, img_size: int = 640,
+                   mlp_hidden: Optional[Counts] = None) -> dict:
+    """ORION's stage-3 EVAViT arguments at ``depth`` blocks, keeping ``num_heads`` / ``mlp_hidden`` per block."""
     return dict(ORION_L, depth=depth, num_heads=num_heads, attn_impl=attn_impl, img_size=img_size,
-                window_block_indexes=[i for i in range(depth) if i % 3 != 2])
+                mlp_hidden=mlp_hidden, window_block_indexes=orion_window_blocks(depth))
 
 
-def build(depth: int, num_heads: int, attn_impl: str, device: torch.device, dtype: torch.dtype,
-          img_size: int = 640) -> EVAViTStudent:
+def build(depth: int, num_heads: Counts, attn_impl: str, device: torch.device, dtype: torch.dtype,
+          img_size: int = 640, mlp_hidden: Optional[Counts] = None) -> EVAViTStudent:
     """A randomly initialised ORION-L-shaped backbone (timing does not depend on the weights)."""
     torch.manual_seed(0)
-    return EVAViTStudent(**orion_l_config(depth, num_heads, attn_impl, img_size)).to(device=device, dtype=dtype).eval()
+    cfg = orion_l_config(depth, num_heads, attn_impl, img_size, mlp_hidden)
+    return EVAViTStudent(**cfg).to(device=device, dtype=dtype).eval()
+
+
+class StudentSpec(NamedTuple):
+    """What the timed student keeps per block, where that came from, and the file's full-depth ceiling."""
+
+    heads: List[int]
+    mlp_hidden: List[int]
+    label: str
+    full_depth_ceiling: Optional[float] = None
+
+
+def orion_l_ceiling(heads: Sequence[int], mlp_hidden: Sequence[int], image_size: int) -> float:
+    """Analytic MACs of the ORION-L teacher over those of a student at the same depth (ORION's window pattern)."""
+    depth = len(heads)
+    windows = [16 if i % 3 != 2 else 0 for i in range(depth)]
+    geometry = dict(img_hw=(image_size, image_size), patch_size=16, in_chans=3, embed_dim=1024, head_dim=64,
+                    window_per_block=windows)
+    return analytic_backbone_macs(mlp_hidden=TEACHER_HIDDEN, heads_per_block=[16] * depth, **geometry) / \
+        analytic_backbone_macs(mlp_hidden=list(mlp_hidden), heads_per_block=list(heads), **geometry)
+
+
+def student_spec(args: argparse.Namespace) -> StudentSpec:
+    """The student's per-block counts: from ``--pruning-config`` (its first ``--depth`` blocks) or the flags."""
+    if not args.pruning_config:
+        hidden = args.student_mlp_hidden or TEACHER_HIDDEN
+        if not 1 <= args.student_heads <= 16 or not 1 <= hidden <= TEACHER_HIDDEN:
+            raise ValueError(f"--student-heads must lie in 1..16 and --student-mlp-hidden in 1..{TEACHER_HIDDEN}, got "
+                             f"{args.student_heads} and {hidden}")
+        label = f"{args.student_heads} heads" + (f" + MLP {hidden}" if hidden != TEACHER_HIDDEN else "")
+        return StudentSpec([args.student_heads] * args.depth, [hidden] * args.depth, label)
+    config = PruningConfig.load(args.pruning_config)
+    if config.teacher_num_heads != 16 or (config.teacher_mlp_hidden or TEACHER_HIDDEN) != TEACHER_HIDDEN:
+        raise ValueError(f"{args.pruning_config}: made for a teacher with {config.teacher_num_heads} heads and MLP "
+                         f"width {config.teacher_mlp_hidden}; this benchmark times ORION-L (16 heads, {TEACHER_HIDDEN})")
+    if config.depth < args.depth:
+        raise ValueError(f"{args.pruning_config}: {config.depth} blocks, fewer than --depth {args.depth}")
+    hidden = config.mlp_hidden if config.prunes_channels else [TEACHER_HIDDEN] * config.depth
+    ceiling = orion_l_ceiling(config.num_heads, hidden, args.image_size) if config.depth % 3 == 0 else None
+    part = "" if config.depth == args.depth else f", blocks 0-{args.depth - 1} of {config.depth}"
+    return StudentSpec(list(config.num_heads[:args.depth]), list(hidden[:args.depth]),
+                       f"{os.path.basename(args.pruning_config)}{part}", ceiling)
 
 
 def synchronize(device: torch.device) -> None:
@@ -84,21 +145,26 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def cpu_forward_memory_mb(depth: int, num_heads: int, image_size: int) -> Dict[str, float]:
+def _csv(values: Sequence[int]) -> str:
+    return ",".join(str(int(v)) for v in values)
+
+
+def cpu_forward_memory_mb(heads: Sequence[int], mlp_hidden: Sequence[int], image_size: int) -> Dict[str, float]:
     """Extra resident memory of one forward, measured in a fresh process (Linux).
 
     CPU tensors have no allocator statistics and freed memory stays resident, so a child
     process builds the model, resets the kernel's high-water mark (``clear_refs``), runs one
     forward and reports VmHWM minus the resident size before it.
     """
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(num_heads), "--depth", str(depth),
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", f"{_csv(heads)}:{_csv(mlp_hidden)}",
            "--image-size", str(image_size)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()
     return dict(model_rss_mb=float(out[0]), forward_extra_mb=float(out[1]))
 
 
-def _memory_child(depth: int, num_heads: int, image_size: int) -> None:
-    model = build(depth, num_heads, "sdpa", torch.device("cpu"), torch.float32, image_size)
+def _memory_child(spec: str, image_size: int) -> None:
+    heads, hidden = ([int(v) for v in part.split(",")] for part in spec.split(":"))
+    model = build(len(heads), heads, "sdpa", torch.device("cpu"), torch.float32, image_size, hidden)
     image = torch.randn(1, 3, image_size, image_size)
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
@@ -108,10 +174,50 @@ def _memory_child(depth: int, num_heads: int, image_size: int) -> None:
     print(baseline, _status_mb("VmHWM") - baseline)
 
 
-def main(argv: List[str] = None) -> Dict:
+def measure_unit_latency(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> UnitCosts:
+    """Seconds one head and one SwiGLU channel cost in a window and in a global block (the slopes of block time).
+
+    One ORION-L window block and one global block run on the 640x640 token grid at full width, with
+    half the heads and with half the channels, alternating, ``--repeats`` rounds; the per-unit cost is
+    (median full - median reduced) / units removed. A slope that is not positive means noise won:
+    the error says so (rerun on an idle machine with more repeats).
+    """
+    grid = args.image_size // 16
+    x = torch.randn(1, grid, grid, 1024, device=device, dtype=dtype)
+    variants = dict(full=(16, TEACHER_HIDDEN), half_heads=(8, TEACHER_HIDDEN), half_mlp=(16, TEACHER_HIDDEN // 2))
+    runners = {}
+    for name, (heads, hidden) in variants.items():
+        model = build(3, heads, "sdpa", device, dtype, args.image_size, hidden)
+        for block_type, index in (("window", 0), ("global", 2)):
+            runners[f"{block_type}/{name}"] = (lambda block=model.blocks[index]: block(x))
+    with torch.no_grad():
+        times = time_alternating(runners, args.repeats, args.warmup, device)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    head: Dict[str, float] = {}
+    channel: Dict[str, float] = {}
+    for block_type in ("window", "global"):
+        full = median[f"{block_type}/full"]
+        head[block_type] = (full - median[f"{block_type}/half_heads"]) / 8
+        channel[block_type] = (full - median[f"{block_type}/half_mlp"]) / (TEACHER_HIDDEN - TEACHER_HIDDEN // 2)
+        if head[block_type] <= 0 or channel[block_type] <= 0:
+            raise ValueError(f"unit latency: removing units did not make the {block_type} block faster (medians "
+                             f"{ {k: round(v * 1e3, 2) for k, v in median.items() if k.startswith(block_type)} } ms); "
+                             f"noise won, rerun on an idle machine with more --repeats")
+    return UnitCosts(head=head, channel=channel, unit="seconds",
+                     source=f"measured block latency, ORION-L width, {args.image_size}x{args.image_size}, "
+                            f"{str(dtype).replace('torch.', '')} on {device}",
+                     metadata=dict(median_s=median, repeats=args.repeats, threads=torch.get_num_threads(),
+                                   window_per_block=[16 if i % 3 != 2 else 0 for i in range(24)],
+                                   times_s=times))
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depth", type=int, default=24, help="blocks (24 = ORION-L; 6 is practical on a CPU)")
-    parser.add_argument("--student-heads", type=int, default=8)
+    parser.add_argument("--student-heads", type=int, default=8, help="heads kept per block (without --pruning-config)")
+    parser.add_argument("--student-mlp-hidden", type=int, default=None,
+                        help=f"SwiGLU channels kept per block (default: all {TEACHER_HIDDEN}; 1536 = 56%%)")
+    parser.add_argument("--pruning-config", help="a pruning configuration (.json): time what it keeps per block")
     parser.add_argument("--image-size", type=int, default=640)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
@@ -119,26 +225,54 @@ def main(argv: List[str] = None) -> Dict:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                         help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--skip-math", action="store_true", help="do not time the teacher's math attention")
+    parser.add_argument("--skip-memory", action="store_true", help="do not measure memory")
+    parser.add_argument("--unit-latency", metavar="OUT.json",
+                        help="instead: measure the latency of one head / one channel per block type (unit costs for "
+                             "prune-config --strategy cost --unit-costs OUT.json)")
     parser.add_argument("--out", default="work_dirs/benchmark_backbone.json")
-    parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.memory_child is not None:
-        return _memory_child(args.depth, args.memory_child, args.image_size)
-    if args.depth < 1 or args.image_size % 16:
-        parser.error(f"--depth must be >= 1 and --image-size a multiple of 16, got {args.depth}, {args.image_size}")
+        return _memory_child(args.memory_child, args.image_size)
+    if args.depth < 1 or args.image_size % 16 or args.repeats < 1:
+        parser.error(f"--depth and --repeats must be >= 1 and --image-size a multiple of 16, got {args.depth}, "
+                     f"{args.repeats}, {args.image_size}")
     device = torch.device(args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[dtype_name]
+    try:
+        if args.unit_latency:
+            costs = measure_unit_latency(args, device, dtype)
+            costs.save(args.unit_latency)
+            print(f"[benchmark_backbone] seconds per head {costs.head}, per channel {costs.channel} -> "
+                  f"{args.unit_latency}")
+            return costs.to_dict()
+        spec = student_spec(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    return run_benchmark(args, spec, device, dtype, dtype_name)
 
+
+def run_benchmark(args: argparse.Namespace, spec: StudentSpec, device: torch.device, dtype: torch.dtype,
+                  dtype_name: str) -> Dict:
+    """Time teacher and student alternately; the ratios, the ceiling and memory; print and write the JSON."""
     teacher = build(args.depth, 16, "sdpa", device, dtype, args.image_size)
-    student = build(args.depth, args.student_heads, "sdpa", device, dtype, args.image_size)
+    student = build(args.depth, spec.heads, "sdpa", device, dtype, args.image_size, spec.mlp_hidden)
     image = torch.randn(1, 3, args.image_size, args.image_size, device=device, dtype=dtype)
     runners = {"teacher_sdpa": lambda: teacher(image), "student_sdpa": lambda: student(image)}
     if not args.skip_math:
         teacher_math = build(args.depth, 16, "math", device, dtype, args.image_size)
         runners["teacher_math"] = lambda: teacher_math(image)
-    print(f"[benchmark_backbone] depth={args.depth} heads 16 vs {args.student_heads}, {args.image_size}x"
-          f"{args.image_size}, batch 1, {dtype_name} on {device}, {args.repeats} alternating rounds", flush=True)
+    print(f"[benchmark_backbone] depth={args.depth}, teacher 16 heads + MLP {TEACHER_HIDDEN} vs student {spec.label}, "
+          f"{args.image_size}x{args.image_size}, batch 1, {dtype_name} on {device}, {torch.get_num_threads()} threads, "
+          f"{args.repeats} alternating rounds" + (f", load average {os.getloadavg()[0]:.2f}"
+                                                  if hasattr(os, "getloadavg") else ""), flush=True)
     with torch.no_grad():
         times = time_alternating(runners, args.repeats, args.warmup, device)
     median = {name: statistics.median(values) for name, values in times.items()}
@@ -149,36 +283,49 @@ def main(argv: List[str] = None) -> Dict:
         device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
         platform.processor() or platform.machine(), threads=torch.get_num_threads(), torch=torch.__version__,
         dtype=dtype_name, depth=args.depth, image_size=args.image_size, teacher_heads=16,
-        student_heads=args.student_heads, repeats=args.repeats, times_s=times, median_s=median,
+        teacher_mlp_hidden=TEACHER_HIDDEN, student=spec.label, student_heads=spec.heads,
+        student_mlp_hidden=spec.mlp_hidden, repeats=args.repeats, times_s=times, median_s=median,
+        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         params_m=dict(teacher=sum(p.numel() for p in teacher.parameters()) / 1e6,
                       student=sum(p.numel() for p in student.parameters()) / 1e6),
         gmacs=dict(teacher=teacher.analytic_macs(hw) / 1e9, student=student.analytic_macs(hw) / 1e9),
-        speedup=speedup, ceiling=ceiling, efficiency=speedup / ceiling)
+        speedup=speedup, ceiling=ceiling, efficiency=speedup / ceiling, full_depth_ceiling=spec.full_depth_ceiling)
     if "teacher_math" in median:
         result["sdpa_vs_math_speedup"] = median["teacher_math"] / median["teacher_sdpa"]
-    if device.type == "cuda":
-        result["peak_memory_mb"] = dict(teacher=cuda_peak_memory_mb(teacher, image),
-                                        student=cuda_peak_memory_mb(student, image))
-        mem_ratio = result["peak_memory_mb"]["student"] / result["peak_memory_mb"]["teacher"]
-    else:
-        forward = dict(teacher=cpu_forward_memory_mb(args.depth, 16, args.image_size),
-                       student=cpu_forward_memory_mb(args.depth, args.student_heads, args.image_size))
-        result["forward_memory_mb"] = forward
-        mem_ratio = forward["student"]["forward_extra_mb"] / forward["teacher"]["forward_extra_mb"]
-    result["peak_memory_ratio"] = mem_ratio
-
-    print(f"  params        teacher {result['params_m']['teacher']:.1f} M   student {result['params_m']['student']:.1f} M")
-    print(f"  analytic      teacher {result['gmacs']['teacher']:.1f} GMACs student {result['gmacs']['student']:.1f} "
-          f"GMACs  ceiling {ceiling:.3f}x")
-    for name, value in median.items():
-        print(f"  median        {name:<13} {value * 1e3:9.1f} ms")
-    print(f"  speedup       {speedup:.3f}x  (efficiency {speedup / ceiling:.1%} of the ceiling)")
-    if "sdpa_vs_math_speedup" in result:
-        print(f"  sdpa vs math  {result['sdpa_vs_math_speedup']:.3f}x (teacher)")
-    what = "peak CUDA memory" if device.type == "cuda" else "forward activation peak (RSS)"
-    print(f"  memory        student/teacher {what} = {mem_ratio:.3f}")
+    if not args.skip_memory:
+        result.update(_memory(args, spec, teacher, student, image, device))
+    _print_result(result, device)
     print(f"  wrote {atomic_write_json(args.out, result)}")
     return result
+
+
+def _memory(args: argparse.Namespace, spec: StudentSpec, teacher: EVAViTStudent, student: EVAViTStudent,
+            image: torch.Tensor, device: torch.device) -> Dict:
+    if device.type == "cuda":
+        peak = dict(teacher=cuda_peak_memory_mb(teacher, image), student=cuda_peak_memory_mb(student, image))
+        return dict(peak_memory_mb=peak, peak_memory_ratio=peak["student"] / peak["teacher"])
+    forward = dict(teacher=cpu_forward_memory_mb([16] * args.depth, [TEACHER_HIDDEN] * args.depth, args.image_size),
+                   student=cpu_forward_memory_mb(spec.heads, spec.mlp_hidden, args.image_size))
+    return dict(forward_memory_mb=forward,
+                peak_memory_ratio=forward["student"]["forward_extra_mb"] / forward["teacher"]["forward_extra_mb"])
+
+
+def _print_result(result: Dict, device: torch.device) -> None:
+    median, ceiling, speedup = result["median_s"], result["ceiling"], result["speedup"]
+    print(f"  params        teacher {result['params_m']['teacher']:.1f} M   student {result['params_m']['student']:.1f} M")
+    print(f"  analytic      teacher {result['gmacs']['teacher']:.1f} GMACs student {result['gmacs']['student']:.1f} "
+          f"GMACs")
+    for name, value in median.items():
+        print(f"  median        {name:<13} {value * 1e3:9.1f} ms")
+    print(f"  speedup       measured {speedup:.3f}x | analytic ceiling {ceiling:.3f}x | efficiency "
+          f"{speedup / ceiling:.1%} of the ceiling")
+    if result.get("full_depth_ceiling"):
+        print(f"  full depth    analytic ceiling of the whole configuration {result['full_depth_ceiling']:.3f}x")
+    if "sdpa_vs_math_speedup" in result:
+        print(f"  sdpa vs math  {result['sdpa_vs_math_speedup']:.3f}x (teacher)")
+    if "peak_memory_ratio" in result:
+        what = "peak CUDA memory" if device.type == "cuda" else "forward activation peak (RSS)"
+        print(f"  memory        student/teacher {what} = {result['peak_memory_ratio']:.3f}")
 
 
 if __name__ == "__main__":

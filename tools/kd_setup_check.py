@@ -107,7 +107,8 @@ def check_plugin(cfg: Any) -> Check:
 def _teacher_backbone_cfg(cfg: Any) -> Dict[str, Any]:
     backbone = dict(cfg.model.get("img_backbone") or {})
     if backbone.get("type") == "EVAViTStudent":
-        backbone.update(num_heads=backbone.get("teacher_num_heads", 16), selected_heads_per_layer=None)
+        backbone.update(num_heads=backbone.get("teacher_num_heads", 16), selected_heads_per_layer=None,
+                        mlp_hidden=None, selected_channels_per_layer=None)
     backbone["type"] = "EVAViTStudent"
     backbone.setdefault("teacher_num_heads", backbone.get("num_heads", 16))
     return backbone
@@ -130,7 +131,7 @@ def check_teacher(cfg: Any, fix_hint: str) -> Check:
         return Check("teacher", FAIL, f"Teacher model not found at {path}", fix_hint)
     try:
         from mmcv.models.backbones.eva_vit_student import EVAViTStudent
-        from mmcv.models.utils.eva_surgery import extract_backbone_state_dict
+        from mmcv.models.utils.eva_surgery import extract_backbone_state_dict, is_selection_index_key
         teacher_state = extract_backbone_state_dict(path)
     except Exception as exc:
         return Check("teacher", FAIL, f"{path}: cannot be read with weights_only=True ({type(exc).__name__}: "
@@ -138,7 +139,7 @@ def check_teacher(cfg: Any, fix_hint: str) -> Check:
     with torch.device("meta"):
         kwargs = {k: v for k, v in _teacher_backbone_cfg(cfg).items() if k != "type"}
         expected = EVAViTStudent(**kwargs).state_dict()
-    expected = {k: v for k, v in expected.items() if not k.endswith(".head_index")}
+    expected = {k: v for k, v in expected.items() if not is_selection_index_key(k)}
     missing = [k for k in expected if k not in teacher_state]
     wrong = [f"{k}: expected {tuple(v.shape)}, got {tuple(teacher_state[k].shape)}" for k, v in expected.items()
              if k in teacher_state and tuple(teacher_state[k].shape) != tuple(v.shape)]

@@ -25,8 +25,11 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "mmcv/models/utils/eva_surgery.py",
     "mmcv/models/utils/eva_cost.py",
     "mmcv/models/utils/head_importance.py",
+    "mmcv/models/utils/pruning_cost.py",
     "mmcv/models/utils/pruning_config.py",
     "mmcv/models/utils/kd_config.py",
+    "mmcv/models/utils/student_selection.py",
+    "mmcv/models/backbones/eva_layers.py",
     "mmcv/models/backbones/eva_vit_student.py",
     "mmcv/models/detectors/orion_student.py",
     "mmcv/models/losses/kd_losses.py",
@@ -39,11 +42,14 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "tools/head_pruning/sites.py",
     "tools/head_pruning/batches.py",
     "tools/head_pruning/importance.py",
+    "tools/head_pruning/channel_importance.py",
     "tools/head_pruning/analysis.py",
     "tools/head_pruning/plots.py",
     "tools/head_pruning/cli.py",
     "tools/kd_setup_check.py",
     "demo_kd_50_pruning.py",
+    "tools/demo_support.py",
+    "tools/demo_joint.py",
 )
 
 #: Modules the KD config registers through ``custom_imports`` (in this order).

@@ -1,8 +1,8 @@
-"""The head-pruning toolkit, one module per job (the notebook entry is ``tools/head_pruning_utils.py``).
+"""The pruning toolkit (heads and SwiGLU channels), one module per job (notebook entry: ``tools/head_pruning_utils.py``).
 
-- ``sites``: the backbone and its attention blocks, head-mask hooks, geometry, state save/restore;
+- ``sites``: the backbone, its attention blocks and MLPs, mask and pruning hooks, geometry, state save/restore;
 - ``batches``: batches to images and losses, progress;
-- ``importance``: the four importance methods;
+- ``importance``: the four head importance methods; ``channel_importance``: the three channel methods;
 - ``analysis``: what each pruning ratio keeps and costs; ``plots``: heat map and fidelity plots;
 - ``cli``: the command line.
 The pruning policy and the file formats live beside the backbone (``mmcv/models/utils/pruning_config.py``,

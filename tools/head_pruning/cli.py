@@ -1,9 +1,13 @@
-"""Command line of the head-pruning toolkit (``python tools/head_pruning_utils.py COMMAND ...``).
+"""Command line of the pruning toolkit (``python tools/head_pruning_utils.py COMMAND ...``).
 
     importance    --config CFG [--checkpoint CKPT] --method magnitude|gradient|entropy|activation --out imp.json
-    prune-config  --importance imp.json --pruning-ratio 0.5 [--strategy global] --out prune.json
+                  [--unit channels]  (SwiGLU channels: magnitude|gradient|activation)
+    prune-config  --importance imp.json --pruning-ratio 0.5 [--strategy global|cost] --out prune.json
+                  [--channel-importance ch.json --mlp-pruning-ratio 0.4375 | --mlp-hidden 1536] [--channel-multiple 64]
+                  [--unit-costs latency.json]  (joint heads + channels; cost: measured unit latency)
     analyze       --importance imp.json [--config CFG --checkpoint CKPT] --out analysis.json [--plot fid.png]
-    plot          --importance imp.json [--pruning-config prune.json] --out heads.png
+                  [--channel-importance ch.json --mlp-pruning-ratios 0.25 0.4375]
+    plot          --importance imp.json|ch.json [--pruning-config prune.json] --out heads.png
 
 The scored model is always the unpruned teacher: a student config's backbone gets every head back,
 and an ``OrionStudent`` config is scored on its base detector. ``--checkpoint`` (default: the config's
@@ -24,12 +28,14 @@ import torch.nn as nn
 
 from mmcv.models.utils.checkpoint_io import load_checkpoint_file, state_dict_of
 from mmcv.models.utils.eva_surgery import BACKBONE_PREFIX, extract_backbone_state_dict
-from mmcv.models.utils.head_importance import HeadImportance
+from mmcv.models.utils.head_importance import ChannelImportance, HeadImportance, load_importance
 from mmcv.models.utils.pruning_config import BLOCK_NORMALIZATIONS, STRATEGIES, PruningConfig, create_pruning_config
+from mmcv.models.utils.pruning_cost import UnitCosts
 from tools.head_pruning.analysis import analyze_pruning_impact
+from tools.head_pruning.channel_importance import CHANNEL_METHODS, compute_channel_importance
 from tools.head_pruning.importance import (METHODS, compute_head_importance_activation, compute_head_importance_entropy,
                                            compute_head_importance_gradient, compute_head_importance_magnitude)
-from tools.head_pruning.plots import plot_fidelity_vs_ratio, plot_head_importance
+from tools.head_pruning.plots import plot_channel_importance, plot_fidelity_vs_ratio, plot_head_importance
 from tools.head_pruning.sites import describe_backbone, find_backbone
 
 
@@ -44,16 +50,16 @@ def _load_config(path: str) -> Any:
 
 
 def _teacher_backbone_cfg(cfg: Any) -> Dict[str, Any]:
-    """``cfg.model.img_backbone`` with all heads (a student config's backbone becomes its teacher)."""
+    """``cfg.model.img_backbone`` with all heads and channels (a student config's backbone becomes its teacher)."""
     model_cfg = cfg.get("model", None)
     if model_cfg is None or model_cfg.get("img_backbone", None) is None:
         raise ValueError("config: expected model.img_backbone (an ORION-style detector config)")
     backbone = dict(model_cfg["img_backbone"])
     teacher_heads = backbone.get("teacher_num_heads")
-    if teacher_heads is not None or "selected_heads_per_layer" in backbone:
-        backbone.pop("selected_heads_per_layer", None)
-        if teacher_heads is not None:
-            backbone["num_heads"] = int(teacher_heads)
+    for key in ("selected_heads_per_layer", "mlp_hidden", "selected_channels_per_layer"):
+        backbone.pop(key, None)
+    if teacher_heads is not None:
+        backbone["num_heads"] = int(teacher_heads)
     backbone["with_cp"] = False
     backbone["frozen"] = False
     return backbone
@@ -172,88 +178,168 @@ def _importance_from_args(args: argparse.Namespace) -> HeadImportance:
     return compute_head_importance_activation(backbone, loader, num_batches=args.num_batches)
 
 
+def _channel_importance_from_args(args: argparse.Namespace, method: str) -> ChannelImportance:
+    """``--channel-importance FILE``, else computed on ``--config``'s teacher with ``method``."""
+    if getattr(args, "channel_importance", None):
+        return ChannelImportance.load(args.channel_importance, allow_pickle=args.allow_pickle)
+    if not args.config:
+        raise ValueError("give --channel-importance FILE, or --config (and --checkpoint) to compute it")
+    if method not in CHANNEL_METHODS:
+        raise ValueError(f"--method {method}: SwiGLU channels are scored by {CHANNEL_METHODS} (entropy scores heads "
+                         f"only); pass --channel-method or --channel-importance")
+    cfg = _load_config(args.config)
+    checkpoint = _checkpoint_path(args, cfg)
+    device = torch.device(args.device)
+    kwargs: Dict[str, Any] = {}
+    if method == "gradient":
+        model = _build_detector_from(cfg, checkpoint).to(device)
+        kwargs.update(normalize=not args.no_normalize)
+    else:
+        model = _build_backbone_from(cfg, checkpoint).to(device)
+    if method != "magnitude":
+        kwargs.update(dataloader=_build_loader(cfg, args, find_backbone(model)), num_batches=args.num_batches)
+    return compute_channel_importance(model, method, **kwargs)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="ORION-style config (model.img_backbone, data.train/val)")
+    p.add_argument("--checkpoint", help="checkpoint with the teacher's weights (an OrionStudent config is scored "
+                                        "on its base detector); default: teacher_backbone_path, then load_from")
+    p.add_argument("--method", choices=METHODS, default="magnitude")
+    p.add_argument("--importance", help="importance file (.json/.npz/.pkl) instead of computing it")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading a .pkl importance file")
+    p.add_argument("--num-batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--split", choices=("train", "val", "test"), default="train")
+    p.add_argument("--num-query-samples", type=int, default=64)
+    p.add_argument("--no-normalize", action="store_true", help="gradient: no per-layer L2 normalisation")
+    p.add_argument("--include-proj", action="store_true", help="magnitude: count proj columns too")
+    p.add_argument("--synthetic-data", action="store_true", help="random images (smoke tests, timing)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_allocation(p: argparse.ArgumentParser, joint_ratios: str) -> None:
+    """Options shared by prune-config and analyze: normalisation, channels, costs."""
+    p.add_argument("--block-normalization", choices=BLOCK_NORMALIZATIONS, default="l2",
+                   help="global/cost strategies: scale each block's scores by their L2 norm before ranking (default)")
+    p.add_argument("--channel-importance", help="SwiGLU channel importance file: prune MLP width as well (joint)")
+    p.add_argument("--channel-method", choices=CHANNEL_METHODS, default=None,
+                   help="compute the channel importance with this method (default: --method) when no file is given")
+    p.add_argument("--channel-multiple", type=int, default=1,
+                   help="every block keeps a multiple of this many channels (64: kernel-friendly widths)")
+    p.add_argument("--unit-costs", help="strategy cost: measured cost per head/channel (tools/benchmark_backbone.py "
+                                        "--unit-latency); default: analytic MACs")
+    if joint_ratios == "one":
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--mlp-pruning-ratio", type=float, help="fraction of SwiGLU hidden channels REMOVED")
+        group.add_argument("--mlp-hidden", type=int, help="SwiGLU channels kept per block (e.g. 1536 of 2730)")
+        p.add_argument("--min-channels-per-layer", type=int, default=1)
+    else:
+        p.add_argument("--mlp-pruning-ratios", type=float, nargs="+", help="fractions of channels REMOVED (joint rows)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Attention-head importance, pruning configurations, impact analysis "
-                                                 "(pruning_ratio = fraction of heads REMOVED).")
+    parser = argparse.ArgumentParser(description="Attention-head and SwiGLU-channel importance, pruning configurations, "
+                                                 "impact analysis (ratios = fractions REMOVED).")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="ORION-style config (model.img_backbone, data.train/val)")
-        p.add_argument("--checkpoint", help="checkpoint with the teacher's weights (an OrionStudent config is scored "
-                                            "on its base detector); default: teacher_backbone_path, then load_from")
-        p.add_argument("--method", choices=METHODS, default="magnitude")
-        p.add_argument("--importance", help="importance file (.json/.npz/.pkl) instead of computing it")
-        p.add_argument("--allow-pickle", action="store_true", help="allow loading a .pkl importance file")
-        p.add_argument("--num-batches", type=int, default=8)
-        p.add_argument("--batch-size", type=int, default=1)
-        p.add_argument("--split", choices=("train", "val", "test"), default="train")
-        p.add_argument("--num-query-samples", type=int, default=64)
-        p.add_argument("--no-normalize", action="store_true", help="gradient: no per-layer L2 normalisation")
-        p.add_argument("--include-proj", action="store_true", help="magnitude: count proj columns too")
-        p.add_argument("--synthetic-data", action="store_true", help="random images (smoke tests, timing)")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--seed", type=int, default=0)
-
-    def normalization(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--block-normalization", choices=BLOCK_NORMALIZATIONS, default="l2",
-                       help="global strategy: scale each block's scores by their L2 norm before ranking (default)")
-
-    p = sub.add_parser("importance", help="compute head importance and save it")
-    common(p)
+    p = sub.add_parser("importance", help="compute head (or channel) importance and save it")
+    _add_common(p)
+    p.add_argument("--unit", choices=("heads", "channels"), default="heads", help="score heads or SwiGLU channels")
     p.add_argument("--out", required=True, help=".json, .npz or .pkl")
-    p = sub.add_parser("prune-config", help="choose the heads to keep")
-    common(p)
+    p = sub.add_parser("prune-config", help="choose the heads (and SwiGLU channels) to keep")
+    _add_common(p)
     p.add_argument("--pruning-ratio", type=float, default=0.5, help="fraction of heads REMOVED (0.5: 16 -> 8)")
     p.add_argument("--strategy", choices=STRATEGIES, default="uniform")
     p.add_argument("--min-heads-per-layer", type=int, default=1)
-    normalization(p)
+    _add_allocation(p, "one")
     p.add_argument("--out", required=True, help=".json")
     p = sub.add_parser("analyze", help="impact of several pruning ratios and strategies")
-    common(p)
+    _add_common(p)
     p.add_argument("--pruning-ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    p.add_argument("--strategies", choices=STRATEGIES, nargs="+", default=list(STRATEGIES))
-    normalization(p)
+    p.add_argument("--strategies", choices=STRATEGIES, nargs="+", default=["uniform", "global"])
+    _add_allocation(p, "many")
     p.add_argument("--img-size", type=int, nargs="+", help="input size for MACs (default: the backbone's)")
     p.add_argument("--no-fidelity", action="store_true", help="skip the measured fidelity (no data pass)")
     p.add_argument("--plot", help="also write the fidelity-vs-ratio plot here (.png)")
     p.add_argument("--out", required=True, help=".json")
-    p = sub.add_parser("plot", help="heat map of head importance (kept heads outlined)")
-    common(p)
-    p.add_argument("--pruning-config", help="pruning configuration (.json) whose kept heads are outlined")
+    p = sub.add_parser("plot", help="heat map of head or channel importance (kept units marked)")
+    _add_common(p)
+    p.add_argument("--pruning-config", help="pruning configuration (.json) whose kept units are marked")
     p.add_argument("--out", required=True, help=".png")
     return parser
 
 
+def _joint_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The channel part of prune-config / analyze (empty without channel options)."""
+    ratios = getattr(args, "mlp_pruning_ratios", None)
+    single = getattr(args, "mlp_pruning_ratio", None)
+    hidden = getattr(args, "mlp_hidden", None)
+    wants = args.channel_importance or ratios is not None or single is not None or hidden is not None
+    unit_costs = UnitCosts.load(args.unit_costs) if args.unit_costs else None
+    if not wants:
+        return dict(unit_costs=unit_costs)
+    if ratios is None and single is None and hidden is None:
+        raise ValueError("--channel-importance given without --mlp-pruning-ratio / --mlp-hidden (how many channels "
+                         "to remove)")
+    channels = _channel_importance_from_args(args, args.channel_method or args.method)
+    if hidden is not None:
+        if not 1 <= hidden <= channels.num_channels:
+            raise ValueError(f"--mlp-hidden: expected 1..{channels.num_channels} (the teacher's MLP width), got {hidden}")
+        single = 1.0 - hidden / channels.num_channels
+    options: Dict[str, Any] = dict(channel_importance=channels, unit_costs=unit_costs,
+                                   channel_multiple=args.channel_multiple)
+    if ratios is not None:
+        options["mlp_pruning_ratios"] = ratios
+    else:
+        options.update(mlp_pruning_ratio=single, min_channels_per_layer=args.min_channels_per_layer)
+    return options
+
+
 def _run(args: argparse.Namespace) -> None:
     if args.command == "importance":
-        importance = _importance_from_args(args)
+        if args.unit == "channels":
+            importance = _channel_importance_from_args(args, args.method)
+        else:
+            importance = _importance_from_args(args)
         importance.save(args.out)
-        print(f"{importance.method} importance of {importance.num_layers} blocks x {importance.num_heads} heads "
-              f"({importance.num_samples} samples, {importance.metadata.get('seconds', 0):.2f} s) -> {args.out}")
+        print(f"{importance.method} importance of {importance.num_layers} blocks x {importance.scores.shape[1]} "
+              f"{importance.UNIT} ({importance.num_samples} samples, {importance.metadata.get('seconds', 0):.2f} s) "
+              f"-> {args.out}")
     elif args.command == "prune-config":
         config = create_pruning_config(_importance_from_args(args), args.pruning_ratio, args.strategy,
-                                       args.min_heads_per_layer, args.block_normalization)
+                                       args.min_heads_per_layer, args.block_normalization, **_joint_options(args))
         config.save(args.out)
+        channels = f", SwiGLU channels per block {config.mlp_hidden}" if config.prunes_channels else ""
         print(f"{config.strategy} pruning, ratio {config.pruning_ratio:g} removed: heads per block {config.num_heads}"
-              f" -> {args.out}")
+              f"{channels} -> {args.out}")
     elif args.command == "analyze":
-        importance = _importance_from_args(args)
-        model = loader = None
-        if args.config and not args.no_fidelity:
-            cfg = _load_config(args.config)
-            model = _build_backbone_from(cfg, _checkpoint_path(args, cfg)).to(torch.device(args.device))
-            loader = _build_loader(cfg, args, model)
-        img_size = None if not args.img_size else (args.img_size[0] if len(args.img_size) == 1 else args.img_size)
-        analysis = analyze_pruning_impact(importance, args.pruning_ratios, model=model, dataloader=loader,
-                                          strategies=args.strategies, num_batches=args.num_batches,
-                                          img_size=img_size, save_path=args.out,
-                                          block_normalization=args.block_normalization)
-        if args.plot:
-            plot_fidelity_vs_ratio(analysis, args.plot)
+        _analyze(args)
     else:
         config = PruningConfig.load(args.pruning_config) if args.pruning_config else None
-        plot_head_importance(_importance_from_args(args), args.out, pruning_config=config)
+        importance = load_importance(args.importance, allow_pickle=args.allow_pickle) if args.importance else \
+            _importance_from_args(args)
+        if isinstance(importance, ChannelImportance):
+            plot_channel_importance(importance, args.out, pruning_config=config)
+        else:
+            plot_head_importance(importance, args.out, pruning_config=config)
         print(f"heat map -> {args.out}")
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    importance = _importance_from_args(args)
+    model = loader = None
+    if args.config and not args.no_fidelity:
+        cfg = _load_config(args.config)
+        model = _build_backbone_from(cfg, _checkpoint_path(args, cfg)).to(torch.device(args.device))
+        loader = _build_loader(cfg, args, model)
+    img_size = None if not args.img_size else (args.img_size[0] if len(args.img_size) == 1 else args.img_size)
+    analysis = analyze_pruning_impact(importance, args.pruning_ratios, model=model, dataloader=loader,
+                                      strategies=args.strategies, num_batches=args.num_batches, img_size=img_size,
+                                      save_path=args.out, block_normalization=args.block_normalization,
+                                      **_joint_options(args))
+    if args.plot:
+        plot_fidelity_vs_ratio(analysis, args.plot)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -15,7 +15,7 @@ import contextlib
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -32,13 +32,15 @@ METHODS = ("magnitude", "gradient", "entropy", "activation")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def _finish(scores: torch.Tensor, method: str, num_samples: int, model: nn.Module, backbone: nn.Module,
-            settings: Dict[str, Any], save_path: Optional[PathLike], seconds: float) -> HeadImportance:
+def finish_importance(scores: torch.Tensor, method: str, num_samples: int, model: nn.Module, backbone: nn.Module,
+                      settings: Dict[str, Any], save_path: Optional[PathLike], seconds: float,
+                      kind: Type[HeadImportance] = HeadImportance) -> HeadImportance:
+    """The result object (``kind``: HeadImportance or ChannelImportance) with settings and geometry; saved if asked."""
     metadata = dict(settings, seconds=round(seconds, 3))
     with contextlib.suppress(Exception):
         metadata["backbone"] = describe_backbone(backbone)
-    result = HeadImportance(scores=scores, method=method, num_samples=num_samples,
-                            source=source_label(model, backbone), metadata=metadata)
+    result = kind(scores=scores, method=method, num_samples=num_samples, source=source_label(model, backbone),
+                  metadata=metadata)
     if save_path is not None:
         result.save(save_path)
     return result
@@ -59,8 +61,8 @@ def compute_head_importance_magnitude(model: nn.Module, save_path: Optional[Path
     scores = torch.stack([
         head_weight_norms(s.attn.q_proj.weight, s.attn.k_proj.weight, s.attn.v_proj.weight, s.num_heads,
                           proj_weight=s.attn.proj.weight if include_proj else None) for s in sites])
-    return _finish(scores, "magnitude", 0, model, backbone, dict(include_proj=include_proj),
-                   save_path, time.perf_counter() - start)
+    return finish_importance(scores, "magnitude", 0, model, backbone, dict(include_proj=include_proj),
+                             save_path, time.perf_counter() - start)
 
 
 @contextlib.contextmanager
@@ -84,6 +86,50 @@ def _teacher_in_place(model: nn.Module) -> Iterator[None]:
             model.distillation_alpha = alpha
 
 
+def mask_gradient_scores(model: nn.Module, backbone: nn.Module, dataloader: Iterable, num_batches: Optional[int],
+                         loss_fn: Optional[Callable[[Any, Any], torch.Tensor]], masks: Sequence[torch.Tensor],
+                         mask_hooks: Any, what: str, normalize: bool, progress: bool) -> Tuple[torch.Tensor, int, int]:
+    """Mean over batches of ``|dL_b / d mask|`` at ``mask = 1``, with ``mask_hooks`` applying the masks.
+
+    ``model``: a detector whose ``forward(batch, return_loss=True)`` returns a loss (an OrionStudent-like
+    model runs with its teacher standing in for the student, alpha 0), or the backbone with
+    ``loss_fn(outputs, batch)``. Eval mode without activation checkpointing; parameters get no
+    gradients; modes and flags are restored. ``normalize`` divides each block's row by its L2 norm;
+    ``what`` names the units in messages. Returns (scores ``[blocks, units]`` float64, batches, samples).
+    """
+    loss_fn = loss_fn or getattr(unwrap_model(model), "loss_fn", None)
+    is_backbone = unwrap_model(model) is backbone
+    if is_backbone and loss_fn is None:
+        raise ValueError("gradient importance of a bare backbone needs loss_fn(outputs, batch) "
+                         "(argument or model.loss_fn); or pass a detector that returns a loss")
+    dtype, device = param_dtype_device(backbone)
+    total = torch.zeros(len(masks), masks[0].numel(), dtype=torch.float64)
+    samples = batches = 0
+    with preserved_state(model, requires_grad=False, disable_checkpointing=True), \
+            _teacher_in_place(unwrap_model(model)), mask_hooks, torch.enable_grad():
+        for batch in take_batches(dataloader, num_batches, f"gradient importance of {what}", progress):
+            if is_backbone:
+                img = images_of(batch, dtype, device)
+                loss = loss_fn(model(img), batch)
+                samples += img.shape[0]
+            else:
+                data = move_batch_to_device(batch, device)
+                loss = loss_of(model(data, return_loss=True) if loss_fn is None else loss_fn(model, data))
+                samples += batch_size_of(data)
+            grads = torch.autograd.grad(loss.sum() if loss.ndim else loss, list(masks), allow_unused=True)
+            for i, grad in enumerate(grads):
+                if grad is not None:
+                    total[i] += grad.detach().abs().double().cpu()
+            batches += 1
+    scores = total / batches
+    if not bool(scores.abs().sum() > 0):
+        raise ValueError(f"gradient importance: the loss does not depend on any of the {what} (all gradients are "
+                         f"zero); check that the loss uses the backbone's output")
+    if normalize:
+        scores = scores / scores.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return scores, batches, samples
+
+
 def compute_head_importance_gradient(model: nn.Module, dataloader: Iterable, num_batches: Optional[int] = 8,
                                      loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
                                      normalize: bool = True, save_path: Optional[PathLike] = None,
@@ -102,42 +148,16 @@ def compute_head_importance_gradient(model: nn.Module, dataloader: Iterable, num
     start = time.perf_counter()
     backbone = find_backbone(model)
     sites = find_attention_sites(backbone)
-    loss_fn = loss_fn or getattr(unwrap_model(model), "loss_fn", None)
-    is_backbone = unwrap_model(model) is backbone
-    if is_backbone and loss_fn is None:
-        raise ValueError("gradient importance of a bare backbone needs loss_fn(outputs, batch) "
-                         "(argument or model.loss_fn); or pass a detector that returns a loss")
     dtype, device = param_dtype_device(backbone)
     masks = [torch.ones(s.num_heads, dtype=dtype, device=device, requires_grad=True) for s in sites]
-    total = torch.zeros(len(sites), sites[0].num_heads, dtype=torch.float64)
-    samples = batches = 0
-    with preserved_state(model, requires_grad=False, disable_checkpointing=True), \
-            _teacher_in_place(unwrap_model(model)), head_mask_hooks(sites, masks), torch.enable_grad():
-        for batch in take_batches(dataloader, num_batches, "gradient importance", progress):
-            if is_backbone:
-                img = images_of(batch, dtype, device)
-                loss = loss_fn(model(img), batch)
-                samples += img.shape[0]
-            else:
-                data = move_batch_to_device(batch, device)
-                loss = loss_of(model(data, return_loss=True) if loss_fn is None else loss_fn(model, data))
-                samples += batch_size_of(data)
-            grads = torch.autograd.grad(loss.sum() if loss.ndim else loss, masks, allow_unused=True)
-            for i, grad in enumerate(grads):
-                if grad is not None:
-                    total[i] += grad.detach().abs().double().cpu()
-            batches += 1
-    scores = total / batches
-    if not bool(scores.abs().sum() > 0):
-        raise ValueError("gradient importance: the loss does not depend on any attention head (all gradients are "
-                         "zero); check that the loss uses the backbone's output")
-    if normalize:
-        scores = scores / scores.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    return _finish(scores, "gradient", samples, model, backbone, dict(normalize=normalize, batches=batches),
-                   save_path, time.perf_counter() - start)
+    scores, batches, samples = mask_gradient_scores(model, backbone, dataloader, num_batches, loss_fn, masks,
+                                                    head_mask_hooks(sites, masks), "attention heads", normalize,
+                                                    progress)
+    return finish_importance(scores, "gradient", samples, model, backbone, dict(normalize=normalize, batches=batches),
+                             save_path, time.perf_counter() - start)
 
 
-def _data_pass(hooks: Sequence[Tuple[nn.Module, Callable]], dataloader: Iterable, num_batches: Optional[int],
+def data_pass(hooks: Sequence[Tuple[nn.Module, Callable]], dataloader: Iterable, num_batches: Optional[int],
                desc: str, progress: bool, backbone: nn.Module) -> int:
     """Run the backbone over the images of ``num_batches`` batches, no autograd, ``hooks`` attached; image count."""
     dtype, device = param_dtype_device(backbone)
@@ -210,12 +230,12 @@ def compute_head_importance_entropy(model: nn.Module, dataloader: Iterable, num_
         return hook
 
     with preserved_state(model), GeometryRecorder(sites) as recorder:
-        images = _data_pass([(site.attn, make(site, recorder)) for site in sites], dataloader, num_batches,
+        images = data_pass([(site.attn, make(site, recorder)) for site in sites], dataloader, num_batches,
                             "entropy importance", progress, backbone)
     scores = max_entropy[:, None] - sums / counts.clamp_min(1.0)[:, None]
-    return _finish(scores, "entropy", images, model, backbone,
-                   dict(num_query_samples=num_query_samples, seed=seed, max_entropy=max_entropy.tolist()),
-                   save_path, time.perf_counter() - start)
+    return finish_importance(scores, "entropy", images, model, backbone,
+                             dict(num_query_samples=num_query_samples, seed=seed, max_entropy=max_entropy.tolist()),
+                             save_path, time.perf_counter() - start)
 
 
 def compute_head_importance_activation(model: nn.Module, dataloader: Iterable, num_batches: Optional[int] = 8,
@@ -241,10 +261,10 @@ def compute_head_importance_activation(model: nn.Module, dataloader: Iterable, n
         return hook
 
     with preserved_state(model), GeometryRecorder(sites) as recorder:
-        images = _data_pass([(site.head_input, make(site, recorder)) for site in sites], dataloader, num_batches,
+        images = data_pass([(site.head_input, make(site, recorder)) for site in sites], dataloader, num_batches,
                             "activation importance", progress, backbone)
     scores = sums / counts.clamp_min(1.0)[:, None]
-    return _finish(scores, "activation", images, model, backbone, {}, save_path, time.perf_counter() - start)
+    return finish_importance(scores, "activation", images, model, backbone, {}, save_path, time.perf_counter() - start)
 
 
 def compute_head_importance(model: nn.Module, method: str = "magnitude", dataloader: Optional[Iterable] = None,
@@ -262,6 +282,7 @@ def compute_head_importance(model: nn.Module, method: str = "magnitude", dataloa
 
 
 __all__ = [
-    "METHODS", "compute_head_importance", "compute_head_importance_magnitude", "compute_head_importance_gradient",
+    "METHODS", "PathLike", "finish_importance", "mask_gradient_scores", "data_pass", "compute_head_importance",
+    "compute_head_importance_magnitude", "compute_head_importance_gradient",
     "compute_head_importance_entropy", "compute_head_importance_activation",
 ]

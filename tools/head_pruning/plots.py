@@ -1,4 +1,4 @@
-"""Plots of head importance and pruning impact (PNG, written atomically, matplotlib's Agg backend).
+"""Plots of head and SwiGLU-channel importance and of pruning impact (PNG, written atomically, Agg backend).
 
 Plugin file: Python 3.8, no mmengine.
 """
@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Optional, Union
 
+import numpy as np
+
 from mmcv.models.utils.checkpoint_io import atomic_write
-from mmcv.models.utils.head_importance import HeadImportance, ScoresLike
+from mmcv.models.utils.head_importance import ChannelImportance, HeadImportance, ScoresLike
 from mmcv.models.utils.pruning_config import PruningConfig
 
 
@@ -57,26 +59,72 @@ def plot_head_importance(importance: Union[HeadImportance, ScoresLike], path: Un
         plt.close(fig)
 
 
+def plot_channel_importance(importance: Union[ChannelImportance, ScoresLike], path: Union[str, os.PathLike],
+                            pruning_config: Optional[PruningConfig] = None, title: Optional[str] = None) -> str:
+    """Heat map of SwiGLU channel scores (blocks x channels, each block's row divided by its maximum, so that
+    blocks of different scale read alike); with ``pruning_config`` a second panel shows the kept channels. PNG."""
+    importance = ChannelImportance.coerce(importance)
+    scores, method = importance.scores, importance.method
+    depth, hidden = scores.shape
+    if pruning_config is not None and (not pruning_config.prunes_channels or pruning_config.depth != depth
+                                       or pruning_config.teacher_mlp_hidden != hidden):
+        raise ValueError(f"pruning_config does not select channels of {depth} blocks x {hidden}: it is for "
+                         f"{pruning_config.depth} blocks, MLP width {pruning_config.teacher_mlp_hidden}")
+    panels = 2 if pruning_config is not None else 1
+    plt = _pyplot()
+    fig, axes = plt.subplots(panels, 1, figsize=(10, max(2.5, depth * 0.28 + 1.2) * panels), squeeze=False)
+    try:
+        scaled = scores / scores.abs().max(dim=1, keepdim=True).values.clamp_min(1e-30)
+        image = axes[0][0].imshow(scaled.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        fig.colorbar(image, ax=axes[0][0], label=f"{method or 'importance'} score / block max")
+        axes[0][0].set_title(title or f"SwiGLU channel importance ({method or 'scores'})", fontsize=9)
+        if pruning_config is not None:
+            kept = np.zeros((depth, hidden))
+            for layer, channels in enumerate(pruning_config.selected_channels_per_layer):
+                kept[layer, channels] = 1.0
+            axes[1][0].imshow(kept, aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
+            axes[1][0].set_title(f"kept channels (black; {pruning_config.strategy}, MLP ratio "
+                                 f"{pruning_config.mlp_pruning_ratio:g} removed; per block "
+                                 f"{min(pruning_config.mlp_hidden)}-{max(pruning_config.mlp_hidden)})", fontsize=9)
+        for row in axes:
+            row[0].set_xlabel("hidden channel")
+            row[0].set_ylabel("block")
+            row[0].tick_params(labelsize=7)
+        return _save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def plot_fidelity_vs_ratio(analysis: Mapping[str, Any], path: Union[str, os.PathLike]) -> str:
-    """Cosine similarity (or importance mass kept without fidelity) and speedup ceiling vs pruning ratio. PNG."""
+    """Cosine similarity (or importance mass kept without fidelity) and speedup ceiling vs pruning ratio. PNG.
+
+    Joint analyses (rows with an MLP ratio) get one line per strategy and MLP ratio, and the left panel
+    plots fidelity against the speedup ceiling, the trade-off that matters when both units are pruned.
+    """
     results = [r for r in analysis.get("results", []) if "error" not in r]
     if not results:
         raise ValueError("plot_fidelity_vs_ratio: the analysis holds no successful results")
     measured = all("cosine_similarity" in r for r in results)
     key, label = ("cosine_similarity", "feature cosine similarity") if measured else \
         ("importance_mass_kept", "importance mass kept")
+    joint = any("mlp_pruning_ratio" in r for r in results)
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     try:
-        for strategy in sorted({r["strategy"] for r in results}):
-            rows = sorted((r for r in results if r["strategy"] == strategy), key=lambda r: r["pruning_ratio"])
+        groups = sorted({(r["strategy"], r.get("mlp_pruning_ratio")) for r in results}, key=lambda g: (g[0], g[1] or 0))
+        for strategy, mlp_ratio in groups:
+            rows = sorted((r for r in results if (r["strategy"], r.get("mlp_pruning_ratio")) == (strategy, mlp_ratio)),
+                          key=lambda r: r["pruning_ratio"])
+            name = strategy if mlp_ratio is None else f"{strategy}, MLP -{mlp_ratio:.0%}"
             ratios = [r["pruning_ratio"] for r in rows]
-            axes[0].plot(ratios, [r.get(key) for r in rows], marker="o", label=strategy)
-            if all(r.get("speedup_ceiling") for r in rows):
-                axes[1].plot(ratios, [r["speedup_ceiling"] for r in rows], marker="s", label=strategy)
-        axes[0].set_xlabel("pruning ratio (fraction of heads removed)")
+            has_ceiling = all(r.get("speedup_ceiling") for r in rows)
+            x = [r["speedup_ceiling"] for r in rows] if joint and has_ceiling else ratios
+            axes[0].plot(x, [r.get(key) for r in rows], marker="o", label=name)
+            if has_ceiling:
+                axes[1].plot(ratios, [r["speedup_ceiling"] for r in rows], marker="s", label=name)
+        axes[0].set_xlabel("speedup ceiling (analytic MACs)" if joint else "pruning ratio (fraction of heads removed)")
         axes[0].set_ylabel(label)
-        axes[0].legend()
+        axes[0].legend(fontsize=7)
         axes[0].grid(alpha=0.3)
         axes[1].set_xlabel("pruning ratio (fraction of heads removed)")
         axes[1].set_ylabel("backbone speedup ceiling (analytic MACs)")
@@ -87,4 +135,4 @@ def plot_fidelity_vs_ratio(analysis: Mapping[str, Any], path: Union[str, os.Path
         plt.close(fig)
 
 
-__all__ = ["plot_head_importance", "plot_fidelity_vs_ratio"]
+__all__ = ["plot_head_importance", "plot_channel_importance", "plot_fidelity_vs_ratio"]

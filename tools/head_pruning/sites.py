@@ -1,9 +1,10 @@
-"""Where the heads are: the backbone, its attention blocks, head-mask hooks and the geometry they imply.
+"""Where the units are: the backbone, its attention blocks and SwiGLU MLPs, mask hooks and the geometry.
 
-Works on any backbone whose attention blocks have ORION's EVA-02 layout (``blocks[i].attn`` with
-``q_proj/k_proj/v_proj/proj/rope``, optional ``q_bias/v_bias/inner_attn_ln``, ``attn.num_heads``):
-ORION's own ``EVAViT``, ``EVAViTStudent`` or anything shaped alike. Everything goes through forward
-hooks; no conversion, no model-specific fast path. Plugin file: Python 3.8, no mmengine.
+Works on any backbone whose blocks have ORION's EVA-02 layout (``blocks[i].attn`` with
+``q_proj/k_proj/v_proj/proj/rope``, optional ``q_bias/v_bias/inner_attn_ln``, ``attn.num_heads``;
+``blocks[i].mlp`` with ``w1/w2/ffn_ln/w3``): ORION's own ``EVAViT``, ``EVAViTStudent`` or anything
+shaped alike. Everything goes through forward hooks; no conversion, no model-specific fast path.
+Plugin file: Python 3.8, no mmengine.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from mmcv.models.utils.eva_surgery import HEAD_SLICES
+from mmcv.models.utils.eva_surgery import CHANNEL_SLICES, HEAD_SLICES
 
 
 @dataclass
@@ -85,6 +87,83 @@ def find_attention_sites(backbone: nn.Module) -> List[AttentionSite]:
     return sites
 
 
+@dataclass
+class MLPSite:
+    """One SwiGLU MLP found by layout: ``block`` (``blocks[index]``), ``mlp`` and its hidden width."""
+
+    index: int
+    block: nn.Module
+    mlp: nn.Module
+    hidden: int
+
+
+def find_mlp_sites(backbone: nn.Module) -> List[MLPSite]:
+    """SwiGLU MLPs of an EVA-02-layout backbone: ``blocks[i].mlp`` with ``w1``, ``w2``, ``ffn_ln`` (LayerNorm), ``w3``."""
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is None or len(blocks) == 0:
+        raise ValueError(f"{type(backbone).__name__}: expected blocks at '.blocks', found none")
+    sites = []
+    for i, block in enumerate(blocks):
+        mlp = getattr(block, "mlp", None)
+        missing = [n for n in ("w1", "w2", "ffn_ln", "w3") if not hasattr(mlp, n)]
+        if mlp is None or missing or not isinstance(mlp.ffn_ln, nn.LayerNorm):
+            raise ValueError(f"blocks[{i}]: expected ORION's SwiGLU layout (mlp.w1/w2/ffn_ln/w3, ffn_ln a LayerNorm), "
+                             f"missing {missing or ['mlp' if mlp is None else 'a LayerNorm ffn_ln']}")
+        sites.append(MLPSite(i, block, mlp, int(mlp.w1.weight.shape[0])))
+    widths = sorted({s.hidden for s in sites})
+    if len(widths) != 1:
+        raise ValueError(f"channel importance needs the unpruned backbone (the same MLP width in every block); "
+                         f"found widths {widths}")
+    return sites
+
+
+@contextlib.contextmanager
+def channel_mask_hooks(sites: Sequence[MLPSite], masks: Sequence[Optional[torch.Tensor]]) -> Iterator[None]:
+    """Multiply hidden channel ``c`` of block ``l``'s SwiGLU by ``masks[l][c]`` at the input of ``w3``.
+
+    The mask scales what ``w3`` reads, after ``ffn_ln`` (whose statistics keep every channel): the
+    channel's own contribution to the block output. Differentiable in the masks.
+    """
+    def make(mask: torch.Tensor) -> Callable:
+        def hook(module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+            return (args[0] * mask.to(args[0].dtype),) + tuple(args[1:])
+        return hook
+
+    for site, mask in zip(sites, masks):
+        if mask is not None and mask.shape != (site.hidden,):
+            raise ValueError(f"channel mask of block {site.index}: expected shape ({site.hidden},), "
+                             f"got {tuple(mask.shape)}")
+    with forward_pre_hooks([(site.mlp.w3, make(mask)) for site, mask in zip(sites, masks) if mask is not None]):
+        yield
+
+
+@contextlib.contextmanager
+def channel_prune_hooks(sites: Sequence[MLPSite], kept: Sequence[Sequence[int]]) -> Iterator[None]:
+    """Run each SwiGLU as if pruned to ``kept[l]``: ``ffn_ln`` normalises over the kept channels only and the others
+    read as zero in ``w3``. Exactly the arithmetic of a backbone built with those channels (not a mask)."""
+    def make(site: MLPSite, channels: torch.Tensor) -> Callable:
+        def hook(module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+            index = channels.to(output.device)
+            kept_in = args[0].index_select(-1, index)
+            normed = F.layer_norm(kept_in, (kept_in.shape[-1],), module.weight.index_select(0, index),
+                                  module.bias.index_select(0, index), module.eps)
+            return torch.zeros_like(output).index_copy(-1, index, normed)
+        return hook
+
+    if len(kept) != len(sites):
+        raise ValueError(f"channel selection: expected {len(sites)} blocks, got {len(kept)}")
+    handles = []
+    try:
+        for site, channels in zip(sites, kept):
+            if len(channels) != site.hidden:
+                index = torch.as_tensor(list(channels), dtype=torch.long)
+                handles.append(site.mlp.ffn_ln.register_forward_hook(make(site, index)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def param_dtype_device(module: nn.Module) -> Tuple[torch.dtype, torch.device]:
     for param in module.parameters():
         return param.dtype, param.device
@@ -98,6 +177,12 @@ def source_label(model: nn.Module, backbone: nn.Module) -> str:
         return type(backbone).__name__
     attr = "teacher_backbone" if getattr(model, "teacher_backbone", None) is backbone else "img_backbone"
     return f"{type(model).__name__}.{attr} ({type(backbone).__name__})"
+
+
+def params_per_channel(site: MLPSite) -> int:
+    """Parameters one hidden channel owns: its share of every tensor in ``eva_surgery.CHANNEL_SLICES``."""
+    owned = dict(site.block.named_parameters())
+    return sum(owned[rule.suffix].numel() for rule in CHANNEL_SLICES if rule.suffix in owned) // site.hidden
 
 
 def params_per_head(site: AttentionSite) -> int:
@@ -137,7 +222,15 @@ def describe_backbone(backbone: nn.Module, img_size: Optional[Union[int, Sequenc
                 qkv_bias=getattr(attn0, "q_bias", None) is not None or getattr(attn0.q_proj, "bias", None) is not None,
                 subln=isinstance(getattr(attn0, "inner_attn_ln", None), nn.LayerNorm),
                 attention_params_per_head=params_per_head(sites[0]),
+                mlp_params_per_channel=_params_per_channel_or_none(backbone),
                 num_params=int(sum(p.numel() for p in backbone.parameters())))
+
+
+def _params_per_channel_or_none(backbone: nn.Module) -> Optional[int]:
+    try:
+        return params_per_channel(find_mlp_sites(backbone)[0])
+    except ValueError:
+        return None
 
 
 @contextlib.contextmanager
@@ -254,7 +347,8 @@ class GeometryRecorder:
 
 
 __all__ = [
-    "AttentionSite", "unwrap_model", "find_backbone", "find_attention_sites", "param_dtype_device", "source_label",
-    "params_per_head", "describe_backbone", "preserved_state", "head_mask_hooks", "forward_pre_hooks",
+    "AttentionSite", "MLPSite", "unwrap_model", "find_backbone", "find_attention_sites", "find_mlp_sites",
+    "channel_mask_hooks", "channel_prune_hooks", "param_dtype_device", "source_label", "params_per_head",
+    "params_per_channel", "describe_backbone", "preserved_state", "head_mask_hooks", "forward_pre_hooks",
     "GeometryRecorder",
 ]

@@ -23,6 +23,19 @@
 # queries, activation checkpointing); 'eval' switches them to eval mode.
 # Which heads: kd_config.head_selection='magnitude', or a file from `tools/head_pruning_utils.py
 # prune-config` as model.pruning_config (with head_selection=None); a pruned student needs exactly one.
+#
+# Joint head + SwiGLU-width pruning (>= 1.8x faster backbone instead of <= 1.29x; README_KD.md,
+# "Joint head and MLP-width pruning"): write a joint configuration, e.g.
+#   python tools/head_pruning_utils.py importance --config THIS_FILE --method magnitude --out work_dirs/heads.json
+#   python tools/head_pruning_utils.py importance --config THIS_FILE --unit channels --out work_dirs/channels.json
+#   python tools/head_pruning_utils.py prune-config --importance work_dirs/heads.json --pruning-ratio 0.5 \
+#       --channel-importance work_dirs/channels.json --mlp-hidden 1536 --out work_dirs/joint_prune.json
+# then, in this file:
+#   kd_config = dict(..., head_selection=None, mlp_pruning_ratio=1 - 1536 / 2730)   # optional check of the width
+#   model = dict(..., pruning_config='work_dirs/joint_prune.json')                 # heads and channels per block
+# img_backbone stays as below: num_heads / mlp_hidden are taken from the file when not given (a given
+# value must agree). Without a file, img_backbone=dict(..., num_heads=8, mlp_hidden=1536) with
+# head_selection='magnitude' keeps the heads and channels with the largest weight norms.
 
 _base_ = ['./orion_stage3_train.py']
 

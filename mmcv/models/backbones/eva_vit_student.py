@@ -1,4 +1,4 @@
-"""EVAViTStudent: ORION's EVA-02 backbone with any subset of attention heads kept.
+"""EVAViTStudent: ORION's EVA-02 backbone with any subset of attention heads and SwiGLU channels kept.
 
 With every head kept it computes exactly what ORION's ``EVAViT`` computes and
 loads ORION's ``img_backbone.*`` keys unchanged. With fewer heads the q/k/v
@@ -7,8 +7,13 @@ rows, the q/v biases, the ``proj`` columns (and ``inner_attn_ln`` when
 stay the teacher's, so the pruned block equals the teacher block with the
 other heads' outputs set to zero (exactly when ``subln=False``; with
 ``subln=True`` the inner LayerNorm normalises over fewer channels and the
-outputs differ).
+outputs differ). Each SwiGLU MLP may likewise keep a subset of the teacher's hidden channels
+(``mlp_hidden``, ``selected_channels_per_layer``): ``w1``/``w2`` rows, ``ffn_ln`` entries and ``w3``
+columns of the kept channels. ``ffn_ln`` then normalises over the kept channels only, so a pruned
+MLP is NOT the teacher with the other channels masked; with every channel kept it is the teacher.
+Blocks record what they keep in ``attn.head_index`` and ``mlp.channel_index``.
 
+The layers (rotary tables, windows, SwiGLU, ...) live in ``eva_layers.py`` and are re-exported here.
 Besides the plain forward the backbone can record distillation taps: hidden
 states after chosen blocks and pre-softmax attention logits of sampled query
 rows (see :class:`BackboneTaps`). This file is a plugin: it also runs inside
@@ -17,7 +22,6 @@ ORION's Python 3.8 / torch 2.0-2.4 environment.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -27,116 +31,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from mmcv.models.backbones.eva_layers import (DropPath, PatchEmbed, RecordedSelection, RotaryEmbedding2D, SwiGLU,
+                                              drop_path, resize_abs_pos_embed, rotate_half, window_partition,
+                                              window_unpartition)
 from mmcv.models.builder import BACKBONES
 from mmcv.models.utils.eva_cost import analytic_backbone_macs
-from mmcv.models.utils.eva_surgery import (HEAD_INDEX_KEY, apply_slice_plan, extract_backbone_state_dict,
-                                           head_slice_plan)
-from mmcv.models.utils.pruning_config import resolve_head_selection
+from mmcv.models.utils.eva_surgery import (CHANNEL_INDEX_SUFFIX, HEAD_INDEX_KEY, HEAD_INDEX_SUFFIX, apply_slice_plan,
+                                           extract_backbone_state_dict, is_selection_index_key, pruning_slice_plan)
+from mmcv.models.utils.pruning_config import resolve_channel_selection, resolve_head_selection
 
 HeadMask = Union[torch.Tensor, Sequence[torch.Tensor], None]
 #: eps of ORION's ``inner_attn_ln``: its Attention builds it with ``nn.LayerNorm``'s default, whatever norm_layer is.
 INNER_ATTN_LN_EPS = 1e-5
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero whole samples of a residual branch with probability ``drop_prob``."""
-    if drop_prob == 0.0 or not training:
-        return x
-    keep = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask / keep
-
-
-class DropPath(nn.Module):
-    """Module form of :func:`drop_path` (no parameters, no state-dict keys)."""
-
-    def __init__(self, drop_prob: float = 0.0) -> None:
-        super().__init__()
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.drop_prob, self.training)
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """Rotate neighbouring channel pairs: (x1, x2) -> (-x2, x1)."""
-    x = x.unflatten(-1, (-1, 2))
-    x1, x2 = x.unbind(-1)
-    return torch.stack((-x2, x1), dim=-1).flatten(-2)
-
-
-class RotaryEmbedding2D(nn.Module):
-    """EVA-02's 2-D rotary tables for an ``side x side`` token grid.
-
-    Built for ``dim = head_dim // 2`` frequencies ``1 / 10000 ** (arange(0, dim, 2) / dim)``
-    over positions ``arange(side) / side * pt_seq_len``, each frequency repeated twice
-    (interleaved); the row and column tables are concatenated to ``head_dim`` channels and
-    flattened to ``[side * side, head_dim]``.
-    """
-
-    def __init__(self, head_dim: int, side: int, pt_seq_len: int = 16) -> None:
-        super().__init__()
-        if head_dim % 4:
-            raise ValueError(f"2-D rotary embedding needs head_dim divisible by 4, got {head_dim}")
-        dim = head_dim // 2
-        freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32)[: dim // 2] / dim))
-        positions = torch.arange(side, dtype=torch.float32) / side * pt_seq_len
-        angles = torch.einsum("i,f->if", positions, freqs).repeat_interleave(2, dim=-1)  # [side, dim]
-        rows = angles[:, None, :].expand(side, side, dim)
-        cols = angles[None, :, :].expand(side, side, dim)
-        table = torch.cat((rows, cols), dim=-1).reshape(side * side, head_dim)
-        self.register_buffer("freqs_cos", table.cos())
-        self.register_buffer("freqs_sin", table.sin())
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """Apply the rotation to ``t`` of shape [..., side*side, head_dim]."""
-        if t.shape[-2] != self.freqs_cos.shape[0]:
-            raise ValueError(f"rotary table covers {self.freqs_cos.shape[0]} tokens, "
-                             f"got a sequence of {t.shape[-2]}")
-        cos = self.freqs_cos.to(t.dtype)
-        sin = self.freqs_sin.to(t.dtype)
-        return t * cos + rotate_half(t) * sin
-
-
-def window_partition(x: torch.Tensor, window: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
-    """Zero-pad [B, H, W, C] at the bottom/right to multiples of ``window`` and cut into windows."""
-    b, h, w, c = x.shape
-    pad_h, pad_w = (window - h % window) % window, (window - w % window) % window
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    hp, wp = h + pad_h, w + pad_w
-    x = x.view(b, hp // window, window, wp // window, window, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c), (hp, wp)
-
-
-def window_unpartition(windows: torch.Tensor, window: int, padded_hw: Tuple[int, int],
-                       hw: Tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`window_partition`, cropping the padding."""
-    hp, wp = padded_hw
-    h, w = hw
-    b = windows.shape[0] // ((hp // window) * (wp // window))
-    x = windows.view(b, hp // window, wp // window, window, window, -1)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
-    return x[:, :h, :w, :].contiguous()
-
-
-def resize_abs_pos_embed(pos_embed: torch.Tensor, has_cls_token: bool, hw: Tuple[int, int]) -> torch.Tensor:
-    """Drop the cls slot and resize the square grid bicubically (float32) to ``hw``: [1, H, W, C]."""
-    tokens = pos_embed[:, 1:] if has_cls_token else pos_embed
-    side = math.isqrt(tokens.shape[1])
-    if side * side != tokens.shape[1]:
-        raise ValueError(f"pos_embed must hold a square grid (plus cls slot), got {tokens.shape[1]} tokens")
-    grid = tokens.reshape(1, side, side, -1)
-    if (side, side) == tuple(hw):
-        return grid
-    resized = F.interpolate(grid.permute(0, 3, 1, 2).float(), size=hw, mode="bicubic", align_corners=False)
-    return resized.permute(0, 2, 3, 1).to(pos_embed.dtype)
 
 
 # --------------------------------------------------------------------------- taps
@@ -178,46 +84,23 @@ class BackboneTaps:
 # --------------------------------------------------------------------------- modules
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches (Conv2d, kernel = stride = patch size) to a [B, H, W, C] grid."""
-
-    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)
-
-
-class SwiGLU(nn.Module):
-    """EVA-02's MLP: ``w3(ffn_ln(silu(w1 x) * w2 x))``."""
-
-    def __init__(self, dim: int, hidden: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden)
-        self.w2 = nn.Linear(dim, hidden)
-        self.act = nn.SiLU()
-        self.ffn_ln = nn.LayerNorm(hidden, eps=eps)
-        self.w3 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w3(self.ffn_ln(self.act(self.w1(x)) * self.w2(x)))
-
-
-class HeadPrunedAttention(nn.Module):
+class HeadPrunedAttention(RecordedSelection):
     """Multi-head attention with ORION's parameter layout, holding a subset of the teacher's heads.
 
     ``selected_heads`` lists the teacher heads kept (sorted); every head keeps the teacher's
-    ``head_dim`` and rotary table, so q/k/v have ``len(selected_heads) * head_dim`` rows.
+    ``head_dim`` and rotary table, so q/k/v have ``len(selected_heads) * head_dim`` rows. With
+    ``record_head_index`` the selection is stored as ``head_index`` and checked on load.
     """
 
     def __init__(self, dim: int, head_dim: int, selected_heads: Sequence[int], rope: RotaryEmbedding2D,
                  qkv_bias: bool = True, subln: bool = False, attn_impl: str = "sdpa",
                  record_head_index: bool = True, teacher_num_heads: Optional[int] = None) -> None:
         super().__init__()
-        self.selected_heads = [int(h) for h in selected_heads]
-        self.teacher_num_heads = len(self.selected_heads) if teacher_num_heads is None else int(teacher_num_heads)
-        self.num_heads = len(self.selected_heads)
+        selected = [int(h) for h in selected_heads]
+        teacher_num_heads = len(selected) if teacher_num_heads is None else int(teacher_num_heads)
+        self._init_selection(HEAD_INDEX_KEY, "heads", selected, teacher_num_heads, record_head_index)
+        self.selected_heads, self.teacher_num_heads = selected, teacher_num_heads
+        self.num_heads = len(selected)
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
         self.attn_impl = attn_impl
@@ -234,25 +117,10 @@ class HeadPrunedAttention(nn.Module):
         self.rope = rope
         self.inner_attn_ln = nn.LayerNorm(inner, eps=INNER_ATTN_LN_EPS) if subln else nn.Identity()
         self.proj = nn.Linear(inner, dim)
-        self.record_head_index = record_head_index
-        if record_head_index:
-            self.register_buffer(HEAD_INDEX_KEY, torch.tensor(self.selected_heads, dtype=torch.long))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        key = prefix + HEAD_INDEX_KEY
-        if self.record_head_index and key in state_dict:
-            stored = [int(h) for h in state_dict[key].tolist()]
-            if stored != self.selected_heads:
-                error_msgs.append(f"{key}: checkpoint keeps teacher heads {stored}, this model keeps "
-                                  f"{self.selected_heads}")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        # ORION's own checkpoints carry no head index: forgive its absence only where the block keeps
-        # every teacher head; a pruned block must say which heads its tensors hold.
-        unpruned = self.selected_heads == list(range(self.teacher_num_heads))
-        if self.record_head_index and key not in state_dict and key in missing_keys and unpruned:
-            missing_keys.remove(key)
+    @property
+    def record_head_index(self) -> bool:
+        return self.record_selection
 
     def forward(self, x: torch.Tensor, head_mask: Optional[torch.Tensor] = None,
                 taps: Optional[BackboneTaps] = None, block_index: int = -1) -> torch.Tensor:
@@ -279,12 +147,16 @@ class HeadPrunedAttention(nn.Module):
 
 
 class EVABlock(nn.Module):
-    """Pre-norm transformer block; window attention when ``window_size > 0`` (padded keys not masked)."""
+    """Pre-norm transformer block; window attention when ``window_size > 0`` (padded keys not masked).
+
+    ``mlp_hidden`` is the teacher's SwiGLU width; ``selected_channels`` the hidden channels kept (all by default).
+    """
 
     def __init__(self, dim: int, head_dim: int, selected_heads: Sequence[int], mlp_hidden: int,
                  rope: RotaryEmbedding2D, window_size: int = 0, qkv_bias: bool = True, subln: bool = False,
                  drop_path_rate: float = 0.0, attn_impl: str = "sdpa", eps: float = 1e-6,
-                 record_head_index: bool = True, teacher_num_heads: Optional[int] = None) -> None:
+                 record_head_index: bool = True, teacher_num_heads: Optional[int] = None,
+                 selected_channels: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=eps)
@@ -293,7 +165,8 @@ class EVABlock(nn.Module):
                                         teacher_num_heads=teacher_num_heads)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = SwiGLU(dim, mlp_hidden, eps=eps)
+        self.mlp = SwiGLU(dim, mlp_hidden, eps=eps, selected_channels=selected_channels,
+                          record_channel_index=record_head_index)
 
     def forward(self, x: torch.Tensor, head_mask: Optional[torch.Tensor] = None,
                 taps: Optional[BackboneTaps] = None, block_index: int = -1) -> torch.Tensor:
@@ -356,6 +229,9 @@ class EVAViTStudent(nn.Module):
         num_heads: heads kept, one int for all blocks or one per block.
         teacher_num_heads: heads of the unpruned model; ``head_dim = embed_dim // teacher_num_heads``.
         selected_heads_per_layer: sorted teacher head indices kept per block (default: the first ones).
+        mlp_hidden: SwiGLU hidden channels kept, one int or one per block (default: all of the teacher's
+            ``int(embed_dim * mlp_ratio)``, which ``mlp_ratio`` keeps meaning).
+        selected_channels_per_layer: sorted teacher hidden-channel indices kept per block (default: the first).
         attn_impl: ``'sdpa'`` (fused ``scaled_dot_product_attention``) or ``'math'`` (explicit softmax).
         norm_eps: eps of the block LayerNorms (default 1e-6); ``norm_layer`` may say it instead.
     ORION's own arguments: ``flash_attn`` maps to ``attn_impl`` (both paths compute the same);
@@ -372,7 +248,9 @@ class EVAViTStudent(nn.Module):
                  pretrain_img_size: int = 224, pretrain_use_cls_token: bool = True, pt_hw_seq_len: int = 16,
                  intp_freq: bool = True, subln: bool = False, flash_attn: bool = False, with_cp: bool = False,
                  frozen: bool = False, teacher_num_heads: Optional[int] = 16,
-                 selected_heads_per_layer: Optional[Sequence[Sequence[int]]] = None, attn_impl: str = "sdpa",
+                 selected_heads_per_layer: Optional[Sequence[Sequence[int]]] = None,
+                 mlp_hidden: Optional[Union[int, Sequence[int]]] = None,
+                 selected_channels_per_layer: Optional[Sequence[Sequence[int]]] = None, attn_impl: str = "sdpa",
                  norm_eps: Optional[float] = None, init_cfg: Optional[dict] = None,
                  norm_layer: Optional[Callable[..., nn.Module]] = None, act_layer: Any = None,
                  use_rel_pos: bool = False, rope: bool = True, residual_block_indexes: Sequence[int] = (),
@@ -399,7 +277,9 @@ class EVAViTStudent(nn.Module):
         self._out_features = [out_feature]  # ORION's (detectron2-style) output description
         self._out_feature_channels = {out_feature: embed_dim}
         self._out_feature_strides = {out_feature: patch_size}
-        selection = resolve_head_selection(depth, teacher_num_heads, num_heads, selected_heads_per_layer)
+        self.teacher_mlp_hidden = int(embed_dim * mlp_ratio)
+        heads = resolve_head_selection(depth, teacher_num_heads, num_heads, selected_heads_per_layer)
+        channels = resolve_channel_selection(depth, self.teacher_mlp_hidden, mlp_hidden, selected_channels_per_layer)
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         if use_abs_pos:
@@ -413,19 +293,9 @@ class EVAViTStudent(nn.Module):
         self.rope_win = RotaryEmbedding2D(self.head_dim, win_side, pt_hw_seq_len) if window_size > 0 else None
         self.rope_glb = RotaryEmbedding2D(self.head_dim, glb_side, pt_hw_seq_len)
 
-        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear, as torch.linspace
-        blocks = []
-        for i in range(depth):
-            windowed = i in self.window_block_indexes
-            if windowed and self.rope_win is None:
-                raise ValueError(f"block {i} is a window block but window_size is {window_size}")
-            blocks.append(EVABlock(
-                embed_dim, self.head_dim, selection[i], int(embed_dim * mlp_ratio),
-                rope=self.rope_win if windowed else self.rope_glb,
-                window_size=window_size if windowed else global_window_size,
-                qkv_bias=qkv_bias, subln=subln, drop_path_rate=rates[i], attn_impl=attn_impl, eps=eps,
-                record_head_index=self._records_head_index(), teacher_num_heads=teacher_num_heads))
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = self._build_blocks(heads, channels, window_size, global_window_size,
+                                         dict(qkv_bias=qkv_bias, subln=subln, attn_impl=attn_impl, eps=eps),
+                                         drop_path_rate)
         self._active_taps: Optional[BackboneTaps] = None
         self.init_weights()
         if frozen:
@@ -433,8 +303,25 @@ class EVAViTStudent(nn.Module):
 
     # ---------------------------------------------------------------- construction
 
-    def _records_head_index(self) -> bool:
-        """Whether blocks keep a ``head_index`` buffer in the state dict (the teacher alias does not)."""
+    def _build_blocks(self, heads: Sequence[Sequence[int]], channels: Sequence[Sequence[int]], window_size: int,
+                      global_window_size: int, block_kwargs: Dict[str, Any], drop_path_rate: float) -> nn.ModuleList:
+        """The blocks with their kept heads and channels; drop-path rates grow linearly (as torch.linspace)."""
+        rates = [drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
+        blocks = []
+        for i in range(self.depth):
+            windowed = i in self.window_block_indexes
+            if windowed and self.rope_win is None:
+                raise ValueError(f"block {i} is a window block but window_size is {window_size}")
+            blocks.append(EVABlock(
+                self.embed_dim, self.head_dim, heads[i], self.teacher_mlp_hidden,
+                rope=self.rope_win if windowed else self.rope_glb,
+                window_size=window_size if windowed else global_window_size, drop_path_rate=rates[i],
+                record_head_index=self._records_selection_index(), teacher_num_heads=self.teacher_num_heads,
+                selected_channels=channels[i], **block_kwargs))
+        return nn.ModuleList(blocks)
+
+    def _records_selection_index(self) -> bool:
+        """Whether blocks keep ``head_index`` / ``channel_index`` buffers in the state dict (the teacher alias does not)."""
         return True
 
     def init_weights(self) -> None:
@@ -469,12 +356,26 @@ class EVAViTStudent(nn.Module):
     def num_heads_per_layer(self) -> List[int]:
         return [block.attn.num_heads for block in self.blocks]
 
+    @property
+    def selected_channels(self) -> List[List[int]]:
+        """Teacher SwiGLU hidden-channel indices kept by each block."""
+        return [block.mlp.selected_channels for block in self.blocks]
+
+    @property
+    def mlp_hidden_per_layer(self) -> List[int]:
+        return [block.mlp.hidden for block in self.blocks]
+
+    @property
+    def prunes_channels(self) -> bool:
+        """Whether any block keeps fewer SwiGLU channels than the teacher."""
+        return any(hidden != self.teacher_mlp_hidden for hidden in self.mlp_hidden_per_layer)
+
     def analytic_macs(self, img_hw: Optional[Tuple[int, int]] = None) -> int:
         """Multiply-accumulates of one image's forward (see :func:`analytic_backbone_macs`)."""
         img_hw = img_hw or (self.img_size, self.img_size)
         return analytic_backbone_macs(
             img_hw, self.patch_size, self.patch_embed.proj.in_channels, self.embed_dim,
-            self.blocks[0].mlp.w1.out_features, self.head_dim, self.num_heads_per_layer,
+            self.mlp_hidden_per_layer, self.head_dim, self.num_heads_per_layer,
             [block.window_size for block in self.blocks])
 
     # ---------------------------------------------------------------- forward
@@ -552,17 +453,17 @@ class EVAViTStudent(nn.Module):
     # ---------------------------------------------------------------- loading
 
     def load_from_teacher(self, source: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[str, Any]:
-        """Fill every tensor from an unpruned teacher backbone, cutting the kept heads (``eva_surgery``).
+        """Fill every tensor from an unpruned teacher backbone, cutting the kept heads and channels (``eva_surgery``).
 
         ``source``: a backbone state dict, a full ORION/mmcv checkpoint dict, or a path to one.
         Anything missing, unexpected or mis-shaped raises ``ValueError`` naming the key.
-        Returns a report: ``{'source', 'copied', 'sliced', 'teacher_num_heads'}``.
+        Returns a report: ``{'source', 'copied', 'sliced', 'teacher_num_heads', 'teacher_mlp_hidden'}``.
         """
         label = str(source) if isinstance(source, (str, os.PathLike)) else "<state dict>"
         teacher = extract_backbone_state_dict(source)
         own = self.state_dict()
-        expected_keys = [k for k in own if not k.endswith("." + HEAD_INDEX_KEY)]
-        teacher_keys = {k for k in teacher if not k.endswith("." + HEAD_INDEX_KEY)}
+        expected_keys = [k for k in own if not is_selection_index_key(k)]
+        teacher_keys = {k for k in teacher if not is_selection_index_key(k)}
         missing = [k for k in expected_keys if k not in teacher_keys]
         unexpected = sorted(teacher_keys - set(expected_keys))
         if missing or unexpected:
@@ -570,20 +471,31 @@ class EVAViTStudent(nn.Module):
                     ([f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:4]}"] if unexpected else [])
             raise ValueError(f"{label}: teacher backbone does not match this EVAViTStudent "
                              f"(depth {self.depth}, embed_dim {self.embed_dim}): " + "; ".join(parts))
+        full = {HEAD_INDEX_SUFFIX: list(range(self.teacher_num_heads)),
+                CHANNEL_INDEX_SUFFIX: list(range(self.teacher_mlp_hidden))}
         for key, value in teacher.items():
-            if key.endswith("." + HEAD_INDEX_KEY) and value.tolist() != list(range(self.teacher_num_heads)):
-                raise ValueError(f"{label}: {key} says this source is already pruned to heads {value.tolist()}; "
+            suffix = next((s for s in full if key.endswith("." + s)), None)
+            if suffix is not None and value.tolist() != full[suffix]:
+                unit = "heads" if suffix == HEAD_INDEX_SUFFIX else "hidden channels"
+                raise ValueError(f"{label}: {key} says this source is already pruned to {len(value)} {unit}; "
                                  f"load_from_teacher needs the unpruned backbone")
         new_state = {key: teacher[key] for key in expected_keys}
-        plans = head_slice_plan(self.selected_heads, self.head_dim, self.teacher_num_heads)
+        plans = pruning_slice_plan(self.selected_heads, self.head_dim, self.teacher_num_heads,
+                                   self.selected_channels, self.teacher_mlp_hidden)
         sliced = apply_slice_plan(new_state, plans, label=label)
         for key in expected_keys:
             if tuple(new_state[key].shape) != tuple(own[key].shape):
                 raise ValueError(f"{label}: {key}: expected shape {tuple(own[key].shape)}, "
                                  f"got {tuple(new_state[key].shape)}")
-        for i, block in enumerate(self.blocks):
-            if block.attn.record_head_index:
-                new_state[f"blocks.{i}.attn.{HEAD_INDEX_KEY}"] = own[f"blocks.{i}.attn.{HEAD_INDEX_KEY}"]
+        new_state.update({key: value for key, value in own.items() if is_selection_index_key(key)})
         self.load_state_dict(new_state, strict=True)
         return dict(source=label, copied=len(expected_keys) - len(sliced), sliced=len(sliced),
-                    teacher_num_heads=self.teacher_num_heads)
+                    teacher_num_heads=self.teacher_num_heads, teacher_mlp_hidden=self.teacher_mlp_hidden)
+
+
+__all__ = [
+    "EVAViTStudent", "EVABlock", "HeadPrunedAttention", "BackboneTaps", "layer_norm_eps", "check_orion_only_arguments",
+    # re-exported from eva_layers (their home before the split)
+    "drop_path", "DropPath", "rotate_half", "RotaryEmbedding2D", "window_partition", "window_unpartition",
+    "resize_abs_pos_embed", "PatchEmbed", "SwiGLU",
+]

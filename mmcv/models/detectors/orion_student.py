@@ -14,7 +14,8 @@ One training step:
 
 ``_parse_losses`` is overridden so that the optimised loss IS ``total_loss`` (ORION's version
 sums every key containing 'loss'). Alpha follows the iteration (``resolve_distillation_alpha``,
-set by ``mmcv/runner/hooks/kd_hooks.py``). This file is a plugin: Python 3.8, torch 2.0-2.4, no mmengine.
+set by ``mmcv/runner/hooks/kd_hooks.py``). Which heads and SwiGLU channels the student keeps:
+``mmcv/models/utils/student_selection.py``. This file is a plugin: Python 3.8, torch 2.0-2.4, no mmengine.
 """
 from __future__ import annotations
 
@@ -33,11 +34,10 @@ import torch.nn as nn
 from mmcv.models.backbones.eva_vit_student import EVAViTStudent
 from mmcv.models.builder import DETECTORS, build_backbone, build_loss
 from mmcv.models.utils.checkpoint_io import atomic_torch_save, atomic_write, load_checkpoint_file, state_dict_of
+from mmcv.models.utils.eva_surgery import (BACKBONE_PREFIX, CHANNEL_INDEX_SUFFIX, HEAD_INDEX_SUFFIX, apply_slice_plan,
+                                           backbone_subdict, pruning_slice_plan, split_block_key)
 from mmcv.models.utils.kd_config import resolve_distillation_alpha, resolve_kd_config
-from mmcv.models.utils.eva_surgery import (BACKBONE_PREFIX, HEAD_INDEX_KEY, apply_slice_plan, backbone_subdict,
-                                           head_slice_plan, magnitude_scores)
-from mmcv.models.utils.pruning_config import (allocate_uniform, load_head_selection, resolve_head_selection,
-                                              validate_pruning_config)
+from mmcv.models.utils.student_selection import resolve_student_selection
 
 _TRAINABLE_PREFIX = BACKBONE_PREFIX
 _AUGMENTATION_CHILDREN = ("img_backbone", "grid_mask")
@@ -97,10 +97,11 @@ class OrionStudent(nn.Module):
         freeze_non_backbone: only ``img_backbone.*`` requires gradients (the guide's setting).
         kd_config: the guide's KD keys (see ``KD_CONFIG_KEYS``; unknown keys are errors).
         distillation_loss: a ``CombinedKDLoss`` config (weights/temperature default to ``kd_config``).
-        pruning_config: which heads each block keeps: a configuration file written by
-            ``tools/head_pruning_utils.py prune-config`` (``PruningConfig.save``), a ``PruningConfig``, a dict
-            with ``selected_heads_per_layer`` or the lists themselves. A pruned student needs exactly one of
-            this, ``img_backbone.selected_heads_per_layer`` or ``kd_config.head_selection='magnitude'``.
+        pruning_config: which heads (and SwiGLU channels) each block keeps: a configuration file written
+            by ``tools/head_pruning_utils.py prune-config`` (``PruningConfig.save``), a ``PruningConfig``, a dict
+            with ``selected_heads_per_layer`` (+ ``selected_channels_per_layer``) or the head lists. A pruned
+            student needs exactly one of this, ``img_backbone.selected_heads_per_layer`` /
+            ``selected_channels_per_layer`` or ``kd_config.head_selection='magnitude'`` per unit kind.
         teacher_backbone: config of the teacher backbone; default: the student's config with every
             head kept (``EVAViTStudent``, ORION's arithmetic on the fused attention path).
         load_base_weights: fill the frozen parts from the teacher checkpoint (default True).
@@ -140,8 +141,8 @@ class OrionStudent(nn.Module):
             raise ValueError(f"{teacher_path}: no 'img_backbone.*' keys; expected a full ORION "
                              f"checkpoint with the unpruned backbone")
 
-        student_cfg, selection_source = self._resolve_student_heads(dict(img_backbone), pruning_config, kd,
-                                                                    backbone_state, teacher_path)
+        student_cfg, selection_source = resolve_student_selection(dict(img_backbone), pruning_config, kd,
+                                                                  backbone_state, teacher_path)
         super().__init__(img_backbone=student_cfg, **base_kwargs)
 
         self.kd_config = kd
@@ -183,8 +184,10 @@ class OrionStudent(nn.Module):
         if self.freeze_non_backbone:
             self._freeze_non_backbone()
         self.train(self.training)
+        channels = (f", SwiGLU channels kept per block {self.img_backbone.mlp_hidden_per_layer} of "
+                    f"{self.img_backbone.teacher_mlp_hidden}" if self.img_backbone.prunes_channels else "")
         self._print(f"[OrionStudent] base={self.base_detector_name} heads kept per block "
-                    f"{self.img_backbone.num_heads_per_layer} of {self.img_backbone.teacher_num_heads} "
+                    f"{self.img_backbone.num_heads_per_layer} of {self.img_backbone.teacher_num_heads}{channels} "
                     f"({selection_source}); teacher from {teacher_path} in {time.time() - started:.1f}s; "
                     f"trainable {sum(p.numel() for p in self.parameters() if p.requires_grad) / 1e6:.2f} M of "
                     f"{sum(p.numel() for p in self.parameters()) / 1e6:.2f} M parameters")
@@ -193,63 +196,12 @@ class OrionStudent(nn.Module):
 
     # ------------------------------------------------------------------ configuration
 
-    def _resolve_student_heads(self, cfg: Dict[str, Any], pruning_config: Any, kd: Mapping[str, Any],
-                               backbone_state: Mapping[str, torch.Tensor], teacher_path: str
-                               ) -> Tuple[Dict[str, Any], str]:
-        """The student backbone config with its head selection, and where the selection came from.
-
-        Exactly one source may say which heads a pruned student keeps (``pruning_config``,
-        ``img_backbone.selected_heads_per_layer`` or ``kd_config.head_selection``); an unpruned
-        student needs none. The selection is checked against ``num_heads`` and ``kd_config.pruning_ratio``
-        by the pruning policy the tools use (``validate_pruning_config``).
-        """
-        depth = cfg.get("depth", 12)
-        teacher_heads = cfg.get("teacher_num_heads", 16)
-        num_heads = cfg.get("num_heads", teacher_heads)
-        selection, source = self._explicit_head_selection(cfg, pruning_config, kd, teacher_heads)
-        if selection is not None and pruning_config is not None and "num_heads" not in cfg:
-            num_heads = [len(heads) for heads in selection]
-        if selection is None:
-            counts = [len(heads) for heads in resolve_head_selection(depth, teacher_heads, num_heads, None)]
-            if kd.get("head_selection") == "magnitude":
-                scores = magnitude_scores(backbone_state, depth, teacher_heads, label=teacher_path)
-                selection = allocate_uniform(scores, counts)
-                source = "kd_config.head_selection='magnitude', q/k/v weight norms of the teacher"
-            elif all(count == teacher_heads for count in counts):
-                selection, source = [list(range(teacher_heads)) for _ in range(depth)], "every head kept"
-            else:
-                raise ValueError(f"OrionStudent: img_backbone keeps {counts} of {teacher_heads} heads per block but "
-                                 f"nothing says which: set model.pruning_config to a file from `python "
-                                 f"tools/head_pruning_utils.py prune-config` or kd_config.head_selection='magnitude'")
-        try:
-            validate_pruning_config(selection, depth, teacher_heads, num_heads=num_heads,
-                                    pruning_ratio=kd.get("pruning_ratio"))
-        except ValueError as err:
-            raise ValueError(f"OrionStudent: the head selection ({source}) does not fit img_backbone "
-                             f"(num_heads={num_heads!r}, depth {depth}, {teacher_heads} teacher heads, "
-                             f"kd_config.pruning_ratio={kd.get('pruning_ratio')!r}): {err}") from None
-        cfg.update(num_heads=num_heads, teacher_num_heads=teacher_heads, selected_heads_per_layer=selection)
-        return cfg, source
-
-    @staticmethod
-    def _explicit_head_selection(cfg: Mapping[str, Any], pruning_config: Any, kd: Mapping[str, Any],
-                                 teacher_heads: int) -> Tuple[Optional[List[List[int]]], str]:
-        given = [name for name, value in (("model.pruning_config", pruning_config),
-                                          ("img_backbone.selected_heads_per_layer", cfg.get("selected_heads_per_layer")),
-                                          ("kd_config.head_selection", kd.get("head_selection"))) if value is not None]
-        if len(given) > 1:
-            raise ValueError(f"OrionStudent: give the head selection once: {' and '.join(given)} are both set")
-        if pruning_config is not None:
-            return load_head_selection(pruning_config, teacher_heads)
-        if cfg.get("selected_heads_per_layer") is not None:
-            return [list(h) for h in cfg["selected_heads_per_layer"]], "img_backbone.selected_heads_per_layer"
-        return None, ""
 
     @staticmethod
     def _default_teacher_cfg(student_cfg: Mapping[str, Any]) -> Dict[str, Any]:
         cfg = dict(student_cfg)
         cfg.update(type="EVAViTStudent", num_heads=cfg["teacher_num_heads"], selected_heads_per_layer=None,
-                   with_cp=False, drop_path_rate=0.0, frozen=True)
+                   mlp_hidden=None, selected_channels_per_layer=None, with_cp=False, drop_path_rate=0.0, frozen=True)
         return cfg
 
     # ------------------------------------------------------------------ weights
@@ -278,19 +230,24 @@ class OrionStudent(nn.Module):
         return dict(loaded=len(own), unexpected=unexpected)
 
     def _slice_teacher_shaped_backbone_keys(self, state_dict: Dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
-        """Load-time hook: cut teacher-shaped ``img_backbone`` attention tensors to the kept heads.
+        """Load-time hook: cut teacher-shaped ``img_backbone`` attention and MLP tensors to the kept heads/channels.
 
         ORION's loader is non-strict and only warns on shape mismatches; without this hook a
-        ``load_from`` of the original checkpoint would leave the pruned attention random. A block
-        cut here gets its ``head_index`` entry, so that the head check of the load passes.
+        ``load_from`` of the original checkpoint would leave the pruned units random. A block whose
+        heads (channels) are cut here gets its ``head_index`` (``channel_index``) entry, so that the
+        selection check of the load passes.
         """
         backbone = self.img_backbone
         root = f"{prefix}{_TRAINABLE_PREFIX}"
-        plans = head_slice_plan(backbone.selected_heads, backbone.head_dim, backbone.teacher_num_heads)
+        plans = pruning_slice_plan(backbone.selected_heads, backbone.head_dim, backbone.teacher_num_heads,
+                                   backbone.selected_channels, backbone.teacher_mlp_hidden)
         sliced = apply_slice_plan(state_dict, plans, prefix=root, label="load_state_dict", teacher_shaped_only=True)
-        for layer in sorted({int(key[len(root):].split(".")[1]) for key in sliced}):
-            index_key = f"{root}blocks.{layer}.attn.{HEAD_INDEX_KEY}"
-            state_dict.setdefault(index_key, backbone.blocks[layer].attn.head_index.clone())
+        for key in sliced:
+            layer, suffix = split_block_key(key[len(root):])
+            index_suffix = HEAD_INDEX_SUFFIX if suffix.startswith("attn.") else CHANNEL_INDEX_SUFFIX
+            index = backbone.blocks[layer].attn if suffix.startswith("attn.") else backbone.blocks[layer].mlp
+            state_dict.setdefault(f"{root}blocks.{layer}.{index_suffix}",
+                                  getattr(index, index_suffix.split(".")[1]).clone())
 
     def _freeze_non_backbone(self) -> None:
         for name, param in self.named_parameters():
@@ -452,10 +409,7 @@ class OrionStudent(nn.Module):
         backbone_cfg = {k: v for k, v in self.student_backbone_cfg.items()}
         meta = dict(
             orion_kd_version="0.1.0", base_detector=self.base_detector_name, img_backbone=backbone_cfg,
-            pruning=dict(selected_heads_per_layer=self.img_backbone.selected_heads,
-                         num_heads=self.img_backbone.num_heads_per_layer,
-                         teacher_num_heads=self.img_backbone.teacher_num_heads,
-                         source=self.head_selection_source),
+            pruning=self._pruning_meta(),
             kd_config={k: v for k, v in self.kd_config.items()}, created=time.strftime("%Y-%m-%d %H:%M:%S"))
         state = OrderedDict((k, v.detach().cpu().clone()) for k, v in self.state_dict().items())
         atomic_torch_save(dict(meta=meta, state_dict=state), path)
@@ -472,6 +426,16 @@ class OrionStudent(nn.Module):
                 atomic_write(target, lambda handle: handle.write(payload))
                 written["backbone"] = target
         return written
+
+    def _pruning_meta(self) -> Dict[str, Any]:
+        """What the exported backbone keeps (heads always; SwiGLU channels when the MLPs are pruned)."""
+        backbone = self.img_backbone
+        meta = dict(selected_heads_per_layer=backbone.selected_heads, num_heads=backbone.num_heads_per_layer,
+                    teacher_num_heads=backbone.teacher_num_heads, source=self.head_selection_source)
+        if backbone.prunes_channels:
+            meta.update(selected_channels_per_layer=backbone.selected_channels,
+                        mlp_hidden=backbone.mlp_hidden_per_layer, teacher_mlp_hidden=backbone.teacher_mlp_hidden)
+        return meta
 
     @staticmethod
     def _print(message: str) -> None:

@@ -1,15 +1,18 @@
-"""Head surgery on ORION's EVA-02 backbone layout: which rows and columns an attention head owns.
+"""Head and SwiGLU-channel surgery on ORION's EVA-02 backbone layout: which rows and columns a unit owns.
 
 Head ``h`` of a block (``head_dim`` channels per head) owns channels ``[h * head_dim, (h + 1) * head_dim)``
 of every tensor in :data:`HEAD_SLICES`: the output rows of ``q_proj/k_proj/v_proj``, the entries of
 ``q_bias/v_bias`` (k has no bias) and of ``inner_attn_ln`` (``subln=True`` only), and the input
-columns of ``proj``. Everything else (``proj.bias``, the norms, the MLP, the rotary tables) is shared.
+columns of ``proj``. Hidden channel ``c`` of a SwiGLU MLP owns entry ``c`` of every tensor in
+:data:`CHANNEL_SLICES`: row ``c`` of ``mlp.w1``/``mlp.w2`` and of their biases, entry ``c`` of
+``mlp.ffn_ln``'s weight and bias, column ``c`` of ``mlp.w3``. Everything else (``proj.bias``,
+``w3.bias``, the block norms, the rotary tables) is shared.
 
-Slicing is planned per block as ``{key suffix: SlicePlan(axis, index, full)}`` so that other unit
-kinds can join the same plan: pruning SwiGLU hidden channels adds a rule set with unit width 1
-(``mlp.w1``/``mlp.w2`` rows and biases, ``mlp.ffn_ln`` entries, ``mlp.w3`` columns) next to
-:data:`HEAD_SLICES`, and :func:`apply_slice_plan` slices both. One home for this arithmetic, used by
-``EVAViTStudent.load_from_teacher``, OrionStudent's load hook, magnitude importance and the tools.
+Slicing is planned per block as ``{key suffix: SlicePlan(axis, index, full)}``; heads and channels
+join one plan (:func:`pruning_slice_plan`) and :func:`apply_slice_plan` cuts both. A pruned block
+records what it kept in two buffers, ``attn.head_index`` and ``mlp.channel_index``. One home for this
+arithmetic, used by ``EVAViTStudent.load_from_teacher``, OrionStudent's load hook, magnitude
+importance and the tools.
 
 Plugin file: Python 3.8, torch 2.0-2.4, no mmengine.
 """
@@ -24,6 +27,11 @@ from mmcv.models.utils.checkpoint_io import load_checkpoint_file, state_dict_of
 
 #: Buffer (per attention block) that records the teacher heads a pruned block keeps.
 HEAD_INDEX_KEY = "head_index"
+#: Buffer (per SwiGLU MLP) that records the teacher hidden channels a pruned MLP keeps.
+CHANNEL_INDEX_KEY = "channel_index"
+#: Key suffixes (relative to ``blocks.N.``) of the two selection records.
+HEAD_INDEX_SUFFIX = "attn." + HEAD_INDEX_KEY
+CHANNEL_INDEX_SUFFIX = "mlp." + CHANNEL_INDEX_KEY
 #: Prefix of the backbone's keys in an ORION detector checkpoint.
 BACKBONE_PREFIX = "img_backbone."
 
@@ -53,7 +61,27 @@ HEAD_SLICES: Tuple[OwnedSlice, ...] = (
     OwnedSlice("attn.proj.weight", 1),
 )
 
+#: What a SwiGLU hidden channel owns (unit width 1).
+CHANNEL_SLICES: Tuple[OwnedSlice, ...] = (
+    OwnedSlice("mlp.w1.weight", 0), OwnedSlice("mlp.w1.bias", 0), OwnedSlice("mlp.w2.weight", 0),
+    OwnedSlice("mlp.w2.bias", 0), OwnedSlice("mlp.ffn_ln.weight", 0), OwnedSlice("mlp.ffn_ln.bias", 0),
+    OwnedSlice("mlp.w3.weight", 1),
+)
+
 BlockPlan = Dict[str, SlicePlan]
+
+
+def describe_indices(indices: Sequence[int], limit: int = 16) -> str:
+    """Unit indices for a message: in full when short, else count, ends and sum (a channel list is long)."""
+    indices = list(indices)
+    if len(indices) <= limit:
+        return str(indices)
+    return f"{len(indices)} indices [{indices[0]}, {indices[1]}, ..., {indices[-1]}] (sum {sum(indices)})"
+
+
+def is_selection_index_key(key: str) -> bool:
+    """Whether ``key`` is a selection record (``...attn.head_index`` or ``...mlp.channel_index``), not a weight."""
+    return key.endswith("." + HEAD_INDEX_KEY) or key.endswith("." + CHANNEL_INDEX_KEY)
 
 
 def unit_channels(units: Sequence[int], width: int) -> torch.Tensor:
@@ -73,6 +101,30 @@ def head_slice_plan(selected_heads_per_layer: Sequence[Sequence[int]], head_dim:
     return plans
 
 
+def channel_slice_plan(selected_channels_per_layer: Sequence[Sequence[int]], teacher_hidden: int
+                       ) -> Dict[int, BlockPlan]:
+    """Per block: how every channel-owned tensor is cut to the kept hidden channels (teacher order)."""
+    plans: Dict[int, BlockPlan] = {}
+    for layer, channels in enumerate(selected_channels_per_layer):
+        index = torch.as_tensor(list(channels), dtype=torch.long)
+        plans[layer] = {rule.suffix: SlicePlan(rule.axis, index, teacher_hidden, 1, "channels")
+                        for rule in CHANNEL_SLICES}
+    return plans
+
+
+def pruning_slice_plan(selected_heads_per_layer: Sequence[Sequence[int]], head_dim: int, teacher_num_heads: int,
+                       selected_channels_per_layer: Optional[Sequence[Sequence[int]]] = None,
+                       teacher_hidden: Optional[int] = None) -> Dict[int, BlockPlan]:
+    """The joint plan: the head cuts of every block, plus its channel cuts when channels are selected."""
+    plans = head_slice_plan(selected_heads_per_layer, head_dim, teacher_num_heads)
+    if selected_channels_per_layer is not None:
+        if teacher_hidden is None:
+            raise ValueError("pruning_slice_plan: channel cuts need teacher_hidden (the teacher's MLP width)")
+        for layer, plan in channel_slice_plan(selected_channels_per_layer, teacher_hidden).items():
+            plans.setdefault(layer, {}).update(plan)
+    return plans
+
+
 def split_block_key(key: str) -> Tuple[int, str]:
     """``'blocks.3.attn.q_bias'`` -> ``(3, 'attn.q_bias')``; ``(-1, key)`` outside the blocks."""
     parts = key.split(".", 2)
@@ -84,8 +136,10 @@ def split_block_key(key: str) -> Tuple[int, str]:
 def cut(value: torch.Tensor, plan: SlicePlan, key: str, label: str) -> torch.Tensor:
     """``value`` restricted to ``plan.index`` along ``plan.axis``; a tensor not in the teacher layout is an error."""
     if value.ndim <= plan.axis or value.shape[plan.axis] != plan.full:
-        raise ValueError(f"{label}: {key}: expected {plan.full} = {plan.full // plan.width} {plan.unit} x "
-                         f"{plan.width} along dim {plan.axis} (teacher layout), got shape {tuple(value.shape)}")
+        layout = f"{plan.full} {plan.unit}" if plan.width == 1 else \
+            f"{plan.full} = {plan.full // plan.width} {plan.unit} x {plan.width}"
+        raise ValueError(f"{label}: {key}: expected {layout} along dim {plan.axis} (teacher layout), "
+                         f"got shape {tuple(value.shape)}")
     return value.index_select(plan.axis, plan.index.to(value.device))
 
 
@@ -145,6 +199,41 @@ def magnitude_scores(backbone_state: Mapping[str, torch.Tensor], depth: int, num
     return torch.stack(rows)
 
 
+def channel_weight_norms(w1_weight: torch.Tensor, w2_weight: torch.Tensor, w3_weight: torch.Tensor,
+                         ffn_ln_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Magnitude importance of one SwiGLU's hidden channels: ``||W1[c]|| * ||W2[c]|| * ||g_c W3[:, c]||``.
+
+    ``W1[c]``, ``W2[c]`` are channel ``c``'s input rows (its gate and value), ``W3[:, c]`` its output
+    column, ``g_c`` its ``ffn_ln`` scale (the LayerNorm multiplies the channel by ``g_c`` before ``w3``,
+    so ``g_c W3[:, c]`` is the column the channel really writes with; without ``ffn_ln_weight`` g = 1).
+    The product follows the channel's path, gate x value -> output. L2 norms, float64, biases not
+    counted. Returns ``[hidden]``.
+    """
+    with torch.no_grad():
+        rows1 = w1_weight.detach().double().norm(dim=1).cpu()
+        rows2 = w2_weight.detach().double().norm(dim=1).cpu()
+        cols = w3_weight.detach().double().norm(dim=0).cpu()
+        if ffn_ln_weight is not None:
+            cols = cols * ffn_ln_weight.detach().double().abs().cpu()
+    return rows1 * rows2 * cols
+
+
+def channel_magnitude_scores(backbone_state: Mapping[str, torch.Tensor], depth: int,
+                             label: str = "teacher backbone") -> torch.Tensor:
+    """:func:`channel_weight_norms` of every block of an unpruned backbone state dict: ``[depth, hidden]``."""
+    rows = []
+    for layer in range(depth):
+        keys = [f"blocks.{layer}.mlp.{name}.weight" for name in ("w1", "w2", "w3", "ffn_ln")]
+        absent = [key for key in keys if key not in backbone_state]
+        if absent:
+            raise ValueError(f"{label}: no {BACKBONE_PREFIX}{absent[0]}; expected an unpruned backbone of depth {depth}")
+        rows.append(channel_weight_norms(*(backbone_state[key] for key in keys)))
+    if len({row.numel() for row in rows}) != 1:
+        raise ValueError(f"{label}: the MLPs have different widths {[row.numel() for row in rows]}; expected the "
+                         f"unpruned teacher")
+    return torch.stack(rows)
+
+
 def backbone_subdict(state: Mapping[str, Any], prefix: str = BACKBONE_PREFIX) -> Dict[str, Any]:
     """The entries of a detector state dict under ``prefix``, with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -168,7 +257,9 @@ def extract_backbone_state_dict(source: Union[str, "os.PathLike[str]", Mapping[s
 
 
 __all__ = [
-    "HEAD_INDEX_KEY", "BACKBONE_PREFIX", "OwnedSlice", "SlicePlan", "HEAD_SLICES", "unit_channels",
-    "head_slice_plan", "split_block_key", "cut", "apply_slice_plan", "head_weight_norms", "magnitude_scores",
-    "backbone_subdict", "extract_backbone_state_dict",
+    "HEAD_INDEX_KEY", "CHANNEL_INDEX_KEY", "HEAD_INDEX_SUFFIX", "CHANNEL_INDEX_SUFFIX", "BACKBONE_PREFIX", "OwnedSlice",
+    "SlicePlan", "HEAD_SLICES", "CHANNEL_SLICES", "describe_indices", "is_selection_index_key", "unit_channels", "head_slice_plan",
+    "channel_slice_plan", "pruning_slice_plan", "split_block_key", "cut", "apply_slice_plan", "head_weight_norms",
+    "magnitude_scores", "channel_weight_norms", "channel_magnitude_scores", "backbone_subdict",
+    "extract_backbone_state_dict",
 ]

@@ -1,4 +1,7 @@
-"""HeadImportance: per-block, per-head scores and their file formats (.json, .npz, .pkl).
+"""HeadImportance and ChannelImportance: per-block scores of heads / SwiGLU channels and their files.
+
+Both are ``[blocks, units]`` score matrices with the same file formats (.json, .npz, .pkl); the
+``format`` entry says which unit a file scores, so a channel file is never read as head scores.
 
 The tools compute the scores (``tools/head_pruning/importance.py``); the pruning policy
 (``pruning_config.py``) turns them into a selection. Files are written atomically; pickle files
@@ -19,6 +22,7 @@ import torch
 from mmcv.models.utils.checkpoint_io import atomic_write, atomic_write_json, json_default
 
 IMPORTANCE_FORMAT = "orion-kd-head-importance"
+CHANNEL_IMPORTANCE_FORMAT = "orion-kd-channel-importance"
 ScoresLike = Union[torch.Tensor, np.ndarray, Sequence[Sequence[float]]]
 
 
@@ -44,7 +48,7 @@ def read_json(path: Union[str, "os.PathLike[str]"], what: str) -> Any:
 
 @dataclass
 class HeadImportance:
-    """Per-block, per-head importance scores (higher = more important).
+    """Per-block, per-head importance scores (higher = more important); :class:`ChannelImportance` for channels.
 
     ``scores``: float64 tensor [layers, heads]; ``method``: how they were computed;
     ``num_samples``: images (or batches for detectors: samples) seen, 0 for magnitude;
@@ -58,21 +62,28 @@ class HeadImportance:
     source: str = ""
     metadata: Dict[str, Any] = field(default_factory=dict)
 
+    FORMAT = IMPORTANCE_FORMAT
+    UNIT = "heads"
+
     def __post_init__(self) -> None:
         if isinstance(self.scores, torch.Tensor):
             scores = self.scores.detach().cpu().to(torch.float64)
         else:
             scores = torch.as_tensor(np.asarray(self.scores, dtype=np.float64))
         if scores.ndim != 2 or scores.shape[0] < 1 or scores.shape[1] < 1:
-            raise ValueError(f"HeadImportance.scores: expected a [layers, heads] array, got shape {tuple(scores.shape)}")
+            raise ValueError(f"{type(self).__name__}.scores: expected a [layers, {self.UNIT}] array, got shape "
+                             f"{tuple(scores.shape)}")
         if not bool(torch.isfinite(scores).all()):
-            raise ValueError(f"HeadImportance.scores: contains NaN or inf values ({self.method})")
+            raise ValueError(f"{type(self).__name__}.scores: contains NaN or inf values ({self.method})")
         self.scores = scores
         self.num_samples = int(self.num_samples)
 
     @classmethod
     def coerce(cls, value: Union["HeadImportance", ScoresLike]) -> "HeadImportance":
-        """``value`` itself, or bare scores wrapped (method ``''``), checked either way."""
+        """``value`` itself, or bare scores wrapped (method ``''``), checked either way; the other unit is refused."""
+        if isinstance(value, HeadImportance) and type(value) is not cls:
+            raise ValueError(f"expected {cls.UNIT} importance ({cls.__name__}), got {value.UNIT} importance "
+                             f"({type(value).__name__}, method {value.method!r})")
         return value if isinstance(value, cls) else cls(scores=value, method="")
 
     @property
@@ -87,7 +98,7 @@ class HeadImportance:
         return self.scores.numpy().copy()
 
     def to_dict(self) -> Dict[str, Any]:
-        return dict(format=IMPORTANCE_FORMAT, version=1, method=self.method, num_samples=self.num_samples,
+        return dict(format=self.FORMAT, version=1, method=self.method, num_samples=self.num_samples,
                     source=self.source, metadata=self.metadata, scores=self.scores.tolist())
 
     def save(self, path: Union[str, "os.PathLike[str]"]) -> str:
@@ -108,13 +119,13 @@ class HeadImportance:
         path = os.fspath(path)
         ext = importance_extension(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"head importance file not found: {path}")
+            raise FileNotFoundError(f"{cls.UNIT[:-1]} importance file not found: {path}")
         if ext == ".json":
-            payload = read_json(path, "head importance file")
+            payload = read_json(path, f"{cls.UNIT[:-1]} importance file")
         elif ext == ".npz":
             with np.load(path, allow_pickle=False) as data:
                 if "scores" not in data or "header" not in data:
-                    raise ValueError(f"{path}: not a head importance file (expected arrays 'scores' and 'header', "
+                    raise ValueError(f"{path}: not an importance file (expected arrays 'scores' and 'header', "
                                      f"got {sorted(data.files)})")
                 payload = dict(json.loads(str(data["header"])), scores=data["scores"])
         else:
@@ -123,10 +134,36 @@ class HeadImportance:
                                  f"pass allow_pickle=True if you trust it, or save as .json/.npz")
             with open(path, "rb") as handle:
                 payload = pickle.load(handle)
-        if not isinstance(payload, Mapping) or payload.get("format") != IMPORTANCE_FORMAT or "scores" not in payload:
-            raise ValueError(f"{path}: not a head importance file (expected format {IMPORTANCE_FORMAT!r})")
+        if not isinstance(payload, Mapping) or payload.get("format") != cls.FORMAT or "scores" not in payload:
+            other = {IMPORTANCE_FORMAT: "head", CHANNEL_IMPORTANCE_FORMAT: "channel"}.get(
+                payload.get("format") if isinstance(payload, Mapping) else None)
+            found = f"; it holds {other} importance" if other else ""
+            raise ValueError(f"{path}: not a {cls.UNIT[:-1]} importance file (expected format {cls.FORMAT!r}{found})")
         return cls(scores=payload["scores"], method=payload.get("method", ""), num_samples=payload.get("num_samples", 0),
                    source=payload.get("source", ""), metadata=dict(payload.get("metadata") or {}))
 
 
-__all__ = ["IMPORTANCE_FORMAT", "ScoresLike", "HeadImportance", "importance_extension", "read_json"]
+@dataclass
+class ChannelImportance(HeadImportance):
+    """Per-block importance of the SwiGLU hidden channels, ``[layers, hidden]`` (higher = more important)."""
+
+    FORMAT = CHANNEL_IMPORTANCE_FORMAT
+    UNIT = "channels"
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.scores.shape[1])
+
+
+def load_importance(path: Union[str, "os.PathLike[str]"], allow_pickle: bool = False) -> HeadImportance:
+    """A head or channel importance file, whichever ``path`` holds (:class:`ChannelImportance` for channels)."""
+    try:
+        return HeadImportance.load(path, allow_pickle=allow_pickle)
+    except ValueError as err:
+        if "it holds channel importance" not in str(err):
+            raise
+    return ChannelImportance.load(path, allow_pickle=allow_pickle)
+
+
+__all__ = ["IMPORTANCE_FORMAT", "CHANNEL_IMPORTANCE_FORMAT", "ScoresLike", "HeadImportance", "ChannelImportance",
+           "load_importance", "importance_extension", "read_json"]

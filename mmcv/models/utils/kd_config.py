@@ -26,6 +26,7 @@ KD_CONFIG_KEYS = {
     "freeze_non_backbone": True,
     "frozen_parts_mode": "train",
     "pruning_ratio": None,
+    "mlp_pruning_ratio": None,
     "head_selection": None,
     "teacher_dtype": None,
 }

@@ -1,20 +1,22 @@
-"""The pruning policy: which heads each block keeps, and the files that record it.
+"""The pruning policy: which heads and SwiGLU channels each block keeps, and the files that record it.
 
 One home, shared by OrionStudent (a plugin module) and the tools (``tools/head_pruning``):
 
-- ``pruning_ratio`` is the fraction of heads REMOVED. Every block keeps
-  ``round(H * (1 - pruning_ratio))`` heads, half up (:func:`kept_per_block`); both strategies keep
-  ``depth`` times that in total. 0.3 of 16 heads keeps 11 per block, 264 of 384 at depth 24.
-- ``uniform``: each block keeps its top-k heads. ``global``: every block keeps its top
-  ``min_heads_per_layer``, the rest of the budget goes to the best heads of the whole network after
-  each block's scores are divided by their L2 norm (Michel et al., 2019), so that the ranking follows
-  importance within a block and not the block type (global blocks see more keys and larger
-  activations than window blocks). The normalisation is recorded in the configuration's metadata.
-- :class:`HeadImportance` (``.json``/``.npz``/``.pkl``) and :class:`PruningConfig` (``.json``) are
-  the file formats; :func:`load_head_selection` is how OrionStudent reads a configuration.
+- ``pruning_ratio`` is the fraction of heads REMOVED, ``mlp_pruning_ratio`` the fraction of hidden
+  channels REMOVED. Every block keeps ``round(units * (1 - ratio))``, half up (:func:`kept_per_block`);
+  every strategy keeps that many in total (``cost``: that much cost). 0.3 of 16 heads keeps 11 per
+  block; 0.4375 of 2730 channels keeps 1536.
+- ``uniform``: each block keeps its top-k units. ``global``: every block keeps its top ``min_*_per_layer``,
+  the rest of the budget goes to the best units of the whole network after each block's scores are
+  divided by their L2 norm (Michel et al., 2019), so the ranking follows importance within a block
+  and not the block type. ``cost``: like ``global``, but the budget is the cost (analytic MACs, or
+  measured latency, per unit and block type; ``pruning_cost.py``) that the uniform allocation would
+  keep, and units are ranked by normalised score per cost, so a global block's head is priced at what
+  it costs. Heads and channels are allocated separately, each within its own budget.
+- :class:`HeadImportance` / :class:`ChannelImportance` (``.json``/``.npz``/``.pkl``) and
+  :class:`PruningConfig` (``.json``; heads, and channels when the MLPs are pruned) are the file
+  formats; :func:`load_pruning_selection` is how OrionStudent reads a configuration.
 
-Scores are ``[blocks, units]`` matrices and allocation works on any unit (heads today); SwiGLU
-channels can reuse :func:`kept_per_block`, :func:`normalize_block_scores` and the allocators.
 Plugin file: Python 3.8, torch 2.0-2.4, no mmengine.
 """
 from __future__ import annotations
@@ -23,28 +25,47 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from mmcv.models.utils.checkpoint_io import atomic_write_json
-from mmcv.models.utils.head_importance import HeadImportance, ScoresLike, read_json
+from mmcv.models.utils.eva_surgery import describe_indices
+from mmcv.models.utils.head_importance import ChannelImportance, HeadImportance, ScoresLike, read_json
+from mmcv.models.utils.pruning_cost import UnitCosts, allocate_by_cost, analytic_unit_costs, round_to_multiple
 
 CONFIG_FORMAT = "orion-kd-pruning-config"
-STRATEGIES = ("uniform", "global")
+CONFIG_VERSION = 2  # 2: optional SwiGLU channels; version 1 files (heads only) load unchanged
+STRATEGIES = ("uniform", "global", "cost")
 #: How each block's scores are scaled before the global ranking ('none' ranks the raw scores).
 BLOCK_NORMALIZATIONS = ("l2", "none")
+Selection = List[List[int]]
+
+
+class UnitKind(NamedTuple):
+    """Names used in messages and arguments for one kind of prunable unit."""
+
+    singular: str
+    count_arg: str
+    selection_arg: str
+    full_arg: str
+    ratio_arg: str
+
+
+HEADS = UnitKind("head", "num_heads", "selected_heads_per_layer", "teacher_num_heads", "pruning_ratio")
+CHANNELS = UnitKind("channel", "mlp_hidden", "selected_channels_per_layer", "the teacher's MLP width",
+                    "mlp_pruning_ratio")
 
 
 # --------------------------------------------------------------------------- ratio and counts
 
 
-def check_pruning_ratio(pruning_ratio: Any, name: str = "pruning_ratio") -> float:
+def check_pruning_ratio(pruning_ratio: Any, name: str = "pruning_ratio", unit: str = "heads") -> float:
     """``pruning_ratio`` as a float in [0, 1) (the fraction REMOVED), or ``ValueError``."""
     if isinstance(pruning_ratio, bool) or not isinstance(pruning_ratio, (int, float)) or \
             not math.isfinite(float(pruning_ratio)) or not 0.0 <= float(pruning_ratio) < 1.0:
-        raise ValueError(f"{name}: expected the fraction of heads REMOVED in [0, 1) (0.5 keeps half), "
+        raise ValueError(f"{name}: expected the fraction of {unit} REMOVED in [0, 1) (0.5 keeps half), "
                          f"got {pruning_ratio!r}")
     return float(pruning_ratio)
 
@@ -54,102 +75,131 @@ def kept_per_block(units: int, pruning_ratio: float) -> int:
     return int(math.floor(units * (1.0 - pruning_ratio) + 0.5 + 1e-9))
 
 
-def _kept_count_message(ratio: float, keep: int, heads: int, depth: int, kept: int) -> str:
+def _kept_count_message(ratio: float, keep: int, units: int, depth: int, kept: int, kind: UnitKind) -> str:
     """Why a selection does not match ``ratio``; names the other reading of the ratio only when it fits."""
-    message = (f"pruning_ratio {ratio:g} is the fraction of heads REMOVED: it keeps {keep} of {heads} heads per "
-               f"block ({depth * keep} in total), but the selection keeps {kept} ({kept / depth:g} per block on "
-               f"average)")
-    if ratio > 0 and kept == depth * kept_per_block(heads, 1.0 - ratio):
-        message += (f"; that is pruning_ratio {1 - ratio:g} in this code base ({ratio:g} would be the kept "
+    message = (f"{kind.ratio_arg} {ratio:g} is the fraction of {kind.singular}s REMOVED: it keeps {keep} of {units} "
+               f"{kind.singular}s per block ({depth * keep} in total), but the selection keeps {kept} "
+               f"({kept / depth:g} per block on average)")
+    if ratio > 0 and kept == depth * kept_per_block(units, 1.0 - ratio):
+        message += (f"; that is {kind.ratio_arg} {1 - ratio:g} in this code base ({ratio:g} would be the kept "
                     f"fraction, the other reading)")
     return message
 
 
+def _unit_counts(depth: int, full: int, counts: Union[int, Sequence[int]], kind: UnitKind) -> List[int]:
+    if isinstance(counts, (int, np.integer)) and not isinstance(counts, bool):
+        result = [int(counts)] * depth
+    else:
+        result = list(counts) if isinstance(counts, Sequence) and not isinstance(counts, str) else [counts]
+        if any(not isinstance(n, (int, np.integer)) or isinstance(n, bool) for n in result):
+            raise ValueError(f"{kind.count_arg}: expected an int or one int per block, got {counts!r}")
+        if len(result) != depth:
+            raise ValueError(f"{kind.count_arg}: expected one count per block ({depth}), got {len(result)}")
+        result = [int(n) for n in result]
+    for layer, count in enumerate(result):
+        if not 1 <= count <= full:
+            raise ValueError(f"{kind.count_arg}[{layer}]: expected 1..{full} ({kind.full_arg}), got {count}")
+    return result
+
+
+def _resolve_selection(depth: int, full: int, counts: Union[int, Sequence[int]],
+                       selection: Optional[Sequence[Sequence[int]]], kind: UnitKind) -> Selection:
+    """Check counts (int or one per block) against a selection; without one each block keeps its first units."""
+    counts = _unit_counts(depth, full, counts, kind)
+    if selection is None:
+        return [list(range(count)) for count in counts]
+    selection = [list(units) for units in selection]
+    if len(selection) != depth:
+        raise ValueError(f"{kind.selection_arg}: expected {depth} blocks, got {len(selection)}")
+    for layer, units in enumerate(selection):
+        prefix = f"{kind.selection_arg}[{layer}]"
+        shown = describe_indices(units)
+        if not units:
+            raise ValueError(f"{prefix}: at least one {kind.singular} must be kept, got []")
+        if any(not isinstance(u, int) or isinstance(u, bool) for u in units):
+            raise ValueError(f"{prefix}: expected integers, got {shown}")
+        if any(u < 0 or u >= full for u in units):
+            raise ValueError(f"{prefix}: expected indices in [0, {full}), got {shown}")
+        if len(set(units)) != len(units):
+            raise ValueError(f"{prefix}: duplicate {kind.singular} indices in {shown}")
+        if units != sorted(units):
+            raise ValueError(f"{prefix}: expected sorted indices, got {shown}")
+        if len(units) != counts[layer]:
+            raise ValueError(f"{prefix} keeps {len(units)} {kind.singular}s but {kind.count_arg} says {counts[layer]}")
+    return selection
+
+
 def resolve_head_selection(depth: int, teacher_num_heads: int, num_heads: Union[int, Sequence[int]],
-                           selected_heads_per_layer: Optional[Sequence[Sequence[int]]]) -> List[List[int]]:
+                           selected_heads_per_layer: Optional[Sequence[Sequence[int]]]) -> Selection:
     """Check ``num_heads`` (int or one per block) against a selection; return one sorted list per block.
 
     Without a selection each block keeps its first ``num_heads`` heads.
     """
-    counts = _head_counts(depth, teacher_num_heads, num_heads)
-    if selected_heads_per_layer is None:
-        return [list(range(count)) for count in counts]
-    selection = [list(heads) for heads in selected_heads_per_layer]
+    return _resolve_selection(depth, teacher_num_heads, num_heads, selected_heads_per_layer, HEADS)
+
+
+def resolve_channel_selection(depth: int, teacher_hidden: int, mlp_hidden: Union[int, Sequence[int], None],
+                              selected_channels_per_layer: Optional[Sequence[Sequence[int]]]) -> Selection:
+    """As :func:`resolve_head_selection` for SwiGLU hidden channels; ``mlp_hidden=None`` keeps every channel."""
+    counts = teacher_hidden if mlp_hidden is None else mlp_hidden
+    return _resolve_selection(depth, teacher_hidden, counts, selected_channels_per_layer, CHANNELS)
+
+
+def _clean_selection(selection: Any, depth: int, kind: UnitKind) -> Selection:
+    if isinstance(selection, (str, bytes)) or not isinstance(selection, Sequence):
+        raise ValueError(f"{kind.selection_arg}: expected one list of {kind.singular} indices per block, "
+                         f"got {type(selection).__name__}")
     if len(selection) != depth:
-        raise ValueError(f"selected_heads_per_layer: expected {depth} blocks, got {len(selection)}")
-    for layer, heads in enumerate(selection):
-        prefix = f"selected_heads_per_layer[{layer}]"
-        if not heads:
-            raise ValueError(f"{prefix}: at least one head must be kept, got []")
-        if any(not isinstance(h, int) or isinstance(h, bool) for h in heads):
-            raise ValueError(f"{prefix}: expected integers, got {heads}")
-        if any(h < 0 or h >= teacher_num_heads for h in heads):
-            raise ValueError(f"{prefix}: expected indices in [0, {teacher_num_heads}), got {heads}")
-        if len(set(heads)) != len(heads):
-            raise ValueError(f"{prefix}: duplicate head indices in {heads}")
-        if heads != sorted(heads):
-            raise ValueError(f"{prefix}: expected sorted indices, got {heads}")
-        if len(heads) != counts[layer]:
-            raise ValueError(f"{prefix} keeps {len(heads)} heads but num_heads says {counts[layer]}")
-    return selection
+        raise ValueError(f"{kind.selection_arg}: expected {depth} blocks, got {len(selection)}")
+    cleaned = []
+    for layer, units in enumerate(selection):
+        if isinstance(units, (str, bytes)) or not isinstance(units, Sequence):
+            raise ValueError(f"{kind.selection_arg}[{layer}]: expected a list of {kind.singular} indices, got {units!r}")
+        if any(isinstance(u, bool) or not isinstance(u, (int, np.integer)) for u in units):
+            raise ValueError(f"{kind.selection_arg}[{layer}]: expected integers, got {describe_indices(units)}")
+        cleaned.append([int(u) for u in units])
+    return cleaned
 
 
-def _head_counts(depth: int, teacher_num_heads: int, num_heads: Union[int, Sequence[int]]) -> List[int]:
-    if isinstance(num_heads, int) and not isinstance(num_heads, bool):
-        counts = [num_heads] * depth
-    else:
-        counts = list(num_heads)
-        if any(not isinstance(n, int) or isinstance(n, bool) for n in counts):
-            raise ValueError(f"num_heads: expected an int or one int per block, got {num_heads!r}")
-        if len(counts) != depth:
-            raise ValueError(f"num_heads: expected one count per block ({depth}), got {len(counts)}")
-    for layer, count in enumerate(counts):
-        if not 1 <= count <= teacher_num_heads:
-            raise ValueError(f"num_heads[{layer}]: expected 1..{teacher_num_heads} (teacher_num_heads), got {count}")
-    return counts
+def _validate_selection(selection: Any, depth: int, full: int, counts: Optional[Union[int, Sequence[int]]],
+                        ratio: Optional[float], kind: UnitKind) -> Selection:
+    for name, value in (("depth", depth), (kind.full_arg, full)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    cleaned = _clean_selection(selection, depth, kind)
+    if counts is None:
+        counts = [min(max(len(u), 1), full) for u in cleaned]
+    result = _resolve_selection(depth, full, counts, cleaned, kind)
+    if ratio is not None:
+        ratio = check_pruning_ratio(ratio, kind.ratio_arg, kind.singular + "s")
+        keep, kept = kept_per_block(full, ratio), sum(len(u) for u in result)
+        if kept != depth * keep:
+            raise ValueError(_kept_count_message(ratio, keep, full, depth, kept, kind))
+    return result
 
 
-def validate_pruning_config(selected_heads_per_layer: Union[PruningConfig, Sequence[Sequence[int]]], depth: int,
+def validate_pruning_config(selected_heads_per_layer: Union["PruningConfig", Sequence[Sequence[int]]], depth: int,
                             teacher_num_heads: int, num_heads: Optional[Union[int, Sequence[int]]] = None,
-                            pruning_ratio: Optional[float] = None) -> List[List[int]]:
+                            pruning_ratio: Optional[float] = None) -> Selection:
     """Check a head selection and return it as lists of ints; every problem raises ``ValueError``.
 
     Checks: one list per block, integer indices in ``[0, teacher_num_heads)``, unique, sorted, at least one
     head per block, agreement with ``num_heads`` (int or per block) and with ``pruning_ratio`` (the fraction
-    REMOVED: ``depth * kept_per_block(H, ratio)`` heads in total, the budget of both strategies).
+    REMOVED: ``depth * kept_per_block(H, ratio)`` heads in total, the budget of every strategy).
     """
     if isinstance(selected_heads_per_layer, PruningConfig):
         selected_heads_per_layer = selected_heads_per_layer.selected_heads_per_layer
-    for name, value in (("depth", depth), ("teacher_num_heads", teacher_num_heads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    if isinstance(selected_heads_per_layer, (str, bytes)) or not isinstance(selected_heads_per_layer, Sequence):
-        raise ValueError(f"selected_heads_per_layer: expected one list of head indices per block, "
-                         f"got {type(selected_heads_per_layer).__name__}")
-    if len(selected_heads_per_layer) != depth:
-        raise ValueError(f"selected_heads_per_layer: expected {depth} blocks, got {len(selected_heads_per_layer)}")
-    cleaned = []
-    for layer, heads in enumerate(selected_heads_per_layer):
-        if isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence):
-            raise ValueError(f"selected_heads_per_layer[{layer}]: expected a list of head indices, got {heads!r}")
-        if any(isinstance(h, bool) or not isinstance(h, (int, np.integer)) for h in heads):
-            raise ValueError(f"selected_heads_per_layer[{layer}]: expected integers, got {list(heads)}")
-        cleaned.append([int(h) for h in heads])
-    counts: Union[int, List[int]]
-    if num_heads is None:
-        counts = [min(max(len(h), 1), teacher_num_heads) for h in cleaned]
-    elif isinstance(num_heads, (int, np.integer)) and not isinstance(num_heads, bool):
-        counts = int(num_heads)
-    else:
-        counts = [int(n) if isinstance(n, np.integer) else n for n in num_heads]
-    result = resolve_head_selection(depth, teacher_num_heads, counts, cleaned)
-    if pruning_ratio is not None:
-        ratio = check_pruning_ratio(pruning_ratio)
-        keep = kept_per_block(teacher_num_heads, ratio)
-        kept = sum(len(h) for h in result)
-        if kept != depth * keep:
-            raise ValueError(_kept_count_message(ratio, keep, teacher_num_heads, depth, kept))
-    return result
+    return _validate_selection(selected_heads_per_layer, depth, teacher_num_heads, num_heads, pruning_ratio, HEADS)
+
+
+def validate_channel_selection(selected_channels_per_layer: Union["PruningConfig", Sequence[Sequence[int]]],
+                               depth: int, teacher_hidden: int, mlp_hidden: Optional[Union[int, Sequence[int]]] = None,
+                               mlp_pruning_ratio: Optional[float] = None) -> Selection:
+    """As :func:`validate_pruning_config` for the SwiGLU hidden channels (``mlp_hidden``: kept per block)."""
+    if isinstance(selected_channels_per_layer, PruningConfig):
+        selected_channels_per_layer = selected_channels_per_layer.selected_channels_per_layer
+    return _validate_selection(selected_channels_per_layer, depth, teacher_hidden, mlp_hidden, mlp_pruning_ratio,
+                               CHANNELS)
 
 
 # --------------------------------------------------------------------------- the configuration record
@@ -157,15 +207,16 @@ def validate_pruning_config(selected_heads_per_layer: Union[PruningConfig, Seque
 
 @dataclass
 class PruningConfig:
-    """Which teacher heads each block keeps.
+    """Which teacher heads, and optionally which SwiGLU hidden channels, each block keeps.
 
-    ``selected_heads_per_layer``: sorted teacher head indices per block (what
-    ``EVAViTStudent(selected_heads_per_layer=...)`` takes); ``num_heads``: heads kept per block;
-    ``pruning_ratio``: fraction of heads REMOVED that was asked for. Iterating over the object
-    yields the per-block lists, so it can also be passed where a list of lists is expected.
+    ``selected_heads_per_layer``: sorted teacher head indices per block; ``num_heads``: heads kept per
+    block; ``pruning_ratio``: fraction of heads REMOVED that was asked for. With channels:
+    ``selected_channels_per_layer`` (sorted teacher channel indices), ``teacher_mlp_hidden``,
+    ``mlp_hidden`` (kept per block) and ``mlp_pruning_ratio``. Iterating yields the per-block head
+    lists, so it can be passed where a list of lists is expected.
     """
 
-    selected_heads_per_layer: List[List[int]]
+    selected_heads_per_layer: Selection
     teacher_num_heads: int
     pruning_ratio: float
     strategy: str = "uniform"
@@ -173,13 +224,34 @@ class PruningConfig:
     min_heads_per_layer: int = 1
     num_heads: List[int] = field(default_factory=list)
     metadata: Dict[str, Any] = field(default_factory=dict)
+    selected_channels_per_layer: Optional[Selection] = None
+    teacher_mlp_hidden: Optional[int] = None
+    mlp_pruning_ratio: Optional[float] = None
+    mlp_hidden: List[int] = field(default_factory=list)
+    channel_method: str = ""
+    min_channels_per_layer: int = 1
 
     def __post_init__(self) -> None:
+        depth = len(self.selected_heads_per_layer)
         self.selected_heads_per_layer = validate_pruning_config(
-            self.selected_heads_per_layer, depth=len(self.selected_heads_per_layer),
-            teacher_num_heads=self.teacher_num_heads, num_heads=self.num_heads or None)
+            self.selected_heads_per_layer, depth=depth, teacher_num_heads=self.teacher_num_heads,
+            num_heads=self.num_heads or None)
         self.num_heads = [len(h) for h in self.selected_heads_per_layer]
         check_pruning_ratio(self.pruning_ratio)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
+        if self.selected_channels_per_layer is None:
+            if self.teacher_mlp_hidden is not None or self.mlp_pruning_ratio is not None or self.mlp_hidden:
+                raise ValueError("pruning configuration: teacher_mlp_hidden / mlp_pruning_ratio / mlp_hidden given "
+                                 "without selected_channels_per_layer")
+            return
+        if self.teacher_mlp_hidden is None or self.mlp_pruning_ratio is None:
+            raise ValueError("pruning configuration: selected_channels_per_layer needs teacher_mlp_hidden and "
+                             "mlp_pruning_ratio")
+        self.selected_channels_per_layer = validate_channel_selection(
+            self.selected_channels_per_layer, depth, int(self.teacher_mlp_hidden), mlp_hidden=self.mlp_hidden or None)
+        self.mlp_hidden = [len(c) for c in self.selected_channels_per_layer]
+        check_pruning_ratio(self.mlp_pruning_ratio, "mlp_pruning_ratio", "channels")
 
     def __iter__(self) -> Iterator[List[int]]:
         return iter(self.selected_heads_per_layer)
@@ -194,16 +266,30 @@ class PruningConfig:
     def depth(self) -> int:
         return len(self.selected_heads_per_layer)
 
+    @property
+    def prunes_channels(self) -> bool:
+        """Whether the configuration selects SwiGLU channels (otherwise every MLP keeps its full width)."""
+        return self.selected_channels_per_layer is not None
+
     def to_model_kwargs(self) -> Dict[str, Any]:
-        """Arguments for ``EVAViTStudent``: ``num_heads``, ``teacher_num_heads``, ``selected_heads_per_layer``."""
-        return dict(num_heads=list(self.num_heads), teacher_num_heads=self.teacher_num_heads,
-                    selected_heads_per_layer=[list(h) for h in self.selected_heads_per_layer])
+        """``EVAViTStudent`` arguments: ``num_heads``, ``teacher_num_heads``, ``selected_heads_per_layer``
+        (+ ``mlp_hidden``, ``selected_channels_per_layer`` when channels are selected)."""
+        kwargs = dict(num_heads=list(self.num_heads), teacher_num_heads=self.teacher_num_heads,
+                      selected_heads_per_layer=[list(h) for h in self.selected_heads_per_layer])
+        if self.prunes_channels:
+            kwargs.update(mlp_hidden=list(self.mlp_hidden),
+                          selected_channels_per_layer=[list(c) for c in self.selected_channels_per_layer])
+        return kwargs
 
     def to_dict(self) -> Dict[str, Any]:
-        return dict(format=CONFIG_FORMAT, version=1, selected_heads_per_layer=self.selected_heads_per_layer,
+        return dict(format=CONFIG_FORMAT, version=CONFIG_VERSION, selected_heads_per_layer=self.selected_heads_per_layer,
                     num_heads=self.num_heads, teacher_num_heads=self.teacher_num_heads,
                     pruning_ratio=self.pruning_ratio, strategy=self.strategy, method=self.method,
-                    min_heads_per_layer=self.min_heads_per_layer, metadata=self.metadata)
+                    min_heads_per_layer=self.min_heads_per_layer,
+                    selected_channels_per_layer=self.selected_channels_per_layer, mlp_hidden=self.mlp_hidden or None,
+                    teacher_mlp_hidden=self.teacher_mlp_hidden, mlp_pruning_ratio=self.mlp_pruning_ratio,
+                    channel_method=self.channel_method, min_channels_per_layer=self.min_channels_per_layer,
+                    metadata=self.metadata)
 
     def save(self, path: Union[str, "os.PathLike[str]"]) -> str:
         """Write the configuration as JSON (atomically)."""
@@ -213,21 +299,32 @@ class PruningConfig:
 
     @classmethod
     def load(cls, path: Union[str, "os.PathLike[str]"]) -> "PruningConfig":
-        """Read and validate a configuration written by :meth:`save`."""
+        """Read and validate a configuration written by :meth:`save` (version 1 files: heads only)."""
         path = os.fspath(path)
         payload = read_json(path, "pruning configuration")
         if not isinstance(payload, Mapping) or payload.get("format") != CONFIG_FORMAT:
             raise ValueError(f"{path}: not a pruning configuration (expected format {CONFIG_FORMAT!r}, written by "
                              f"PruningConfig.save or `tools/head_pruning_utils.py prune-config`)")
+        if not isinstance(payload.get("version", 1), int) or payload.get("version", 1) > CONFIG_VERSION:
+            raise ValueError(f"{path}: pruning configuration version {payload.get('version')!r}; this ORION-KD reads "
+                             f"versions 1..{CONFIG_VERSION} (update ORION-KD)")
         try:
+            hidden = payload.get("teacher_mlp_hidden")
+            mlp_ratio = payload.get("mlp_pruning_ratio")
             return cls(selected_heads_per_layer=payload["selected_heads_per_layer"],
                        teacher_num_heads=int(payload["teacher_num_heads"]),
                        pruning_ratio=float(payload["pruning_ratio"]), strategy=payload.get("strategy", "uniform"),
                        method=payload.get("method", ""), min_heads_per_layer=int(payload.get("min_heads_per_layer", 1)),
-                       num_heads=list(payload.get("num_heads") or []), metadata=dict(payload.get("metadata") or {}))
+                       num_heads=list(payload.get("num_heads") or []), metadata=dict(payload.get("metadata") or {}),
+                       selected_channels_per_layer=payload.get("selected_channels_per_layer"),
+                       teacher_mlp_hidden=None if hidden is None else int(hidden),
+                       mlp_pruning_ratio=None if mlp_ratio is None else float(mlp_ratio),
+                       mlp_hidden=list(payload.get("mlp_hidden") or []),
+                       channel_method=payload.get("channel_method", ""),
+                       min_channels_per_layer=int(payload.get("min_channels_per_layer", 1)))
         except KeyError as err:
             raise ValueError(f"{path}: pruning configuration without the key {err}") from None
-        except ValueError as err:
+        except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: {err}") from None
 
 
@@ -243,117 +340,214 @@ def normalize_block_scores(scores: torch.Tensor, how: str = "l2") -> torch.Tenso
     return scores / scores.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
-def allocate_uniform(scores: torch.Tensor, counts: Sequence[int]) -> List[List[int]]:
+def allocate_uniform(scores: torch.Tensor, counts: Sequence[int]) -> Selection:
     """Block ``l`` keeps its ``counts[l]`` best units (ties go to the lower index), sorted."""
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     return [sorted(order[layer, :count].tolist()) for layer, count in enumerate(counts)]
 
 
-def allocate_global(scores: torch.Tensor, budget: int, floor: int) -> List[List[int]]:
+def allocate_global(scores: torch.Tensor, budget: int, floor: int) -> Selection:
     """Every block keeps its ``floor`` best units; the rest of ``budget`` goes to the best scores overall."""
-    depth, units = scores.shape
-    chosen = torch.zeros(depth, units, dtype=torch.bool)
-    for layer, kept in enumerate(allocate_uniform(scores, [floor] * depth)):
-        chosen[layer, kept] = True
-    remaining = budget - int(chosen.sum())
-    for flat in torch.sort(scores.flatten(), descending=True, stable=True).indices.tolist():
-        if remaining <= 0:
-            break
-        layer, unit = divmod(flat, units)
-        if not chosen[layer, unit]:
-            chosen[layer, unit] = True
-            remaining -= 1
-    return [torch.nonzero(chosen[layer]).flatten().tolist() for layer in range(depth)]
+    selection, _ = allocate_by_cost(scores, [1.0] * scores.shape[0], float(budget), floor)
+    return selection
 
 
 def _kept_mass(scores: torch.Tensor, selection: Sequence[Sequence[int]]) -> Optional[float]:
     kept = torch.zeros_like(scores, dtype=torch.bool)
-    for layer, heads in enumerate(selection):
-        kept[layer, list(heads)] = True
+    for layer, units in enumerate(selection):
+        kept[layer, list(units)] = True
     total = float(scores.sum())
     return float(scores[kept].sum()) / total if total > 0 else None
 
 
-def create_pruning_config(importance: Union[HeadImportance, ScoresLike], pruning_ratio: float = 0.5,
-                          strategy: str = "uniform", min_heads_per_layer: int = 1,
-                          block_normalization: str = "l2") -> PruningConfig:
-    """Choose the heads to keep from importance scores (see the module docstring for the policy).
+def _allocate(scores: torch.Tensor, ratio: float, strategy: str, floor: Any, normalization: str,
+              unit_cost: Optional[Sequence[float]], kind: UnitKind, multiple: int = 1) -> Tuple[Selection, Dict[str, Any]]:
+    """One unit kind's selection and its metadata (``unit_cost``: cost of one unit per block, for ``cost``;
+    ``multiple``: every block keeps a multiple of it, within the same budget)."""
+    depth, units = scores.shape
+    floor_arg = f"min_{kind.singular}s_per_layer"
+    if isinstance(floor, bool) or not isinstance(floor, int) or not 1 <= floor <= units:
+        raise ValueError(f"{floor_arg}: expected an int in [1, {units}], got {floor!r}")
+    keep = kept_per_block(units, ratio)
+    if keep < 1:
+        raise ValueError(f"{kind.ratio_arg} {ratio} removes every {kind.singular} of a {units}-{kind.singular} block "
+                         f"(round({units} * {1 - ratio:.4g}) = 0); the largest ratio that keeps one {kind.singular} is "
+                         f"{1 - 1 / units:.4g}")
+    ranked = normalize_block_scores(scores, normalization)
+    info: Dict[str, Any] = {}
+    if strategy == "uniform":
+        if keep < floor:
+            raise ValueError(f"uniform pruning at {kind.ratio_arg} {ratio} keeps {keep} {kind.singular}s per block, "
+                             f"fewer than {floor_arg}={floor}")
+        selection = allocate_uniform(ranked, [keep] * depth)
+    elif keep * depth < depth * floor:
+        raise ValueError(f"{strategy} pruning at {kind.ratio_arg} {ratio} keeps {keep * depth} {kind.singular}s in "
+                         f"total, fewer than the floor of {floor} per block x {depth} blocks")
+    elif strategy == "global":
+        selection = allocate_global(ranked, keep * depth, floor)
+    else:
+        budget = keep * float(sum(unit_cost))
+        selection, spent = allocate_by_cost(ranked, unit_cost, budget, floor)
+        info.update(cost_budget=budget, cost_spent=spent)
+    if multiple > 1:
+        costs = list(unit_cost) if strategy == "cost" else [1.0] * depth
+        budget = info.get("cost_budget", float(keep * depth))
+        if strategy == "uniform":  # the nearest multiple for every block, not a redistribution
+            budget = float(min(units, max(multiple, int(math.floor(keep / multiple + 0.5)) * multiple)) * depth)
+        selection = round_to_multiple(ranked, selection, multiple, costs, budget)
+        if "cost_budget" in info:
+            info["cost_spent"] = sum(len(s) * c for s, c in zip(selection, costs))
+    kept = sum(len(s) for s in selection)
+    info.update(effective_ratio=1.0 - kept / (depth * units), kept_total=kept,
+                importance_mass_kept=_kept_mass(ranked, selection))
+    return selection, info
 
-    ``pruning_ratio`` is the fraction of heads REMOVED (0.5: 16 -> 8 heads); when ``H * (1 - ratio)``
-    is not a whole number a warning says so and ``metadata['effective_pruning_ratio']`` records
-    ``1 - k / H``. ``block_normalization`` ('l2' or 'none') scales each block's scores before the
-    ``global`` ranking; ``metadata['importance_mass_kept']`` is measured on the same scaled scores.
-    Ties go to the lower head index.
+
+def _unit_costs_for(strategy: str, unit_costs: Optional[UnitCosts], importance: HeadImportance,
+                    ) -> Tuple[Optional[List[float]], Optional[List[float]], Optional[UnitCosts]]:
+    """Per-block cost of one head and one channel for the ``cost`` strategy (None for the others)."""
+    if strategy != "cost":
+        return None, None, None
+    geometry = importance.metadata.get("backbone") if isinstance(importance.metadata, Mapping) else None
+    if unit_costs is None:
+        if not isinstance(geometry, Mapping):
+            raise ValueError("strategy 'cost' needs unit costs: importance computed on the model (its metadata "
+                             "records the backbone geometry) or unit_costs (UnitCosts, e.g. a measured latency file)")
+        unit_costs = analytic_unit_costs(geometry)
+    windows = (geometry or {}).get("window_per_block") or unit_costs.metadata.get("window_per_block")
+    if not windows or len(windows) != importance.num_layers:
+        raise ValueError(f"strategy 'cost': which blocks are window blocks is unknown for {importance.num_layers} "
+                         f"blocks (importance metadata 'backbone' or the unit costs' window_per_block)")
+    heads, channels = unit_costs.per_block(windows)
+    return heads, channels, unit_costs
+
+
+def create_pruning_config(importance: Union[HeadImportance, ScoresLike], pruning_ratio: float = 0.5,
+                          strategy: str = "uniform", min_heads_per_layer: int = 1, block_normalization: str = "l2",
+                          channel_importance: Optional[Union[ChannelImportance, ScoresLike]] = None,
+                          mlp_pruning_ratio: Optional[float] = None, min_channels_per_layer: int = 1,
+                          unit_costs: Optional[UnitCosts] = None, channel_multiple: int = 1) -> PruningConfig:
+    """Choose the heads (and with ``channel_importance`` the SwiGLU channels) to keep (policy: module docstring).
+
+    ``pruning_ratio`` / ``mlp_pruning_ratio``: fractions of heads / hidden channels REMOVED (0.5: 16 -> 8
+    heads; 0.4375: 2730 -> 1536 channels). A head count that is not a whole number warns and
+    ``metadata['effective_pruning_ratio']`` records ``1 - k / H`` (channel counts are rarely whole: no
+    warning, ``metadata['effective_mlp_pruning_ratio']``). ``block_normalization`` ('l2' or 'none')
+    scales each block's scores before a ``global`` or ``cost`` ranking; the ``importance_mass_kept``
+    entries are measured on the same scaled scores. ``strategy='cost'`` prices units with ``unit_costs``
+    (default: analytic MACs from the importance's recorded backbone geometry). ``channel_multiple``: every
+    block keeps a multiple of this many channels (e.g. 64: matmuls at odd widths run slower), within the
+    same budget (``pruning_cost.round_to_multiple``). Ties go to the lower index.
     """
     importance = HeadImportance.coerce(importance)
     scores, method = importance.scores, importance.method
     ratio = check_pruning_ratio(pruning_ratio)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
-    ranked = normalize_block_scores(scores, block_normalization)
     depth, heads = scores.shape
-    if isinstance(min_heads_per_layer, bool) or not isinstance(min_heads_per_layer, int) or \
-            not 1 <= min_heads_per_layer <= heads:
-        raise ValueError(f"min_heads_per_layer: expected an int in [1, {heads}], got {min_heads_per_layer!r}")
     keep = kept_per_block(heads, ratio)
-    if keep < 1:
-        raise ValueError(f"pruning_ratio {ratio} removes every head of a {heads}-head block "
-                         f"(round({heads} * {1 - ratio:.4g}) = 0); the largest ratio that keeps one head is "
-                         f"{1 - 1 / heads:.4g}")
-    if abs(heads * (1.0 - ratio) - keep) > 1e-6:
+    if keep >= 1 and abs(heads * (1.0 - ratio) - keep) > 1e-6:
         warnings.warn(f"pruning_ratio {ratio}: {heads} * (1 - {ratio}) = {heads * (1 - ratio):.4g} heads is not a "
                       f"whole number; keeping {keep} per block (effective ratio {1 - keep / heads:.4g})")
-    budget = depth * keep
-    if strategy == "uniform":
-        if keep < min_heads_per_layer:
-            raise ValueError(f"uniform pruning at ratio {ratio} keeps {keep} heads per block, fewer than "
-                             f"min_heads_per_layer={min_heads_per_layer}")
-        selection = allocate_uniform(ranked, [keep] * depth)
-    else:
-        if budget < depth * min_heads_per_layer:
-            raise ValueError(f"global pruning at ratio {ratio} keeps {budget} heads in total, fewer than the floor "
-                             f"of {min_heads_per_layer} per block x {depth} blocks")
-        selection = allocate_global(ranked, budget, min_heads_per_layer)
-    metadata = dict(effective_pruning_ratio=1.0 - budget / (depth * heads), heads_kept_total=budget,
-                    block_normalization=block_normalization, importance_mass_kept=_kept_mass(ranked, selection),
+    head_cost, channel_cost, costs = _unit_costs_for(strategy, unit_costs, importance)
+    selection, info = _allocate(scores, ratio, strategy, min_heads_per_layer, block_normalization, head_cost, HEADS)
+    metadata = dict(effective_pruning_ratio=info["effective_ratio"], heads_kept_total=info["kept_total"],
+                    block_normalization=block_normalization, importance_mass_kept=info["importance_mass_kept"],
                     importance_source=importance.source, importance_num_samples=importance.num_samples)
+    if costs is not None:
+        metadata.update(unit_costs=costs.to_dict(), head_cost_budget=info["cost_budget"],
+                        head_cost_spent=info["cost_spent"])
+    channels: Dict[str, Any] = {}
+    if channel_importance is not None or mlp_pruning_ratio is not None:
+        channels = _channel_part(channel_importance, mlp_pruning_ratio, strategy, min_channels_per_layer,
+                                 block_normalization, channel_cost, depth, metadata, channel_multiple)
     return PruningConfig(selected_heads_per_layer=selection, teacher_num_heads=heads, pruning_ratio=ratio,
                          strategy=strategy, method=method, min_heads_per_layer=min_heads_per_layer,
-                         num_heads=[len(h) for h in selection], metadata=metadata)
+                         num_heads=[len(h) for h in selection], metadata=metadata, **channels)
+
+
+def _channel_part(channel_importance: Any, mlp_pruning_ratio: Optional[float], strategy: str, floor: int,
+                  normalization: str, channel_cost: Optional[Sequence[float]], depth: int,
+                  metadata: Dict[str, Any], multiple: int = 1) -> Dict[str, Any]:
+    """The channel fields of a joint configuration (and their metadata, added to ``metadata``)."""
+    if channel_importance is None or mlp_pruning_ratio is None:
+        raise ValueError("joint pruning needs both channel_importance and mlp_pruning_ratio (the fraction of SwiGLU "
+                         "hidden channels REMOVED)")
+    importance = ChannelImportance.coerce(channel_importance)
+    ratio = check_pruning_ratio(mlp_pruning_ratio, "mlp_pruning_ratio", "channels")
+    if importance.num_layers != depth:
+        raise ValueError(f"channel importance has {importance.num_layers} blocks, head importance {depth}")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or not 1 <= multiple <= importance.num_channels:
+        raise ValueError(f"channel_multiple: expected an int in [1, {importance.num_channels}], got {multiple!r}")
+    selection, info = _allocate(importance.scores, ratio, strategy, floor, normalization, channel_cost, CHANNELS,
+                                multiple)
+    metadata.update(effective_mlp_pruning_ratio=info["effective_ratio"], channels_kept_total=info["kept_total"],
+                    channel_multiple=multiple,
+                    channel_importance_mass_kept=info["importance_mass_kept"],
+                    channel_importance_source=importance.source)
+    if "cost_budget" in info:
+        metadata.update(channel_cost_budget=info["cost_budget"], channel_cost_spent=info["cost_spent"])
+    return dict(selected_channels_per_layer=selection, teacher_mlp_hidden=importance.num_channels,
+                mlp_pruning_ratio=ratio, mlp_hidden=[len(c) for c in selection], channel_method=importance.method,
+                min_channels_per_layer=floor)
 
 
 # --------------------------------------------------------------------------- reading a selection
 
 
-def load_head_selection(source: Union[PruningConfig, str, "os.PathLike[str]", Mapping[str, Any],
-                                      Sequence[Sequence[int]]],
-                        teacher_num_heads: Optional[int] = None) -> Tuple[List[List[int]], str]:
-    """Per-block head lists and a label from a configuration file, a :class:`PruningConfig`, a dict or lists.
+class PruningSelection(NamedTuple):
+    """What a configuration says a student keeps: heads per block, channels per block (None: all), a label."""
+
+    heads: Selection
+    channels: Optional[Selection]
+    label: str
+
+
+def load_pruning_selection(source: Union[PruningConfig, str, "os.PathLike[str]", Mapping[str, Any],
+                                         Sequence[Sequence[int]]], teacher_num_heads: Optional[int] = None,
+                           teacher_mlp_hidden: Optional[int] = None) -> PruningSelection:
+    """Heads and channels per block from a configuration file, a :class:`PruningConfig`, a dict or head lists.
 
     A file must be a configuration written by ``PruningConfig.save`` (``prune-config`` on the command
-    line); a dict needs ``selected_heads_per_layer``. A configuration made for another teacher head
-    count than ``teacher_num_heads`` is refused; the indices themselves are checked by the caller,
-    who knows the backbone.
+    line); a dict needs ``selected_heads_per_layer`` (and may hold ``selected_channels_per_layer``). A
+    configuration made for another teacher head count or MLP width is refused; the indices themselves
+    are checked by the caller, who knows the backbone.
     """
-    label, recorded = "pruning_config", None
+    label, recorded, recorded_hidden, channels = "pruning_config", None, None, None
     if isinstance(source, (str, os.PathLike)):
         label, source = f"pruning_config {os.fspath(source)}", PruningConfig.load(source)
     if isinstance(source, PruningConfig):
-        recorded, source = source.teacher_num_heads, source.selected_heads_per_layer
+        recorded, recorded_hidden = source.teacher_num_heads, source.teacher_mlp_hidden
+        channels, source = source.selected_channels_per_layer, source.selected_heads_per_layer
     elif isinstance(source, Mapping):
         if "selected_heads_per_layer" not in source:
             raise ValueError(f"pruning_config: expected key 'selected_heads_per_layer', got keys {sorted(source)}")
-        recorded, source = source.get("teacher_num_heads"), source["selected_heads_per_layer"]
+        recorded, recorded_hidden = source.get("teacher_num_heads"), source.get("teacher_mlp_hidden")
+        channels, source = source.get("selected_channels_per_layer"), source["selected_heads_per_layer"]
     if not isinstance(source, (list, tuple)) or not all(isinstance(h, (list, tuple)) for h in source):
         raise ValueError(f"{label}: expected one list of head indices per block, got {type(source).__name__}")
     if recorded is not None and teacher_num_heads is not None and int(recorded) != int(teacher_num_heads):
         raise ValueError(f"{label}: made for a teacher with {recorded} heads per block, but this teacher has "
                          f"{teacher_num_heads}")
-    return [list(heads) for heads in source], label
+    if recorded_hidden is not None and teacher_mlp_hidden is not None and int(recorded_hidden) != int(teacher_mlp_hidden):
+        raise ValueError(f"{label}: made for a teacher whose MLPs have {recorded_hidden} hidden channels, but this "
+                         f"teacher's have {teacher_mlp_hidden}")
+    if channels is not None and (not isinstance(channels, (list, tuple)) or
+                                 not all(isinstance(c, (list, tuple)) for c in channels)):
+        raise ValueError(f"{label}: expected one list of channel indices per block, got {type(channels).__name__}")
+    return PruningSelection([list(h) for h in source], None if channels is None else [list(c) for c in channels], label)
+
+
+def load_head_selection(source: Any, teacher_num_heads: Optional[int] = None) -> Tuple[Selection, str]:
+    """The heads part of :func:`load_pruning_selection` (per-block head lists and a label)."""
+    selection = load_pruning_selection(source, teacher_num_heads)
+    return selection.heads, selection.label
 
 
 __all__ = [
-    "CONFIG_FORMAT", "STRATEGIES", "BLOCK_NORMALIZATIONS", "HeadImportance", "PruningConfig", "check_pruning_ratio",
-    "kept_per_block", "resolve_head_selection", "validate_pruning_config", "normalize_block_scores",
-    "allocate_uniform", "allocate_global", "create_pruning_config", "load_head_selection",
+    "CONFIG_FORMAT", "CONFIG_VERSION", "STRATEGIES", "BLOCK_NORMALIZATIONS", "UnitKind", "HEADS", "CHANNELS",
+    "HeadImportance", "ChannelImportance", "UnitCosts", "PruningConfig", "PruningSelection", "check_pruning_ratio",
+    "kept_per_block", "resolve_head_selection", "resolve_channel_selection", "validate_pruning_config",
+    "validate_channel_selection", "normalize_block_scores", "allocate_uniform", "allocate_global",
+    "create_pruning_config", "load_pruning_selection", "load_head_selection",
 ]

@@ -1,0 +1,252 @@
+"""Helpers of the demo (``demo_kd_50_pruning.py``): similarity, timing, logs, plots, training runs, the report.
+
+Split out of the demo so that each file keeps one job; the demo's stages call these. Copied into ORION
+with the demo (the pipeline itself needs the miniature world and refuses to run there).
+Plugin file: Python 3.8, no mmengine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+ROOT = Path(__file__).resolve().parents[1]
+HIGHER_IS_BETTER = {"det_f1": True, "lane_iou": True, "qa_acc": True, "plan_l2": False}
+
+
+def val_loader(dataset: Any, batch_size: int):
+    from torch.utils.data import DataLoader
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate_fn)
+
+
+def backbone_similarity(reference: Any, candidate: Any, loader: Any, num_batches: int) -> Dict[str, float]:
+    """Cosine similarity / relative L2 of ``candidate``'s backbone output to ``reference``'s (eval, no grad)."""
+    import torch
+    cos, rel = [], []
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if i >= num_batches:
+                break
+            img = batch["img"].flatten(0, 1)
+            a = reference(img)[0].flatten(1)
+            b = candidate(img)[0].flatten(1)
+            cos.append(torch.nn.functional.cosine_similarity(a, b, dim=1).mean().item())
+            rel.append(((a - b).norm(dim=1) / a.norm(dim=1)).mean().item())
+    return dict(cosine=statistics.mean(cos), rel_l2=statistics.mean(rel))
+
+
+def time_backbones(models: Dict[str, Any], image: Any, repeats: int = 20) -> Dict[str, float]:
+    """Median forward time of each backbone, alternating runs."""
+    import torch
+    times = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            model(image)
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(image)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def read_json_lines(path: Path) -> List[Dict[str, Any]]:
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            rows.append(json.loads(line))
+    return rows
+
+
+def plot_loss_curves(rows: List[Dict[str, Any]], path: Path) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if r.get("mode", "train") == "train" and "total_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r.get("iter", i) for i, r in enumerate(train)]
+    for key in ("total_loss", "task_loss", "backbone_distill_loss", "feature_distill_loss",
+                "attention_distill_loss", "output_distill_loss"):
+        if any(key in r for r in train):
+            ax.plot(steps, [r.get(key) for r in train], label=key)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title("KD training (student backbone only)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def retained(student: Dict[str, float], teacher: Dict[str, float]) -> Dict[str, float]:
+    """Per metric: student value as a fraction of the teacher's (for plan L2, teacher / student)."""
+    out = {}
+    for key, higher in HIGHER_IS_BETTER.items():
+        s, t = student[key], teacher[key]
+        out[key] = (s / t if t else float("nan")) if higher else (t / s if s else float("nan"))
+    return out
+
+
+def train_kd(config: Path, work_dir: Path, seed: int) -> List[Dict[str, Any]]:
+    """One run of the launcher's training loop; the rows of its JSON log."""
+    from adzoo.orion.train_kd import main as train_main
+
+    status = train_main([str(config), "--work-dir", str(work_dir), "--seed", str(seed)])
+    if status:
+        raise RuntimeError(f"training with {config} failed with status {status}")
+    logs = sorted(work_dir.glob("*.log.json"))
+    return read_json_lines(logs[-1]) if logs else []
+
+
+def write_kd_config(base_config: Path, path: Path, pruning_path: Path, work_dir: Path) -> Path:
+    """The tiny KD config with a pruning configuration (its counts and ratios checked by OrionStudent)."""
+    from mmcv.models.utils.checkpoint_io import atomic_write_text
+    from mmcv.models.utils.pruning_config import PruningConfig
+
+    config = PruningConfig.load(pruning_path)
+    backbone = dict(num_heads=config.num_heads)
+    kd = dict(pruning_ratio=config.pruning_ratio, head_selection=None)
+    if config.prunes_channels:
+        backbone["mlp_hidden"] = config.mlp_hidden
+        kd["mlp_pruning_ratio"] = config.mlp_pruning_ratio
+    atomic_write_text(path, "\n".join([
+        "# Written by demo_kd_50_pruning.py: the tiny KD config with the demo's pruning configuration.",
+        f"_base_ = [{str(base_config)!r}]",
+        f"model = dict(pruning_config={str(pruning_path.resolve())!r}, img_backbone=dict(**{backbone!r}), "
+        f"kd_config=dict(**{kd!r}))",
+        f"work_dir = {str(work_dir)!r}", ""]))
+    return path
+
+
+def load_exported_student(path: Path) -> Any:
+    """TinyOrion with the exported pruned backbone (the base detector, no OrionStudent), loaded strictly."""
+    from mmcv import Config
+    from mmcv.models.builder import build_model
+    from mmcv.models.utils.checkpoint_io import load_checkpoint_file
+
+    ckpt = load_checkpoint_file(path)
+    cfg = Config.fromfile(str(ROOT / "adzoo/orion/configs/orion_tiny_train.py"))
+    cfg.model.img_backbone = ckpt["meta"]["img_backbone"]
+    model = build_model(cfg.model)
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model.eval()
+
+
+def spearman(a: Any, b: Any) -> float:
+    import numpy as np
+    ra = np.argsort(np.argsort(a)).astype(float)
+    rb = np.argsort(np.argsort(b)).astype(float)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def evaluate_targets(report: Dict[str, Any]) -> Dict[str, Any]:
+    """The issue's quality targets, each with the measured value and whether it is met."""
+    kept = report["retained_after_kd"]
+    worst = min(kept.values())
+    before_cos = report["before_kd_backbone"]["cosine"]
+    after_cos = report["after_kd_backbone"]["cosine"]
+    chosen = report["fidelity_before_kd"]["by_method"][report["method"]]
+    random_mean = report["fidelity_before_kd"]["random_mean"]
+    gains = {k: report["after_kd_metrics"][k] - report["before_kd_metrics"][k] for k in HIGHER_IS_BETTER}
+    better_after = sum((gains[k] > 0) == HIGHER_IS_BETTER[k] for k in gains)
+    targets = {
+        "student keeps >= 98% of the teacher on every metric": dict(value=worst, met=worst >= 0.98),
+        "KD matters: after KD clearly better than before": dict(
+            value=dict(cosine_before=before_cos, cosine_after=after_cos, metrics_improved=better_after),
+            met=after_cos > before_cos and better_after >= 3),
+        "importance beats random heads (fidelity)": dict(value=dict(importance=chosen, random_mean=random_mean),
+                                                         met=chosen > random_mean),
+    }
+    if not report.get("joint"):
+        targets["demo within 5 minutes"] = dict(value=report["total_seconds"], met=report["total_seconds"] <= 300)
+    if "task_only_backbone" in report:
+        control_cos = report["task_only_backbone"]["cosine"]
+        targets["KD beats task-loss-only training at equal cost (backbone cosine)"] = dict(
+            value=dict(kd=after_cos, task_only=control_cos), met=after_cos > control_cos)
+    from tools.demo_joint import joint_targets
+    targets.update(joint_targets(report))
+    return targets
+
+
+def write_report(report: Dict[str, Any], work: Path) -> None:
+    from mmcv.models.utils.checkpoint_io import atomic_write_json, atomic_write_text
+
+    rows = []
+    control = report.get("task_only_metrics")
+    for key in HIGHER_IS_BETTER:
+        arrow = "higher" if HIGHER_IS_BETTER[key] else "lower"
+        rows.append(f"| {key} ({arrow} is better) | {report['chance_metrics'][key]:.4f} | "
+                    f"{report['teacher_metrics'][key]:.4f} | {report['before_kd_metrics'][key]:.4f} | "
+                    f"{f'{control[key]:.4f}' if control else 'skipped'} | "
+                    f"{report['after_kd_metrics'][key]:.4f} | {report['retained_after_kd'][key]:.1%} |")
+    params = report["backbone_params"]
+    speed = report["backbone_speed"]
+    control_cos = f"{report['task_only_backbone']['cosine']:.4f}" if control else "skipped"
+    rows.append(f"| backbone cosine to teacher | - | 1.0000 | {report['before_kd_backbone']['cosine']:.4f} | "
+                f"{control_cos} | {report['after_kd_backbone']['cosine']:.4f} | - |")
+    rows.append(f"| backbone parameters | - | {params['teacher'] / 1e6:.3f} M | {params['student'] / 1e6:.3f} M | "
+                f"{params['student'] / 1e6:.3f} M | {params['student'] / 1e6:.3f} M | "
+                f"{params['student'] / params['teacher']:.1%} |")
+    if speed:
+        rows.append(f"| backbone speedup (median, CPU) | - | 1.000x | {speed['speedup']:.3f}x | {speed['speedup']:.3f}x "
+                    f"| {speed['speedup']:.3f}x | ceiling {speed['ceiling']:.3f}x |")
+    table = "\n".join(["| metric | chance | teacher | pruned, before KD | task loss only (3 ep.) | "
+                       "student after KD (3 ep.) | kept by KD |", "|---|---|---|---|---|---|---|"] + rows)
+    fid = report["fidelity_before_kd"]
+    targets = "\n".join(f"- {'MET' if t['met'] else 'MISSED'}: {name} (measured: {_fmt(t['value'])})"
+                        for name, t in report["targets"].items())
+    pruning = report["pruning_config"]
+    mlp = (f" and {1 - sum(pruning['mlp_hidden']) / (len(pruning['mlp_hidden']) * pruning['teacher_mlp_hidden']):.1%}"
+           f" of the SwiGLU hidden channels ({pruning['channel_method']} channel importance)"
+           if pruning.get("selected_channels_per_layer") else "")
+    from tools.demo_joint import joint_report_section
+    text = f"""# ORION-KD demo report
+
+Miniature ORION (TinyOrion, synthetic Chat-B2D-shaped data), seed {report['seed']}: {report['pruning_ratio']:.0%} of
+the attention heads{mlp} removed ({report['strategy']} allocation, {report['method']} importance), student backbone
+trained by KD for 3 epochs, everything else frozen. torch {report['torch']}, {report['threads']} threads.
+"task loss only" is the control: the same pruned student trained for the same 3 epochs with alpha = 0 (no
+distillation). "kept by KD" is the KD student's value as a fraction of the teacher's (teacher / student for
+plan L2). Metrics on {report['teacher_metrics'].get('num_samples', 'the')} validation samples.
+
+{table}
+
+Backbone fidelity right after pruning (cosine of the output feature map to the full backbone, before KD):
+{', '.join(f"{m} {v:.4f}" for m, v in fid['by_method'].items())}; random {'heads and channels' if mlp else 'heads'}
+{fid['random_mean']:.4f} (mean of {len(fid['random_draws'])} draws).
+{joint_report_section(report)}
+## Targets
+{targets}
+
+## Files
+importance_*.json, pruning_config.json, impact_analysis.json, importance_heatmap.png, fidelity_vs_ratio.png,
+loss_curves.png, kd/ (training logs, checkpoints, student_pruned.pth); with --joint also channel_importance_*.npz,
+channel_importance_heatmap.png, pruning_config_heads_only.json and heads_only/.
+
+Stage times (s): {', '.join(f"{k}: {v:.1f}" for k, v in report['stage_seconds'].items())}; total
+{report['total_seconds']:.1f}s.
+"""
+    atomic_write_text(work / "report.md", text)
+    atomic_write_json(work / "report.json", json.loads(json.dumps(report, default=str)))
+    print("\n" + table)
+    print("\nTargets:\n" + targets)
+    print(f"\nReport: {work / 'report.md'} (total {report['total_seconds']:.0f}s)")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
+    return str(value)
