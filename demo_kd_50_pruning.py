@@ -340,7 +340,13 @@ def main(argv: Optional[List[str]] = None) -> int:
               "ORION checkout run `python demo_kd_50_pruning.py --check-setup --config "
               "adzoo/orion/configs/orion_stage3_kd_train.py`", file=sys.stderr)
         return 2
-    run_pipeline(args)
+    from tools.tiny_teacher_asset import TeacherAssetError
+
+    try:
+        run_pipeline(args)
+    except TeacherAssetError as err:  # a damaged shipped teacher or a stale cached one: one line with the fix
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -15,8 +15,9 @@ as is. ``--label-fractions f``: the task loss trains through a fixed fraction f 
 (``kd_config.label_fraction``); distillation sees them all. ``--modes joint`` also removes 43.75% of the
 SwiGLU channels by the same selection (``heads_at_joint_speed``: the heads-only student with the most heads
 whose measured speed reaches the joint one's, ``tools/demo_joint.py``). Finished cells are skipped on a rerun
-(their JSON under ``<out>/cells``). Writes ``study.json``, ``study.md`` (mean +- std over seeds) and plots
-(``tools/kd_study_report.py``).
+(their JSON under ``<out>/cells``); the outputs cover every cell in ``<out>`` with the same epochs and frames, so
+a study can be grown by several invocations (``commands.json`` lists them). Writes ``study.json``, ``study.md``
+(mean +- std over seeds) and plots (``tools/kd_study_report.py``).
 """
 from __future__ import annotations
 
@@ -255,10 +256,27 @@ def run_study(args: argparse.Namespace) -> Dict[str, Any]:
         record = run_cell(study, cell)
         atomic_write_json(path, record)
         records.append(record)
+    commands = record_command(out, "python tools/kd_study.py " + " ".join(args.argv))
+    names = {r["name"] for r in records}
+    for path in sorted((out / "cells").glob("*.json")):  # cells of earlier invocations into the same folder
+        record = json.loads(path.read_text())
+        if record["name"] not in names and (record.get("epochs"), record.get("frames")) == (args.epochs, args.frames):
+            records.append(record)
     return write_study_outputs(records, study.teacher_metrics, out, settings=dict(
-        command="python tools/kd_study.py " + " ".join(args.argv), epochs=args.epochs, frames=args.frames,
-        threads=args.threads,
+        command=" && ".join(commands), epochs=args.epochs, frames=args.frames, threads=args.threads,
         teacher=os.path.relpath(study.teacher_path, ROOT)))
+
+
+def record_command(out: Path, command: str) -> List[str]:
+    """The commands that filled ``out`` (a study may be grown by several invocations), this one appended."""
+    from mmcv.models.utils.checkpoint_io import atomic_write_json
+
+    path = out / "commands.json"
+    commands = json.loads(path.read_text()) if path.is_file() else []
+    if command not in commands:
+        commands.append(command)
+        atomic_write_json(path, commands)
+    return commands
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -131,7 +131,8 @@ def plot_retention_vs_ratio(groups: Mapping[str, Mapping[str, Any]], path: Path)
         ax.axhline(0.98, color="grey", linestyle=":", linewidth=1)
         ax.set_title(f"{key} kept", fontsize=9)
         ax.set_xlabel("fraction of heads removed", fontsize=8)
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -156,7 +157,8 @@ def plot_kd_vs_task(groups: Mapping[str, Mapping[str, Any]], path: Path) -> str:
         ax.set_xticklabels([f"{r:.0%}\n{f:.0%} lab." for r, f in keys], fontsize=7)
         ax.set_ylim(bottom=max(0.0, min(ax.get_ylim()[0], 0.8)))
         ax.set_title(f"{metric} kept", fontsize=9)
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     return _save(fig, path)
 
 
