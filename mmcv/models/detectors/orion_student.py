@@ -308,7 +308,8 @@ class OrionStudent(nn.Module):
             if self.kd_config["label_fraction"] < 1.0:
                 labelled = labelled_mask(data["img_metas"], self.kd_config["label_fraction"])
                 handles.append(self.img_backbone.register_forward_hook(
-                    lambda module, inputs, output: [detach_unlabelled(f, labelled) for f in output]))
+                    lambda module, inputs, output: detach_unlabelled(output, labelled) if torch.is_tensor(output)
+                    else type(output)(detach_unlabelled(f, labelled) for f in output)))
             try:
                 with self.img_backbone.tapping(hidden_blocks, attn_blocks, num_queries) as student_taps:
                     losses = super().forward_train(**data)
