@@ -85,9 +85,9 @@ def findings(groups: Mapping[str, Mapping[str, Any]]) -> List[str]:
     for ratio in ratios:
         none = find_group(groups, ratio=ratio, selection="magnitude", training="none")
         if none:
-            drops = ", ".join(f"{k} {1 - none['retained'][k]['mean']:+.1%}" for k in METRICS)
-            lines.append(f"- {ratio:.0%} of heads removed (magnitude), before any training: drop {drops} "
-                         f"(worst kept {_pm(none['worst_retained'], True)}).")
+            changes = ", ".join(f"{k} {none['retained'][k]['mean'] - 1:+.1%}" for k in METRICS)
+            lines.append(f"- {ratio:.0%} of heads removed (magnitude), before any training: change against the "
+                         f"teacher (negative = worse) {changes} (worst kept {_pm(none['worst_retained'], True)}).")
         for fraction in sorted({g["settings"]["label_fraction"] for g in groups.values()}, reverse=True):
             kd = find_group(groups, ratio=ratio, selection="magnitude", training="kd", label_fraction=fraction)
             task = find_group(groups, ratio=ratio, selection="magnitude", training="task_only",
