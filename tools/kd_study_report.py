@@ -147,16 +147,21 @@ def plot_kd_vs_task(groups: Mapping[str, Mapping[str, Any]], path: Path) -> str:
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.4 * len(METRICS), 3.2), squeeze=False)
     width = 0.38
     for ax, metric in zip(axes[0], METRICS):
+        lows, highs = [], []
         for offset, training in ((-width / 2, "kd"), (width / 2, "task_only")):
             stats = [find_group(groups, ratio=r, selection="magnitude", training=training, label_fraction=f)
                      for r, f in keys]
-            xs = [i + offset for i, s in enumerate(stats) if s]
-            ax.bar(xs, [s["retained"][metric]["mean"] for s in stats if s], width,
-                   yerr=[s["retained"][metric]["std"] for s in stats if s], capsize=3, label=TRAINING_LABELS[training])
+            means = [s["retained"][metric]["mean"] for s in stats if s]
+            stds = [s["retained"][metric]["std"] for s in stats if s]
+            ax.bar([i + offset for i, s in enumerate(stats) if s], means, width, yerr=stds, capsize=3,
+                   label=TRAINING_LABELS[training])
+            lows += [m - e for m, e in zip(means, stds)]
+            highs += [m + e for m, e in zip(means, stds)]
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels([f"{r:.0%}\n{f:.0%} lab." for r, f in keys], fontsize=7)
-        ax.set_ylim(bottom=max(0.0, min(ax.get_ylim()[0], 0.8)))
-        ax.set_title(f"{metric} kept", fontsize=9)
+        if lows:  # zoom on the bars' range: the differences are a few percent
+            ax.set_ylim(min(lows) - 0.01, max(highs) + 0.01)
+        ax.set_title(f"{metric} kept (magnitude heads)", fontsize=9)
     if axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend(fontsize=7)
     return _save(fig, path)
