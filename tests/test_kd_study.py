@@ -59,3 +59,21 @@ def test_study_runs_cells_through_the_launcher_and_skips_finished_ones(tmp_path)
     again = run_study(parse_args(argv))
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")} == stamps
     assert again["groups"].keys() == summary["groups"].keys()
+
+
+def test_demo_judges_kd_against_task_only_on_the_mean_over_seeds_of_a_study(tmp_path):
+    from tools.demo_support import study_targets
+
+    records = []
+    for seed in (0, 1, 2):
+        for training, kept in (("kd", 0.99), ("task_only", 1.0)):  # task-only ahead on every metric
+            cell = Cell(seed, 0.5, "magnitude", training)
+            records.append(dict(cell=cell.__dict__, group=cell.group, backbone_cosine=0.99,
+                                metrics=dict(det_f1=kept, lane_iou=kept, qa_acc=kept, plan_l2=1.0),
+                                retained=dict(det_f1=kept, lane_iou=kept, qa_acc=kept, plan_l2=kept)))
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(dict(groups=aggregate(records), settings=dict(epochs=1))))
+    report = dict(joint=False, method="magnitude", pruning_ratio=0.5)
+    (target,) = study_targets(report, path).values()
+    assert target["met"] is False and target["value"]["kd_ahead_on"] == "0 of 4"
+    assert study_targets(dict(report, pruning_ratio=0.75), path) == {}  # no such cells: no claim

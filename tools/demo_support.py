@@ -199,8 +199,9 @@ def study_targets(report: Dict[str, Any], study_path: Path = SHIPPED_STUDY) -> D
     if not (kd and task):
         return {}
     ahead = [k for k in METRICS if kd["retained"][k]["mean"] > task["retained"][k]["mean"]]
-    name = (f"KD beats task-loss-only on the task metrics, mean over {len(kd['seeds'])} seeds "
-            f"({os.path.relpath(study_path, ROOT)}: {study['settings']['command']})")
+    name = (f"KD beats task-loss-only on the task metrics, mean over {len(kd['seeds'])} seeds of the shipped study "
+            f"({study['settings']['epochs']}-epoch cells; {os.path.relpath(study_path, ROOT)}, commands in "
+            f"{os.path.relpath(study_path.with_name('commands.json'), ROOT)})")
     value = {k: f"KD {kd['retained'][k]['mean']:.1%} +- {kd['retained'][k]['std']:.1%} vs task-only "
                 f"{task['retained'][k]['mean']:.1%} +- {task['retained'][k]['std']:.1%}" for k in METRICS}
     return {name: dict(value=dict(value, kd_ahead_on=f"{len(ahead)} of {len(METRICS)}"),
