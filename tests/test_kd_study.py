@@ -16,7 +16,9 @@ def test_default_grid_covers_seeds_ratios_selections_and_trainings_once():
     assert {c.selection for c in cells} == {"magnitude", "gradient", "random"}
     nothing_trained = [c for c in cells if c.training == "none"]
     assert len(nothing_trained) == 3 * 2 * 3 and all(c.label_fraction == 1.0 for c in nothing_trained)
-    assert len(cells) == 18 + 18 * 2 * 2  # kd and task_only, each with all labels and 10%
+    assert len(cells) == 18 + 18 * 2  # kd and task_only with all labels
+    with_labels = build_grid(parse_args(["--label-fractions", "1.0", "0.1"]))
+    assert len(with_labels) == 18 + 18 * 2 * 2
 
 
 def test_quick_grid_and_bad_values():

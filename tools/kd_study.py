@@ -1,6 +1,6 @@
 """The ablation study of the miniature world: does distillation recover what pruning removes?
 
-    python tools/kd_study.py --quick                      # 1 seed-triple, 50% only, ~5 min on 2 cores
+    python tools/kd_study.py --quick                      # 3 seeds, 50% only, 18 cells (4-10 min on 2 cores)
     python tools/kd_study.py                              # the default grid (README_KD.md "Miniature world results")
     python tools/kd_study.py --seeds 0 1 2 --ratios 0.5 0.75 --selections magnitude gradient random \\
         --trainings none kd task_only --label-fractions 1.0 0.1 --alphas 1.0 --modes heads joint
@@ -283,15 +283,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="work_dirs/kd_study", help="study folder (rerun: finished cells skipped)")
     parser.add_argument("--quick", action="store_true",
-                        help="3 seeds, 50%%, magnitude vs random, 1 epoch of 256 frames (~5 min on 2 idle cores)")
+                        help="3 seeds, 50%%, magnitude vs random, 1 epoch of 256 frames (18 cells, 4-10 min on 2 cores)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75], help="fractions of heads REMOVED")
     parser.add_argument("--selections", nargs="+", choices=SELECTIONS, default=list(SELECTIONS))
     parser.add_argument("--trainings", nargs="+", choices=TRAININGS, default=list(TRAININGS))
     parser.add_argument("--alphas", type=float, nargs="*", default=[],
                         help="extra kd cells with this constant alpha (1.0: pure distillation, no task loss)")
-    parser.add_argument("--label-fractions", type=float, nargs="+", default=[1.0, 0.1],
-                        help="fractions of frames whose labels the task loss may use (trained cells)")
+    parser.add_argument("--label-fractions", type=float, nargs="+", default=[1.0],
+                        help="fractions of frames whose labels the task loss may use (trained cells); "
+                             "e.g. 1.0 0.1 adds the label-efficiency cells")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["heads"],
                         help="heads; joint (heads + 43.75%% of SwiGLU channels); heads_at_joint_speed")
     parser.add_argument("--epochs", type=int, default=1, help="training epochs per cell")
