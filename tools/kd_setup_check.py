@@ -148,6 +148,11 @@ def check_teacher(cfg: Any, fix_hint: str) -> Check:
         detail += f"; missing {len(missing)} e.g. {missing[:2]}" if missing else ""
         detail += f"; mis-shaped {len(wrong)} e.g. {wrong[:2]}" if wrong else ""
         return Check("teacher", FAIL, detail, "use the checkpoint the config's img_backbone was trained with")
+    from mmcv.models.utils.checkpoint_io import non_finite_tensors
+    bad = non_finite_tensors(teacher_state)
+    if bad:
+        return Check("teacher", FAIL, f"{path}: {len(bad)} of {len(teacher_state)} img_backbone tensors hold NaN or "
+                     f"infinite values (e.g. {bad[:2]})", "use the trained, finite ORION checkpoint")
     size_gb = os.path.getsize(path) / 2 ** 30
     return Check("teacher", PASS, f"{path} ({size_gb:.2f} GB): {len(expected)} img_backbone tensors fit the config")
 

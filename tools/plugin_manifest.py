@@ -33,6 +33,7 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "mmcv/models/backbones/eva_vit_student.py",
     "mmcv/models/detectors/orion_student.py",
     "mmcv/models/losses/kd_losses.py",
+    "mmcv/runner/hooks/nonfinite_guard.py",
     "mmcv/runner/hooks/kd_hooks.py",
     "adzoo/orion/configs/orion_stage3_kd_train.py",
     "adzoo/orion/configs/orion_stage3_kd_infer.py",

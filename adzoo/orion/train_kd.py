@@ -201,12 +201,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _user_error_types() -> tuple:
     types: List[type] = [UserError, FileNotFoundError, ValueError, KeyError, ImportError, pickle.UnpicklingError]
-    try:
-        from adzoo.orion.apis.train_kd import ConfigError
-        types.append(ConfigError)
-    except ImportError:
-        pass
+    from adzoo.orion.apis.train_kd import ConfigError
+    from mmcv.runner.hooks.kd_hooks import KDRunError
+    types.extend([ConfigError, KDRunError])
     return tuple(types)
+
+
+def _failure_types() -> tuple:
+    from mmcv.runner.hooks.nonfinite_guard import NonFiniteTrainingError
+    return (NonFiniteTrainingError,)
+
+
+def _rank_prefix() -> str:
+    rank, world_size = get_dist_info()
+    return "[rank {}] ".format(rank) if world_size > 1 else ""
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
@@ -216,11 +224,15 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except _failure_types() as exc:  # training went wrong (e.g. diverged): one line, exit 1
+        if os.environ.get("ORION_KD_DEBUG"):
+            raise
+        print("{}error: {}".format(_rank_prefix(), " ".join(str(exc).split())), file=sys.stderr)
+        return 1
     except _user_error_types() as exc:
         if os.environ.get("ORION_KD_DEBUG"):
             raise
-        rank, world_size = get_dist_info()
-        prefix = "[rank {}] ".format(rank) if world_size > 1 else ""
+        prefix = _rank_prefix()
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
         if isinstance(exc, pickle.UnpicklingError) and "WeightsUnpickler error" in message:  # torch's own text
             reason = [ln.strip() for ln in message.splitlines() if "WeightsUnpickler error" in ln]

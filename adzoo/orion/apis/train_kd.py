@@ -32,7 +32,8 @@ from torch import nn
 
 from mmcv.datasets import build_dataloader
 from mmcv.models.utils.batch_io import move_batch_to_device
-from mmcv.models.utils.checkpoint_io import atomic_write_text, remove_stale_temp_files
+from mmcv.models.utils.checkpoint_io import atomic_write_text, non_finite_tensors, remove_stale_temp_files
+from mmcv.runner.hooks.nonfinite_guard import NonFiniteTrainingError
 from mmcv.utils import get_dist_info
 
 from .checkpoints import (find_resume_checkpoint, load_from, memory_states, resume, rng_state, save_checkpoint,
@@ -220,6 +221,13 @@ def _save(runner: LoopRunner, raw_model: nn.Module, scheduler: Any, scaler: Any,
           ckpts: CheckpointSettings, done: int) -> None:
     """Gather every rank's RNG state and temporal memory; rank 0 writes ``epoch_N.pth`` or ``iter_N.pth``
     and ``latest.pth``."""
+    state_dict = raw_model.state_dict()
+    bad = non_finite_tensors(state_dict)
+    if bad:  # every rank holds the same weights (DDP), so every rank stops here
+        raise NonFiniteTrainingError(
+            "non-finite weights at iteration {}: {} of {} tensors (e.g. {}); not saved, the last checkpoint "
+            "(latest.pth) is finite; add NonFiniteGuardHook to custom_hooks, lower optimizer.lr or set "
+            "optimizer_config.grad_clip".format(done, len(bad), len(state_dict), bad[:3]))
     per_rank: List[Any] = [(rng_state(), memory_states(raw_model))]
     if runner.world_size > 1:
         per_rank = [None] * runner.world_size
@@ -231,7 +239,7 @@ def _save(runner: LoopRunner, raw_model: nn.Module, scheduler: Any, scaler: Any,
     meta: Dict[str, Any] = dict(to_plain(runner.meta))
     meta.update(epoch=epoch, iter=done, iters_per_epoch=schedule.iters_per_epoch, world_size=runner.world_size,
                 config=config_text(cfg), time=time.asctime(), torch_version=str(torch.__version__))
-    checkpoint = dict(meta=meta, state_dict=raw_model.state_dict(), optimizer=runner.optimizer.state_dict(),
+    checkpoint = dict(meta=meta, state_dict=state_dict, optimizer=runner.optimizer.state_dict(),
                       lr_scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
                       rng=[state[0] for state in per_rank], memory=[state[1] for state in per_rank], epoch=epoch,
                       iter=done)

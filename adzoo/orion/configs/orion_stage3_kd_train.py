@@ -125,5 +125,7 @@ model = dict(
 custom_hooks = [
     dict(type='KDCheckHook', priority='VERY_HIGH'),
     dict(type='KDAlphaScheduleHook', iters_per_epoch={{_base_.num_iters_per_epoch}}),
+    # skip a step with a non-finite loss or gradient norm; stop after 3 in a row (before any save)
+    dict(type='NonFiniteGuardHook', priority='ABOVE_NORMAL', max_consecutive_skips=3),
     dict(type='KDExportStudentHook', filename='student_pruned.pth'),
 ]

@@ -62,6 +62,8 @@ num_iters_per_epoch = 512 // 8  # train.num_samples // samples_per_gpu (orion_ti
 custom_hooks = [
     dict(type='KDCheckHook', priority='VERY_HIGH'),
     dict(type='KDAlphaScheduleHook', iters_per_epoch=num_iters_per_epoch),
+    # skip a step with a non-finite loss or gradient norm; stop after 3 in a row (before any save)
+    dict(type='NonFiniteGuardHook', priority='ABOVE_NORMAL', max_consecutive_skips=3),
     dict(type='KDExportStudentHook', filename='student_pruned.pth'),
 ]
 

@@ -33,7 +33,8 @@ import torch.nn as nn
 
 from mmcv.models.backbones.eva_vit_student import EVAViTStudent
 from mmcv.models.builder import DETECTORS, build_backbone, build_loss
-from mmcv.models.utils.checkpoint_io import atomic_torch_save, atomic_write, load_checkpoint_file, state_dict_of
+from mmcv.models.utils.checkpoint_io import (atomic_torch_save, atomic_write, load_checkpoint_file, require_finite,
+                                            state_dict_of)
 from mmcv.models.utils.eva_surgery import (BACKBONE_PREFIX, CHANNEL_INDEX_SUFFIX, HEAD_INDEX_SUFFIX, apply_slice_plan,
                                            backbone_subdict, pruning_slice_plan, split_block_key)
 from mmcv.models.utils.kd_config import resolve_distillation_alpha, resolve_kd_config
@@ -140,6 +141,8 @@ class OrionStudent(nn.Module):
         if not backbone_state:
             raise ValueError(f"{teacher_path}: no 'img_backbone.*' keys; expected a full ORION "
                              f"checkpoint with the unpruned backbone")
+        require_finite(backbone_state, f"teacher {teacher_path} (img_backbone)",
+                       "a teacher must be finite: use the trained ORION checkpoint, not a diverged one")
 
         student_cfg, selection_source = resolve_student_selection(dict(img_backbone), pruning_config, kd,
                                                                   backbone_state, teacher_path)
@@ -217,6 +220,8 @@ class OrionStudent(nn.Module):
                     ([f"mis-shaped: {'; '.join(misshaped[:4])}"] if misshaped else [])
             raise ValueError(f"{label}: checkpoint does not fit {self.base_detector_name}'s frozen parts: "
                              + "; ".join(parts))
+        require_finite({k: full_state[k] for k in own}, f"teacher {label} (frozen parts)",
+                       "a teacher must be finite: use the trained ORION checkpoint, not a diverged one")
         unexpected = sorted(k for k in full_state if not k.startswith(_TRAINABLE_PREFIX) and k not in own)
         with torch.no_grad():
             targets = dict(self.named_parameters())
@@ -412,6 +417,7 @@ class OrionStudent(nn.Module):
             pruning=self._pruning_meta(),
             kd_config={k: v for k, v in self.kd_config.items()}, created=time.strftime("%Y-%m-%d %H:%M:%S"))
         state = OrderedDict((k, v.detach().cpu().clone()) for k, v in self.state_dict().items())
+        require_finite(state, f"export to {path}", "not exported: the student's weights diverged")
         atomic_torch_save(dict(meta=meta, state_dict=state), path)
         written = dict(checkpoint=path)
         if backbone_safetensors:

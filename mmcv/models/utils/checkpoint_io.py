@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 from typing import Any, Callable, Dict, List, Mapping, Union
 
 import torch
@@ -51,8 +52,37 @@ def load_checkpoint_file(path: PathLike) -> Any:
         raise pickle.UnpicklingError("{}: refused to unpickle (weights_only=True allows tensors and plain types "
                                      "only; user files are never unpickled): {}".format(path, detail)) from None
     except Exception as err:  # torch raises many types for non-torch or truncated files
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError("{}: not a readable torch checkpoint ({})".format(path, first)) from None
+        raise CheckpointError("{}: {}".format(path, _unreadable_reason(path, err))) from None
+
+
+def _unreadable_reason(path: str, err: Exception) -> str:
+    """Why torch could not read ``path``, in words a user can act on."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty (0 bytes; an interrupted save or copy?): save or copy it again"
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return "truncated or corrupted ({} bytes; the zip archive of a torch checkpoint is incomplete): save or " \
+               "copy it again".format(size)
+    if not head.startswith(b"PK") and not head.startswith(b"\x80"):
+        return "not a torch checkpoint (starts with {!r}, expected a zip archive from torch.save)".format(head)
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return "not a readable torch checkpoint ({}: {})".format(type(err).__name__, first[:200])
+
+
+def non_finite_tensors(named: Mapping[str, Any]) -> List[str]:
+    """Names of the floating-point tensors in ``named`` that hold a NaN or an infinity."""
+    return [name for name, t in named.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def require_finite(named: Mapping[str, Any], label: str, fix: str) -> None:
+    """Raise :class:`CheckpointError` naming ``label`` and the first tensors when any tensor is non-finite."""
+    bad = non_finite_tensors(named)
+    if bad:
+        raise CheckpointError("{}: {} of {} tensors hold NaN or infinite values (e.g. {}); {}".format(
+            label, len(bad), len(named), bad[:3], fix))
 
 
 def strip_module_prefix(state: Mapping[str, Any]) -> Dict[str, Any]:
@@ -160,6 +190,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 __all__ = [
-    "CheckpointError", "load_checkpoint_file", "strip_module_prefix", "state_dict_of", "temp_path_for",
+    "CheckpointError", "load_checkpoint_file", "non_finite_tensors", "require_finite", "strip_module_prefix", "state_dict_of", "temp_path_for",
     "atomic_write", "atomic_torch_save", "atomic_write_text", "atomic_write_json", "json_default", "remove_stale_temp_files",
 ]

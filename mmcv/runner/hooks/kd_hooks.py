@@ -11,6 +11,8 @@ The KD configs list:
 * ``KDAlphaScheduleHook``: before every iteration, sets the distillation alpha from
   ``runner.iter`` (a pure function of the iteration, so a resumed run continues the schedule
   where it stopped) and logs it.
+* ``NonFiniteGuardHook`` (``mmcv/runner/hooks/nonfinite_guard.py``, registered with these): skips a
+  step whose loss or gradient norm is non-finite and stops the run after a few in a row.
 * ``KDExportStudentHook``: after the run, rank 0 writes the exported student (ORION checkpoint,
   backbone safetensors, and an inference config for ORION's test.py) into ``work_dir``, atomically.
 
@@ -30,6 +32,7 @@ from mmcv.models.detectors.orion_student import OrionStudent
 from mmcv.models.utils.kd_config import resolve_distillation_alpha
 from mmcv.models.utils.checkpoint_io import atomic_write_text
 from mmcv.runner.hooks import HOOKS, Hook
+from mmcv.runner.hooks.nonfinite_guard import NonFiniteGuardHook  # noqa: F401  (registers it with the KD hooks)
 
 _TRAINABLE_PREFIX = "img_backbone."
 _ALWAYS_TRAINING_CHILDREN = ("img_backbone", "grid_mask")
