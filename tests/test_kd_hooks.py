@@ -216,7 +216,7 @@ def test_stage3_kd_config_changes_only_the_model_and_extension_points(tmp_path: 
     assert list(bb.window_block_indexes) == [i for i in range(24) if i % 3 != 2]
     assert m.kd_config == cfg.kd_config and cfg.kd_config.frozen_parts_mode == "train"
     hooks = {h["type"]: h for h in cfg.custom_hooks}
-    assert list(hooks) == ["KDCheckHook", "KDAlphaScheduleHook", "KDExportStudentHook"]
+    assert list(hooks) == ["KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook", "KDExportStudentHook"]
     assert hooks["KDAlphaScheduleHook"]["iters_per_epoch"] == base.num_iters_per_epoch == 1834
     alphas = [resolve_distillation_alpha(cfg.kd_config, i, 1834) for i in (0, 1833, 1834, cfg.runner.max_iters - 1)]
     assert alphas == [0.8, 0.8, 0.6, 0.6]
@@ -227,7 +227,7 @@ def test_stage3_kd_config_changes_only_the_model_and_extension_points(tmp_path: 
 def test_tiny_kd_config_lists_the_same_hooks() -> None:
     cfg = Config.fromfile(str(ROOT / "adzoo/orion/configs/orion_tiny_kd_train.py"), import_custom_modules=False)
     assert tuple(cfg.custom_imports.imports) == CUSTOM_IMPORTS
-    assert [h["type"] for h in cfg.custom_hooks] == ["KDCheckHook", "KDAlphaScheduleHook", "KDExportStudentHook"]
+    assert [h["type"] for h in cfg.custom_hooks] == ["KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook", "KDExportStudentHook"]
     for hook_cfg in cfg.custom_hooks:
         hook_cfg = dict(hook_cfg)
         hook_cfg.pop("priority", None)
