@@ -116,7 +116,7 @@ def _teacher_backbone_cfg(cfg: Any) -> Dict[str, Any]:
 
 def teacher_path_of(cfg: Any) -> Optional[str]:
     model = cfg.get("model") or {}
-    kd = cfg.get("kd_config") or model.get("kd_config") or {}
+    kd = model.get("kd_config") or {}
     return model.get("teacher_backbone_path") or kd.get("teacher_backbone_path") or cfg.get("load_from")
 
 
@@ -218,6 +218,12 @@ def run_setup_checks(config_path: str, root: str = ".") -> List[Check]:
     except Exception as exc:
         return checks + [Check("config", FAIL, f"{config_path}: {type(exc).__name__}: {exc}",
                                "fix the config (ORION's base config must be present for the stage-3 config)")]
+    try:
+        from mmcv.models.utils.kd_config import check_kd_config_copies
+        check_kd_config_copies(cfg)
+    except (ImportError, ValueError) as exc:
+        return checks + [Check("config", FAIL, f"{config_path}: {exc}", "give every KD setting once, in "
+                               "model.kd_config")]
     checks.append(Check("config", PASS, config_path))
     checks.append(check_plugin(cfg))
     tiny = (cfg.model.get("base_detector") == "TinyOrion"

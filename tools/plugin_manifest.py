@@ -21,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: adzoo/orion/train_kd.py) and its launcher (adzoo/orion/orion_dist_train.sh) are not copied.
 PLUGIN_FILES: Tuple[str, ...] = (
     "mmcv/models/utils/checkpoint_io.py",
+    "mmcv/models/utils/user_errors.py",
     "mmcv/models/utils/batch_io.py",
     "mmcv/models/utils/eva_surgery.py",
     "mmcv/models/utils/eva_cost.py",

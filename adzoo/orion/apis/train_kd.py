@@ -39,13 +39,13 @@ from mmcv.utils import get_dist_info
 from .checkpoints import (find_resume_checkpoint, load_from, memory_states, resume, rng_state, save_checkpoint,
                           set_rng_state)
 from .hooks import LoopRunner, build_custom_hooks, call_hooks
-from .optim import build_kd_optimizer, build_lr_scheduler
+from .optim import build_kd_optimizer, build_lr_scheduler, lr_factor_at
 from .settings import (CheckpointSettings, ConfigError, LogSettings, Schedule, cfg_get, config_text, read_checkpoint_settings,
                        read_log_settings, read_precision, read_schedule, to_plain)
 from .step import forward_train, optimizer_step
 from .train_log import TrainLog, format_log_line, peak_memory_mb, reduce_over_ranks
 
-__all__ = ["ConfigError", "train_kd", "run_iterations"]
+__all__ = ["ConfigError", "check_settings", "train_kd", "run_iterations"]
 
 
 def _device_for(distributed: bool) -> torch.device:
@@ -66,6 +66,18 @@ def _data_settings(cfg: Any) -> Tuple[int, int, Mapping]:
         raise ConfigError("data.shuffler_sampler is not set: the loop takes its training order from it, e.g. "
                           "dict(type='InfiniteGroupEachSampleInBatchSampler', seq_split_num=1)")
     return samples_per_gpu, workers, sampler_cfg
+
+
+def check_settings(cfg: Any) -> None:
+    """Check every setting that needs neither the model nor the data, before anything is built or started:
+    data loader and sampler, run length, log and checkpoint intervals, lr schedule and ``custom_hooks``."""
+    _data_settings(cfg)
+    schedule = read_schedule(cfg, iters_per_epoch=1)
+    read_log_settings(cfg, schedule.by_epoch)
+    read_checkpoint_settings(cfg, schedule.by_epoch)
+    lr_config = cfg_get(cfg, "lr_config")
+    lr_factor_at(0, schedule.max_iters, lr_config, 1, bool(cfg_get(lr_config, "by_epoch", schedule.by_epoch)))
+    build_custom_hooks(cfg_get(cfg, "custom_hooks"))
 
 
 def _prepare_work_dir(cfg: Any, work_dir: str, ckpt_dir: str, logger: Any) -> None:

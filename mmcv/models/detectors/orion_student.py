@@ -37,7 +37,7 @@ from mmcv.models.utils.checkpoint_io import (atomic_torch_save, atomic_write, lo
                                             state_dict_of)
 from mmcv.models.utils.eva_surgery import (BACKBONE_PREFIX, CHANNEL_INDEX_SUFFIX, HEAD_INDEX_SUFFIX, apply_slice_plan,
                                            backbone_subdict, pruning_slice_plan, split_block_key)
-from mmcv.models.utils.kd_config import resolve_distillation_alpha, resolve_kd_config
+from mmcv.models.utils.kd_config import distillation_loss_config, resolve_distillation_alpha, resolve_kd_config
 from mmcv.models.utils.student_selection import resolve_student_selection
 
 _TRAINABLE_PREFIX = BACKBONE_PREFIX
@@ -97,7 +97,8 @@ class OrionStudent(nn.Module):
             fills the teacher backbone, the sliced student backbone and every frozen part.
         freeze_non_backbone: only ``img_backbone.*`` requires gradients (the guide's setting).
         kd_config: the guide's KD keys (see ``KD_CONFIG_KEYS``; unknown keys are errors).
-        distillation_loss: a ``CombinedKDLoss`` config (weights/temperature default to ``kd_config``).
+        distillation_loss: a ``CombinedKDLoss`` config; its weights/temperature are ``kd_config``'s (a value
+            given in both places must agree).
         pruning_config: which heads (and SwiGLU channels) each block keeps: a configuration file written
             by ``tools/head_pruning_utils.py prune-config`` (``PruningConfig.save``), a ``PruningConfig``, a dict
             with ``selected_heads_per_layer`` (+ ``selected_channels_per_layer``) or the head lists. A pruned
@@ -155,13 +156,7 @@ class OrionStudent(nn.Module):
         # Iteration 0 lies in the warm-up iff it has any length, whatever the epoch size.
         self.distillation_alpha = resolve_distillation_alpha(kd, 0, iters_per_epoch=1)
         self.head_selection_source = selection_source
-        loss_cfg = dict(type="CombinedKDLoss", temperature=kd["distillation_temperature"],
-                        feature_distill_weight=kd["feature_distill_weight"],
-                        attention_distill_weight=kd["attention_distill_weight"],
-                        output_distill_weight=kd["output_distill_weight"],
-                        vl_distill_weight=kd["vl_distill_weight"])
-        loss_cfg.update(distillation_loss or {})
-        self.distill_loss = build_loss(loss_cfg)
+        self.distill_loss = build_loss(distillation_loss_config(kd, kd_config, distillation_loss))
         if getattr(self.distill_loss, "vl_distill_weight", 0.0) > 0 and not callable(getattr(self, "vl_tokens", None)):
             raise ValueError(f"OrionStudent: vl_distill_weight > 0 but {self.base_detector_name} has no side-effect-"
                              f"free vl_tokens(img_feats, **data) (ORION's heads keep temporal memory); set "
