@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from typing import Any, Callable, Dict, List, Mapping, Union
 
@@ -38,6 +39,12 @@ def load_checkpoint_file(path: PathLike) -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError("checkpoint not found: {}".format(path))
+    with warnings.catch_warnings():  # torch warns about a non-default pickle protocol before refusing it
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return _load_weights_only(path)
+
+
+def _load_weights_only(path: str) -> Any:
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

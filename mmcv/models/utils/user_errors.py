@@ -42,6 +42,11 @@ def check_writable_dir(path: str, what: str, fix: str = "pass a writable folder"
     """
     folder = os.path.abspath(path)
     probe = os.path.join(folder, ".orion_kd_write_probe.{}".format(os.getpid()))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError("{} {}: {} is a file, not a folder: {}".format(what, folder, existing, fix))
     try:
         os.makedirs(folder, exist_ok=True)
         with open(probe, "wb") as handle:
