@@ -82,8 +82,9 @@ def check_settings(cfg: Any) -> None:
 
 def _prepare_work_dir(cfg: Any, work_dir: str, ckpt_dir: str, logger: Any) -> None:
     """Remove temporary files a killed run left behind and write the config next to the logs (rank 0)."""
-    for path in remove_stale_temp_files(ckpt_dir):
-        logger.info("removed %s, left by an interrupted run", path)
+    for folder in sorted({work_dir, ckpt_dir}):
+        for path in remove_stale_temp_files(folder):
+            logger.info("removed %s, left by an interrupted run", path)
     atomic_write_text(os.path.join(work_dir, os.path.basename(cfg_get(cfg, "filename") or "config.py")),
                       config_text(cfg))
 

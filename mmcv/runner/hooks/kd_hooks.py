@@ -4,7 +4,8 @@ In an ORION checkout ORION's own ``custom_train_model`` builds every entry of ``
 from the hook registry and its ``IterBasedRunner`` calls them; the standalone loop does the same.
 The KD configs list:
 
-* ``KDCheckHook``: before the run, fails with one clear message unless the model is an
+* ``KDCheckHook``: before the run, removes the temporary files a killed save left in ``work_dir``
+  (rank 0), and fails with one clear message unless the model is an
   ``OrionStudent`` whose trainable parameters are exactly ``img_backbone.*`` and whose teacher is
   outside the state dict, the parameters (so DDP) and the optimizer; at the first iteration, that
   the frozen parts are in the mode ``kd_config.frozen_parts_mode`` asks for.
@@ -30,7 +31,7 @@ from torch import nn
 
 from mmcv.models.detectors.orion_student import OrionStudent
 from mmcv.models.utils.kd_config import resolve_distillation_alpha
-from mmcv.models.utils.checkpoint_io import atomic_write_text
+from mmcv.models.utils.checkpoint_io import atomic_write_text, remove_stale_temp_files
 from mmcv.runner.hooks import HOOKS, Hook
 from mmcv.runner.hooks.nonfinite_guard import NonFiniteGuardHook  # noqa: F401  (registers it with the KD hooks)
 
@@ -112,6 +113,9 @@ class KDCheckHook(Hook):
 
     def before_run(self, runner: Any) -> None:
         student = student_of(runner, "KDCheckHook")
+        if getattr(runner, "rank", 0) == 0 and getattr(runner, "work_dir", None):
+            for path in remove_stale_temp_files(runner.work_dir):  # a killed save leaves GBs behind
+                _log(runner, "KDCheckHook: removed {}, left by an interrupted run".format(path))
         self._check_trainable(student)
         teacher = _tensor_ids(student.teacher_backbone.parameters())
         teacher.update(_tensor_ids(student.teacher_backbone.buffers()))
