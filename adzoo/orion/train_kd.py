@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from mmcv.models.utils.checkpoint_io import load_checkpoint_file, remove_stale_temp_files, state_dict_of  # noqa: E402
 from mmcv.models.utils.user_errors import (UserError, check_writable_dir, describe_os_error,  # noqa: E402
                                            load_config)
 from mmcv.utils import Config, DictAction, get_dist_info, import_modules_from_strings, set_random_seed  # noqa: E402
@@ -180,7 +181,12 @@ def prepare_config(args: argparse.Namespace) -> Any:
     cfg.auto_resume = bool(args.auto_resume or cfg.get("auto_resume", False))
     from adzoo.orion.apis.train_kd import check_settings
     check_settings(cfg)
-    check_writable_dir(cfg.work_dir, "work dir", "pass --work-dir to a writable folder with free space")
+    work_dir = check_writable_dir(cfg.work_dir, "work dir", "pass --work-dir to a writable folder with free space")
+    for path in remove_stale_temp_files(work_dir):  # before anything is loaded: a killed save may fill the disk
+        print("removed {}, left by an interrupted run".format(path), flush=True)
+    for key in ("resume_from", "load_from"):  # readable weights (memory-mapped, not read) before the model is built
+        if cfg.get(key, None):
+            state_dict_of(load_checkpoint_file(cfg[key]), cfg[key])
     return cfg
 
 

@@ -124,6 +124,7 @@ class OrionStudent(nn.Module):
                  teacher_backbone: Optional[Mapping[str, Any]] = None, load_base_weights: bool = True,
                  img_backbone: Optional[Mapping[str, Any]] = None, **base_kwargs: Any) -> None:
         kd = resolve_kd_config(kd_config, teacher_backbone_path, freeze_non_backbone)
+        distill_loss = build_loss(distillation_loss_config(kd, kd_config, distillation_loss))  # before the teacher
         if img_backbone is None or img_backbone.get("type") != "EVAViTStudent":
             raise ValueError(f"OrionStudent: img_backbone must be dict(type='EVAViTStudent', ...), got "
                              f"{None if img_backbone is None else img_backbone.get('type')!r}")
@@ -156,7 +157,7 @@ class OrionStudent(nn.Module):
         # Iteration 0 lies in the warm-up iff it has any length, whatever the epoch size.
         self.distillation_alpha = resolve_distillation_alpha(kd, 0, iters_per_epoch=1)
         self.head_selection_source = selection_source
-        self.distill_loss = build_loss(distillation_loss_config(kd, kd_config, distillation_loss))
+        self.distill_loss = distill_loss
         if getattr(self.distill_loss, "vl_distill_weight", 0.0) > 0 and not callable(getattr(self, "vl_tokens", None)):
             raise ValueError(f"OrionStudent: vl_distill_weight > 0 but {self.base_detector_name} has no side-effect-"
                              f"free vl_tokens(img_feats, **data) (ORION's heads keep temporal memory); set "

@@ -125,7 +125,14 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], binary: bool = Tr
     tmp = temp_path_for(path)
     try:
         with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
-            write(handle)
+            recorder = _WriteErrorRecorder(handle)
+            try:
+                write(recorder if binary else handle)
+            except Exception as err:  # torch.save reports a failed write (disk full) as RuntimeError
+                failed = recorder.error if recorder.error is not None else err
+                if isinstance(failed, OSError):
+                    raise OSError(failed.errno, failed.strerror or str(failed), path) from None
+                raise
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -133,6 +140,25 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], binary: bool = Tr
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+class _WriteErrorRecorder:
+    """A binary file handle that remembers the first ``OSError`` of a write (ENOSPC, EFBIG, EIO)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.error: Any = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            if self.error is None:
+                self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> str:
