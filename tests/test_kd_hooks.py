@@ -128,6 +128,19 @@ def test_check_hook_accepts_backbone_only_kd_and_checks_modes_at_the_first_itera
         KDCheckHook().before_train_iter(make_runner(eval_student))
 
 
+def test_check_hook_removes_temp_files_of_a_killed_save_from_the_work_dir(teacher_ckpt, tmp_path) -> None:  # noqa: F811
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / ".student_pruned.pth.tmp.{}".format(dead.pid)
+    live = tmp_path / ".latest.pth.tmp.{}".format(os.getpid())  # a writer that still runs keeps its file
+    stale.write_bytes(b"\0" * 64)
+    live.write_bytes(b"\0" * 64)
+    KDCheckHook().before_run(make_runner(make_student(teacher_ckpt), work_dir=str(tmp_path)))
+    assert not stale.exists() and live.exists()
+
+
 def test_check_hook_names_what_breaks_backbone_only_kd(teacher_ckpt) -> None:  # noqa: F811
     student = make_student(teacher_ckpt)
     leaked = next(n for n, p in student.named_parameters() if n.startswith("pts_bbox_head."))
@@ -232,3 +245,28 @@ def test_tiny_kd_config_lists_the_same_hooks() -> None:
         hook_cfg = dict(hook_cfg)
         hook_cfg.pop("priority", None)
         HOOKS.build(hook_cfg)
+
+
+# --------------------------------------------------------------------------- one place for each KD setting
+def test_distillation_loss_takes_kd_config_values_and_a_disagreeing_copy_is_refused(teacher_ckpt) -> None:  # noqa: F811
+    student = make_student(teacher_ckpt, kd_config=dict(distillation_temperature=2.0, feature_distill_weight=0.1))
+    assert (student.distill_loss.temperature, student.distill_loss.feature_distill_weight) == (2.0, 0.1)
+    only_loss = make_student(teacher_ckpt, distillation_loss=dict(type="CombinedKDLoss", temperature=4.0))
+    assert only_loss.distill_loss.temperature == only_loss.kd_config["distillation_temperature"] == 4.0  # recorded
+    with pytest.raises(KDConfigError, match=r"model.distillation_loss.temperature=4.0 but "
+                                            r"model.kd_config.distillation_temperature=2.0: give the value once"):
+        make_student(teacher_ckpt, kd_config=dict(distillation_temperature=2.0),
+                     distillation_loss=dict(type="CombinedKDLoss", temperature=4.0))
+
+
+def test_a_top_level_kd_config_must_agree_with_the_models() -> None:
+    from mmcv.models.utils.kd_config import check_kd_config_copies
+    model = dict(kd_config=dict(pruning_ratio=0.5, teacher_backbone_path="t.pth"))
+    check_kd_config_copies(dict(model=model, kd_config=dict(pruning_ratio=0.5, warmup_alpha=0.8)))  # default agrees
+    check_kd_config_copies(dict(model=model))
+    with pytest.raises(KDConfigError, match=r"kd_config.pruning_ratio=0.3 but model.kd_config.pruning_ratio=0.5: "
+                                            r"the model reads model.kd_config only"):
+        check_kd_config_copies(dict(model=model, kd_config=dict(pruning_ratio=0.3)))
+    with pytest.raises(KDConfigError, match=r"kd_config.teacher_backbone_path='u.pth' but "
+                                            r"model.kd_config.teacher_backbone_path='t.pth'"):
+        check_kd_config_copies(dict(model=model, kd_config=dict(teacher_backbone_path="u.pth")))
