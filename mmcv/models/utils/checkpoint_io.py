@@ -79,9 +79,19 @@ def _unreadable_reason(path: str, err: Exception) -> str:
 
 
 def non_finite_tensors(named: Mapping[str, Any]) -> List[str]:
-    """Names of the floating-point tensors in ``named`` that hold a NaN or an infinity."""
-    return [name for name, t in named.items()
-            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    """Names of the floating-point tensors in ``named`` that hold a NaN or an infinity.
+
+    One device synchronisation per device, not one per tensor (it runs after every training step).
+    """
+    floats = [(name, t) for name, t in named.items() if torch.is_tensor(t) and t.is_floating_point()]
+    by_device: Dict[Any, List[int]] = {}
+    for index, (_, tensor) in enumerate(floats):
+        by_device.setdefault(tensor.device, []).append(index)
+    bad: List[int] = []
+    for indices in by_device.values():
+        finite = torch.stack([torch.isfinite(floats[i][1]).all() for i in indices]).tolist()
+        bad.extend(i for i, ok in zip(indices, finite) if not ok)
+    return [floats[i][0] for i in sorted(bad)]
 
 
 def require_finite(named: Mapping[str, Any], label: str, fix: str) -> None:
