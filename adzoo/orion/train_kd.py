@@ -32,12 +32,10 @@ import torch.distributed as dist  # noqa: E402
 
 from mmcv.models.utils.checkpoint_io import load_checkpoint_file, remove_stale_temp_files, state_dict_of  # noqa: E402
 from mmcv.models.utils.user_errors import (UserError, check_writable_dir, describe_os_error,  # noqa: E402
-                                           load_config)
+                                           is_file_system_error, load_config)
 from mmcv.utils import Config, DictAction, get_dist_info, import_modules_from_strings, set_random_seed  # noqa: E402
 
 USER_ERROR_EXIT = 2
-
-
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -263,6 +261,9 @@ def run_checked(function: Callable[[], int]) -> int:
         prefix = _rank_prefix()
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            if not is_file_system_error(exc):  # e.g. a connection reset by a dead peer: not the user's
+                traceback.print_exc()
+                return 1
             message = describe_os_error(exc)
         if isinstance(exc, pickle.UnpicklingError) and "WeightsUnpickler error" in message:  # torch's own text
             reason = [ln.strip() for ln in message.splitlines() if "WeightsUnpickler error" in ln]

@@ -32,7 +32,7 @@ from mmcv.models.utils.eva_surgery import BACKBONE_PREFIX, extract_backbone_stat
 from mmcv.models.utils.head_importance import ChannelImportance, HeadImportance, load_importance
 from mmcv.models.utils.pruning_config import BLOCK_NORMALIZATIONS, STRATEGIES, PruningConfig, create_pruning_config
 from mmcv.models.utils.pruning_cost import UnitCosts
-from mmcv.models.utils.user_errors import check_writable_dir, describe_os_error, load_config
+from mmcv.models.utils.user_errors import check_writable_dir, describe_os_error, is_file_system_error, load_config
 from tools.head_pruning.analysis import analyze_pruning_impact
 from tools.head_pruning.channel_importance import CHANNEL_METHODS, compute_channel_importance
 from tools.head_pruning.importance import (METHODS, compute_head_importance_activation, compute_head_importance_entropy,
@@ -356,6 +356,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, KeyError, OSError, pickle.UnpicklingError) as err:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            if not is_file_system_error(err):
+                raise
             message = describe_os_error(err)
         print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return 2

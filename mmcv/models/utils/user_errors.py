@@ -78,6 +78,15 @@ def check_port_free(host: str, port: int) -> None:
                             "machine".format(host, port, exc.strerror or exc)) from None
 
 
+_FILE_SYSTEM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR,
+                      errno.EISDIR, errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG)
+
+
+def is_file_system_error(exc: OSError) -> bool:
+    """True for an ``OSError`` about a file or the disk (a user can fix it), not e.g. a dropped connection."""
+    return exc.errno in _FILE_SYSTEM_ERRNOS
+
+
 def describe_os_error(exc: OSError) -> str:
     """An ``OSError`` as one line: the file, what failed and the usual fix."""
     name = exc.filename or ""
@@ -88,4 +97,5 @@ def describe_os_error(exc: OSError) -> str:
     return "{}{}{}".format("{}: ".format(name) if name else "", reason, "; {}".format(fix) if fix else "")
 
 
-__all__ = ["UserError", "load_config", "check_writable_dir", "check_port_free", "describe_os_error"]
+__all__ = ["UserError", "load_config", "check_writable_dir", "check_port_free", "is_file_system_error",
+           "describe_os_error"]
