@@ -216,31 +216,34 @@ def test_stage3_kd_config_changes_only_the_model_and_extension_points(tmp_path: 
     cfg = Config.fromfile(str(tmp_path / "orion_stage3_kd_train.py"), import_custom_modules=False)
     assert "_delete_" not in cfg.pretty_text and "_orion_kd_missing_module" not in cfg
     assert tuple(cfg.custom_imports.imports) == CUSTOM_IMPORTS
-    added = {"custom_imports", "kd_config", "custom_hooks"}
+    added = {"custom_imports", "custom_hooks"}  # every KD setting lives in model.kd_config, no top-level copy
     assert set(cfg) - set(base) == added
     for key in set(base) - {"model"}:  # ORION's data/sampler, optimizer, fp16 hook, lr, runner, logs
         assert cfg[key] == base[key], key
     m, b = cfg.model, base.model
-    assert (m.type, m.base_detector, m.teacher_backbone_path, m.freeze_non_backbone) == \
+    kd = m.kd_config
+    assert (m.type, m.base_detector, kd.teacher_backbone_path, kd.freeze_non_backbone) == \
         ("OrionStudent", "Orion", "ckpt/orion/orion.pth", True)
+    assert dict(m.distillation_loss) == dict(type="CombinedKDLoss")  # temperature and weights: kd_config
     assert all(m[k] == b[k] for k in b if k not in ("type", "img_backbone"))  # the rest of ORION's model
     bb = m.img_backbone
     assert "pretrained" not in bb and bb.type == "EVAViTStudent" and (bb.num_heads, bb.teacher_num_heads) == (8, 16)
     assert list(bb.window_block_indexes) == [i for i in range(24) if i % 3 != 2]
-    assert m.kd_config == cfg.kd_config and cfg.kd_config.frozen_parts_mode == "train"
+    assert kd.frozen_parts_mode == "train"
     hooks = {h["type"]: h for h in cfg.custom_hooks}
     assert list(hooks) == ["KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook", "KDExportStudentHook"]
     assert hooks["KDAlphaScheduleHook"]["iters_per_epoch"] == base.num_iters_per_epoch == 1834
-    alphas = [resolve_distillation_alpha(cfg.kd_config, i, 1834) for i in (0, 1833, 1834, cfg.runner.max_iters - 1)]
+    alphas = [resolve_distillation_alpha(kd, i, 1834) for i in (0, 1833, 1834, cfg.runner.max_iters - 1)]
     assert alphas == [0.8, 0.8, 0.6, 0.6]
-    resolve_kd_config(copy.deepcopy(dict(cfg.kd_config)), m.teacher_backbone_path, True)
+    resolve_kd_config(copy.deepcopy(dict(kd)))
     HOOKS.build(dict(hooks["KDAlphaScheduleHook"]))
 
 
 def test_tiny_kd_config_lists_the_same_hooks() -> None:
     cfg = Config.fromfile(str(ROOT / "adzoo/orion/configs/orion_tiny_kd_train.py"), import_custom_modules=False)
     assert tuple(cfg.custom_imports.imports) == CUSTOM_IMPORTS
-    assert [h["type"] for h in cfg.custom_hooks] == ["KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook", "KDExportStudentHook"]
+    assert [h["type"] for h in cfg.custom_hooks] == ["KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook",
+                                                     "KDExportStudentHook"]
     for hook_cfg in cfg.custom_hooks:
         hook_cfg = dict(hook_cfg)
         hook_cfg.pop("priority", None)
