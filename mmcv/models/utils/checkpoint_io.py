@@ -135,14 +135,10 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], binary: bool = Tr
     tmp = temp_path_for(path)
     try:
         with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
-            recorder = _WriteErrorRecorder(handle)
             try:
-                write(recorder if binary else handle)
-            except Exception as err:  # torch.save reports a failed write (disk full) as RuntimeError
-                failed = recorder.error if recorder.error is not None else err
-                if isinstance(failed, OSError):
-                    raise OSError(failed.errno, failed.strerror or str(failed), path) from None
-                raise
+                write(handle)
+            except OSError as err:  # name the file that could not be written (disk full, quota)
+                raise OSError(err.errno, err.strerror or str(err), path) from None
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -173,7 +169,16 @@ class _WriteErrorRecorder:
 
 def atomic_torch_save(obj: Any, path: PathLike) -> str:
     """``torch.save(obj)`` to ``path`` atomically."""
-    return atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)
+    def write(handle: Any) -> None:
+        recorder = _WriteErrorRecorder(handle)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:  # torch.save reports a failed write (disk full) as RuntimeError
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
+
+    return atomic_write(path, write, binary=True)
 
 
 def atomic_write_text(path: PathLike, text: str) -> str:
