@@ -126,7 +126,7 @@ def check_teacher(cfg: Any, fix_hint: str) -> Check:
 
     path = teacher_path_of(cfg)
     if not path:
-        return Check("teacher", FAIL, "the config names no teacher_backbone_path", "set model.teacher_backbone_path")
+        return Check("teacher", FAIL, "the config names no teacher_backbone_path", "set model.kd_config.teacher_backbone_path")
     if not os.path.isfile(path):
         return Check("teacher", FAIL, f"Teacher model not found at {path}", fix_hint)
     try:
@@ -230,7 +230,7 @@ def run_setup_checks(config_path: str, root: str = ".") -> List[Check]:
             or ((cfg.get("data") or {}).get("train") or {}).get("type") == "SyntheticChatB2D")
     fix = ("python tools/train_tiny_teacher.py (or run the demo, which trains it)" if tiny else
            "put the fully trained ORION checkpoint at that path (ckpt/orion/orion.pth) or set "
-           "model.teacher_backbone_path")
+           "model.kd_config.teacher_backbone_path")
     checks.append(check_teacher(cfg, fix))
     checks.append(check_data(cfg))
     checks.append(check_overlay(root))

@@ -134,7 +134,7 @@ class OrionStudent(nn.Module):
                              "e.g. ckpt/orion/orion.pth)")
         if not os.path.isfile(teacher_path):
             raise FileNotFoundError(f"Teacher model not found at {teacher_path}: put the fully trained ORION "
-                                    f"checkpoint there or set model.teacher_backbone_path (miniature world: "
+                                    f"checkpoint there or set model.kd_config.teacher_backbone_path (miniature world: "
                                     f"python tools/train_tiny_teacher.py)")
         started = time.time()
         checkpoint = load_checkpoint_file(teacher_path)
