@@ -1,6 +1,6 @@
 """What ``orion_dist_train.sh`` runs: check the job on this node, then torchrun the training processes.
 
-    python adzoo/orion/launch.py TORCHRUN_ARGS... -- CONFIG [train_kd.py args]
+    python adzoo/orion/launch.py TORCHRUN_ARGS... -- adzoo/orion/train_kd.py CONFIG [train_kd.py args]
 
 Before any process starts it checks what a user can get wrong: the config and the command line
 (``train_kd.py --validate-only``'s checks, in this process) and, on node 0, that
