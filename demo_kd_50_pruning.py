@@ -167,7 +167,7 @@ def stage_teacher(run: DemoRun) -> None:
     from mmcv.datasets.chat_b2d_metrics import evaluate
     from tools.train_tiny_teacher import ensure_tiny_teacher, load_tiny_teacher
 
-    teacher_path = run.cfg.model.teacher_backbone_path
+    teacher_path = run.cfg.model.kd_config.teacher_backbone_path
     ensure_tiny_teacher(teacher_path, seed=run.args.seed)  # the default path: written from the shipped teacher
     run.teacher = load_tiny_teacher(teacher_path)
     run.val_set = build_dataset(run.cfg.data.val)

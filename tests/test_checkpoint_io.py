@@ -36,11 +36,15 @@ def test_pickled_objects_are_refused_and_the_file_is_named(tmp_path):
         load_checkpoint_file(path)
 
 
-@pytest.mark.parametrize("content", [b"", b"this is text\n", b"PK\x03\x04truncated"])
-def test_unreadable_files_raise_one_checkpoint_error(tmp_path, content):
+@pytest.mark.parametrize("content, reason", [
+    (b"", r"the file is empty \(0 bytes"),
+    (b"this is text\n", r"not a torch checkpoint \(starts with b'this', expected a zip archive"),
+    (b"PK\x03\x04truncated", r"truncated or corrupted \(13 bytes"),
+])
+def test_unreadable_files_raise_one_checkpoint_error_saying_why(tmp_path, content, reason):
     path = tmp_path / "bad.pth"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError, match="bad.pth: not a readable torch checkpoint"):
+    with pytest.raises(CheckpointError, match="bad.pth: " + reason):
         load_checkpoint_file(path)
 
 

@@ -128,6 +128,19 @@ def test_check_hook_accepts_backbone_only_kd_and_checks_modes_at_the_first_itera
         KDCheckHook().before_train_iter(make_runner(eval_student))
 
 
+def test_check_hook_removes_temp_files_of_a_killed_save_from_the_work_dir(teacher_ckpt, tmp_path) -> None:  # noqa: F811
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / ".student_pruned.pth.tmp.{}".format(dead.pid)
+    live = tmp_path / ".latest.pth.tmp.{}".format(os.getpid())  # a writer that still runs keeps its file
+    stale.write_bytes(b"\0" * 64)
+    live.write_bytes(b"\0" * 64)
+    KDCheckHook().before_run(make_runner(make_student(teacher_ckpt), work_dir=str(tmp_path)))
+    assert not stale.exists() and live.exists()
+
+
 def test_check_hook_names_what_breaks_backbone_only_kd(teacher_ckpt) -> None:  # noqa: F811
     student = make_student(teacher_ckpt)
     leaked = next(n for n, p in student.named_parameters() if n.startswith("pts_bbox_head."))
@@ -203,32 +216,60 @@ def test_stage3_kd_config_changes_only_the_model_and_extension_points(tmp_path: 
     cfg = Config.fromfile(str(tmp_path / "orion_stage3_kd_train.py"), import_custom_modules=False)
     assert "_delete_" not in cfg.pretty_text and "_orion_kd_missing_module" not in cfg
     assert tuple(cfg.custom_imports.imports) == CUSTOM_IMPORTS
-    added = {"custom_imports", "kd_config", "custom_hooks"}
+    added = {"custom_imports", "custom_hooks"}  # every KD setting lives in model.kd_config, no top-level copy
     assert set(cfg) - set(base) == added
     for key in set(base) - {"model"}:  # ORION's data/sampler, optimizer, fp16 hook, lr, runner, logs
         assert cfg[key] == base[key], key
     m, b = cfg.model, base.model
-    assert (m.type, m.base_detector, m.teacher_backbone_path, m.freeze_non_backbone) == \
+    kd = m.kd_config
+    assert (m.type, m.base_detector, kd.teacher_backbone_path, kd.freeze_non_backbone) == \
         ("OrionStudent", "Orion", "ckpt/orion/orion.pth", True)
+    assert dict(m.distillation_loss) == dict(type="CombinedKDLoss")  # temperature and weights: kd_config
     assert all(m[k] == b[k] for k in b if k not in ("type", "img_backbone"))  # the rest of ORION's model
     bb = m.img_backbone
     assert "pretrained" not in bb and bb.type == "EVAViTStudent" and (bb.num_heads, bb.teacher_num_heads) == (8, 16)
     assert list(bb.window_block_indexes) == [i for i in range(24) if i % 3 != 2]
-    assert m.kd_config == cfg.kd_config and cfg.kd_config.frozen_parts_mode == "train"
+    assert kd.frozen_parts_mode == "train"
     hooks = {h["type"]: h for h in cfg.custom_hooks}
-    assert list(hooks) == ["KDCheckHook", "KDAlphaScheduleHook", "KDExportStudentHook"]
+    assert list(hooks) == ["KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook", "KDExportStudentHook"]
     assert hooks["KDAlphaScheduleHook"]["iters_per_epoch"] == base.num_iters_per_epoch == 1834
-    alphas = [resolve_distillation_alpha(cfg.kd_config, i, 1834) for i in (0, 1833, 1834, cfg.runner.max_iters - 1)]
+    alphas = [resolve_distillation_alpha(kd, i, 1834) for i in (0, 1833, 1834, cfg.runner.max_iters - 1)]
     assert alphas == [0.8, 0.8, 0.6, 0.6]
-    resolve_kd_config(copy.deepcopy(dict(cfg.kd_config)), m.teacher_backbone_path, True)
+    resolve_kd_config(copy.deepcopy(dict(kd)))
     HOOKS.build(dict(hooks["KDAlphaScheduleHook"]))
 
 
 def test_tiny_kd_config_lists_the_same_hooks() -> None:
     cfg = Config.fromfile(str(ROOT / "adzoo/orion/configs/orion_tiny_kd_train.py"), import_custom_modules=False)
     assert tuple(cfg.custom_imports.imports) == CUSTOM_IMPORTS
-    assert [h["type"] for h in cfg.custom_hooks] == ["KDCheckHook", "KDAlphaScheduleHook", "KDExportStudentHook"]
+    assert [h["type"] for h in cfg.custom_hooks] == ["KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook",
+                                                     "KDExportStudentHook"]
     for hook_cfg in cfg.custom_hooks:
         hook_cfg = dict(hook_cfg)
         hook_cfg.pop("priority", None)
         HOOKS.build(hook_cfg)
+
+
+# --------------------------------------------------------------------------- one place for each KD setting
+def test_distillation_loss_takes_kd_config_values_and_a_disagreeing_copy_is_refused(teacher_ckpt) -> None:  # noqa: F811
+    student = make_student(teacher_ckpt, kd_config=dict(distillation_temperature=2.0, feature_distill_weight=0.1))
+    assert (student.distill_loss.temperature, student.distill_loss.feature_distill_weight) == (2.0, 0.1)
+    only_loss = make_student(teacher_ckpt, distillation_loss=dict(type="CombinedKDLoss", temperature=4.0))
+    assert only_loss.distill_loss.temperature == only_loss.kd_config["distillation_temperature"] == 4.0  # recorded
+    with pytest.raises(KDConfigError, match=r"model.distillation_loss.temperature=4.0 but "
+                                            r"model.kd_config.distillation_temperature=2.0: give the value once"):
+        make_student(teacher_ckpt, kd_config=dict(distillation_temperature=2.0),
+                     distillation_loss=dict(type="CombinedKDLoss", temperature=4.0))
+
+
+def test_a_top_level_kd_config_must_agree_with_the_models() -> None:
+    from mmcv.models.utils.kd_config import check_kd_config_copies
+    model = dict(kd_config=dict(pruning_ratio=0.5, teacher_backbone_path="t.pth"))
+    check_kd_config_copies(dict(model=model, kd_config=dict(pruning_ratio=0.5, warmup_alpha=0.8)))  # default agrees
+    check_kd_config_copies(dict(model=model))
+    with pytest.raises(KDConfigError, match=r"kd_config.pruning_ratio=0.3 but model.kd_config.pruning_ratio=0.5: "
+                                            r"the model reads model.kd_config only"):
+        check_kd_config_copies(dict(model=model, kd_config=dict(pruning_ratio=0.3)))
+    with pytest.raises(KDConfigError, match=r"kd_config.teacher_backbone_path='u.pth' but "
+                                            r"model.kd_config.teacher_backbone_path='t.pth'"):
+        check_kd_config_copies(dict(model=model, kd_config=dict(teacher_backbone_path="u.pth")))

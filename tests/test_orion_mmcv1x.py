@@ -239,3 +239,19 @@ def test_exported_student_loads_strictly_into_the_kd_inference_config(orion, kd_
     proc = run_orion(orion["root"], orion["deps"], str(script), str(config), str(exported))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "infer ok 2 [2, 2]" in proc.stdout
+
+
+def test_a_diverging_run_in_orions_runner_stops_with_finite_checkpoints_and_no_export(orion) -> None:
+    """NonFiniteGuardHook in mmcv 1.7.2's runner (Fp16OptimizerHook, CheckpointHook): skip, then stop."""
+    work_dir = orion["base"] / "wd_nan"
+    proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/train.py", str(orion["config"]), "--work-dir",
+                     str(work_dir), "--cfg-options", "optimizer.lr=1e6", "custom_hooks.2.max_consecutive_skips=1")
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "NonFiniteTrainingError: non-finite training at iteration" in proc.stderr, proc.stderr[-3000:]
+    assert "skipped the step of iteration" in proc.stdout + proc.stderr
+    saved = sorted(work_dir.glob("iter_*.pth"))
+    assert saved, sorted(p.name for p in work_dir.iterdir())
+    for path in saved:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)["state_dict"]
+        assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()), path.name
+    assert not (work_dir / "student_pruned.pth").exists()  # after_run (the export) never ran

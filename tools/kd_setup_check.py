@@ -116,7 +116,7 @@ def _teacher_backbone_cfg(cfg: Any) -> Dict[str, Any]:
 
 def teacher_path_of(cfg: Any) -> Optional[str]:
     model = cfg.get("model") or {}
-    kd = cfg.get("kd_config") or model.get("kd_config") or {}
+    kd = model.get("kd_config") or {}
     return model.get("teacher_backbone_path") or kd.get("teacher_backbone_path") or cfg.get("load_from")
 
 
@@ -126,7 +126,7 @@ def check_teacher(cfg: Any, fix_hint: str) -> Check:
 
     path = teacher_path_of(cfg)
     if not path:
-        return Check("teacher", FAIL, "the config names no teacher_backbone_path", "set model.teacher_backbone_path")
+        return Check("teacher", FAIL, "the config names no teacher_backbone_path", "set model.kd_config.teacher_backbone_path")
     if not os.path.isfile(path):
         return Check("teacher", FAIL, f"Teacher model not found at {path}", fix_hint)
     try:
@@ -148,6 +148,11 @@ def check_teacher(cfg: Any, fix_hint: str) -> Check:
         detail += f"; missing {len(missing)} e.g. {missing[:2]}" if missing else ""
         detail += f"; mis-shaped {len(wrong)} e.g. {wrong[:2]}" if wrong else ""
         return Check("teacher", FAIL, detail, "use the checkpoint the config's img_backbone was trained with")
+    from mmcv.models.utils.checkpoint_io import non_finite_tensors
+    bad = non_finite_tensors(teacher_state)
+    if bad:
+        return Check("teacher", FAIL, f"{path}: {len(bad)} of {len(teacher_state)} img_backbone tensors hold NaN or "
+                     f"infinite values (e.g. {bad[:2]})", "use the trained, finite ORION checkpoint")
     size_gb = os.path.getsize(path) / 2 ** 30
     return Check("teacher", PASS, f"{path} ({size_gb:.2f} GB): {len(expected)} img_backbone tensors fit the config")
 
@@ -213,6 +218,12 @@ def run_setup_checks(config_path: str, root: str = ".") -> List[Check]:
     except Exception as exc:
         return checks + [Check("config", FAIL, f"{config_path}: {type(exc).__name__}: {exc}",
                                "fix the config (ORION's base config must be present for the stage-3 config)")]
+    try:
+        from mmcv.models.utils.kd_config import check_kd_config_copies
+        check_kd_config_copies(cfg)
+    except (ImportError, ValueError) as exc:
+        return checks + [Check("config", FAIL, f"{config_path}: {exc}", "give every KD setting once, in "
+                               "model.kd_config")]
     checks.append(Check("config", PASS, config_path))
     checks.append(check_plugin(cfg))
     tiny = (cfg.model.get("base_detector") == "TinyOrion"
@@ -220,7 +231,7 @@ def run_setup_checks(config_path: str, root: str = ".") -> List[Check]:
     fix = ("python tools/train_tiny_teacher.py --materialize (writes it from the shipped teacher; the demo does it "
            "too)" if tiny else
            "put the fully trained ORION checkpoint at that path (ckpt/orion/orion.pth) or set "
-           "model.teacher_backbone_path")
+           "model.kd_config.teacher_backbone_path")
     checks.append(check_teacher(cfg, fix))
     checks.append(check_data(cfg))
     checks.append(check_overlay(root))

@@ -193,7 +193,7 @@ def write_cell_config(cell: Cell, cell_dir: Path, pruning_path: Path, study: Stu
     elif cell.alpha is not None:
         kd.update(alpha_schedule="constant", distillation_alpha=cell.alpha)
     lines = [f"# Written by tools/kd_study.py for cell {cell.name}.", f"_base_ = [{str(base.resolve())!r}]",
-             f"model = dict(teacher_backbone_path={kd['teacher_backbone_path']!r}, kd_config=dict(**{kd!r}))",
+             f"model = dict(kd_config=dict(**{kd!r}))",
              f"runner = dict(max_epochs={study.epochs})",
              f"data = dict(train=dict(num_samples={study.frames}))",
              "custom_hooks = [dict(type='KDCheckHook', priority='VERY_HIGH'),",

@@ -21,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: adzoo/orion/train_kd.py) and its launcher (adzoo/orion/orion_dist_train.sh) are not copied.
 PLUGIN_FILES: Tuple[str, ...] = (
     "mmcv/models/utils/checkpoint_io.py",
+    "mmcv/models/utils/user_errors.py",
     "mmcv/models/utils/batch_io.py",
     "mmcv/models/utils/eva_surgery.py",
     "mmcv/models/utils/eva_cost.py",
@@ -34,6 +35,7 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "mmcv/models/backbones/eva_vit_student.py",
     "mmcv/models/detectors/orion_student.py",
     "mmcv/models/losses/kd_losses.py",
+    "mmcv/runner/hooks/nonfinite_guard.py",
     "mmcv/runner/hooks/kd_hooks.py",
     "adzoo/orion/configs/orion_stage3_kd_train.py",
     "adzoo/orion/configs/orion_stage3_kd_infer.py",

@@ -64,11 +64,15 @@ mkdir -p "$LOG_DIR" || fail "cannot create $LOG_DIR"
 LOG_FILE="$LOG_DIR/dist_train_$(date +%Y%m%d_%H%M%S)_node${NODE_RANK}.log"
 
 echo "orion_dist_train: $GPUS process(es) x $NNODES node(s), node_rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT, log $LOG_FILE"
-"$PYTHON" -m torch.distributed.run \
+# launch.py checks the config, the arguments and (node 0) the port before torchrun starts anything,
+# and exits with the children's status: 2 after a user error (printed as one "error:" line).
+"$PYTHON" "$ROOT/adzoo/orion/launch.py" \
     --nnodes="$NNODES" \
     --node_rank="$NODE_RANK" \
     --master_addr="$MASTER_ADDR" \
     --master_port="$MASTER_PORT" \
     --nproc_per_node="$GPUS" \
-    "$ROOT/adzoo/orion/train_kd.py" "$CONFIG" --launcher pytorch "$@" 2>&1 | tee "$LOG_FILE"
-exit "${PIPESTATUS[0]}"
+    -- "$ROOT/adzoo/orion/train_kd.py" "$CONFIG" --launcher pytorch "$@" 2>&1 | tee "$LOG_FILE"
+status=${PIPESTATUS[0]}
+if [ "$status" -eq 2 ]; then usage; fi
+exit "$status"

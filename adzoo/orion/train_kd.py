@@ -22,7 +22,7 @@ import random
 import sys
 import time
 import traceback
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
@@ -30,13 +30,12 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from mmcv.models.utils.checkpoint_io import load_checkpoint_file, remove_stale_temp_files, state_dict_of  # noqa: E402
+from mmcv.models.utils.user_errors import (UserError, check_writable_dir, describe_os_error,  # noqa: E402
+                                           is_file_system_error, load_config)
 from mmcv.utils import Config, DictAction, get_dist_info, import_modules_from_strings, set_random_seed  # noqa: E402
 
 USER_ERROR_EXIT = 2
-
-
-class UserError(Exception):
-    """An error the user can fix; printed as one line."""
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -54,6 +53,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="random seed")
     parser.add_argument("--deterministic", action="store_true", help="deterministic options for CUDNN")
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=0)
+    parser.add_argument("--validate-only", action="store_true",
+                        help="check the config and the command line, then exit (the launcher runs this first)")
     args = parser.parse_args(argv)
     if "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
@@ -91,8 +92,10 @@ def merge_cfg_options(cfg: Any, options: Optional[Mapping[str, Any]]) -> None:
             if isinstance(node, Mapping) or (hasattr(node, "keys") and hasattr(node, "__getitem__")):
                 if part not in list(node.keys()):
                     known = ", ".join(sorted(str(k) for k in node.keys())[:20])
-                    raise UserError("--cfg-options {}: unknown key '{}'{} (known keys there: {})".format(
-                        key, part, " under '{}'".format(".".join(path)) if path else "", known))
+                    hint = "; KD settings live in model.kd_config: --cfg-options model.{}=...".format(key) \
+                        if key.startswith("kd_config.") else ""
+                    raise UserError("--cfg-options {}: unknown key '{}'{} (known keys there: {}){}".format(
+                        key, part, " under '{}'".format(".".join(path)) if path else "", known, hint))
                 node = node[part]
             elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
                 node = node[int(part)]
@@ -150,13 +153,13 @@ def _build_datasets(cfg: Any) -> List[Any]:
     return [build_dataset(train_cfg)]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse, configure, build, train; returns the exit status."""
-    args = parse_args(argv)
-    if not osp.isfile(args.config):
-        raise UserError("config file not found: {}".format(args.config))
-    cfg = Config.fromfile(args.config)
+def prepare_config(args: argparse.Namespace) -> Any:
+    """The config with the command line applied, checked as far as it can be before any process starts:
+    config file, ``--cfg-options``, KD settings, files named, intervals, work dir writable."""
+    cfg = load_config(args.config, Config.fromfile)
     merge_cfg_options(cfg, args.cfg_options)
+    from mmcv.models.utils.kd_config import check_kd_config_copies
+    check_kd_config_copies(cfg)
     if cfg.get("custom_imports", None):
         ci = cfg["custom_imports"]
         import_modules_from_strings(**ci) if isinstance(ci, Mapping) else import_modules_from_strings(ci)
@@ -174,6 +177,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UserError("--load-from: checkpoint not found: {}".format(args.load_from))
         cfg.load_from = args.load_from
     cfg.auto_resume = bool(args.auto_resume or cfg.get("auto_resume", False))
+    from adzoo.orion.apis.train_kd import check_settings
+    check_settings(cfg)
+    work_dir = check_writable_dir(cfg.work_dir, "work dir", "pass --work-dir to a writable folder with free space")
+    for path in remove_stale_temp_files(work_dir):  # before anything is loaded: a killed save may fill the disk
+        print("removed {}, left by an interrupted run".format(path), flush=True)
+    for key in ("resume_from", "load_from"):  # readable weights (memory-mapped, not read) before the model is built
+        if cfg.get(key, None):
+            state_dict_of(load_checkpoint_file(cfg[key]), cfg[key])
+    return cfg
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, configure, build, train; returns the exit status."""
+    args = parse_args(argv)
+    cfg = prepare_config(args)
+    if args.validate_only:
+        return 0
 
     distributed = init_distributed(args.launcher)
     rank, world_size = get_dist_info()
@@ -200,28 +220,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _user_error_types() -> tuple:
-    types: List[type] = [UserError, FileNotFoundError, ValueError, KeyError, ImportError, pickle.UnpicklingError]
-    try:
-        from adzoo.orion.apis.train_kd import ConfigError
-        types.append(ConfigError)
-    except ImportError:
-        pass
+    types: List[type] = [UserError, OSError, ValueError, KeyError, ImportError, pickle.UnpicklingError]
+    from adzoo.orion.apis.train_kd import ConfigError
+    from mmcv.runner.hooks.kd_hooks import KDRunError
+    types.extend([ConfigError, KDRunError])
     return tuple(types)
+
+
+def _failure_types() -> tuple:
+    from mmcv.runner.hooks.nonfinite_guard import NonFiniteTrainingError
+    return (NonFiniteTrainingError,)
+
+
+def _rank_prefix() -> str:
+    rank, world_size = get_dist_info()
+    return "[rank {}] ".format(rank) if world_size > 1 else ""
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """``main`` with the top-level error policy: user errors as one line (exit 2), bugs with a traceback."""
+    return run_checked(lambda: main(argv))
+
+
+def run_checked(function: Callable[[], int]) -> int:
+    """``function()`` under the error policy of :func:`run`: one ``error:`` line and exit 2 for a user error,
+    one line and exit 1 for a failed run (e.g. diverged), a traceback and exit 1 for a bug."""
     try:
-        return main(argv)
+        return function()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except _failure_types() as exc:  # training went wrong (e.g. diverged): one line, exit 1
+        if os.environ.get("ORION_KD_DEBUG"):
+            raise
+        print("{}error: {}".format(_rank_prefix(), " ".join(str(exc).split())), file=sys.stderr)
+        return 1
     except _user_error_types() as exc:
         if os.environ.get("ORION_KD_DEBUG"):
             raise
-        rank, world_size = get_dist_info()
-        prefix = "[rank {}] ".format(rank) if world_size > 1 else ""
+        prefix = _rank_prefix()
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            if not is_file_system_error(exc):  # e.g. a connection reset by a dead peer: not the user's
+                traceback.print_exc()
+                return 1
+            message = describe_os_error(exc)
         if isinstance(exc, pickle.UnpicklingError) and "WeightsUnpickler error" in message:  # torch's own text
             reason = [ln.strip() for ln in message.splitlines() if "WeightsUnpickler error" in ln]
             message = "cannot load a checkpoint with weights_only=True (it holds objects other than tensors and " \

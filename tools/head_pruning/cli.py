@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import pickle
 import sys
 import warnings
@@ -31,6 +32,7 @@ from mmcv.models.utils.eva_surgery import BACKBONE_PREFIX, extract_backbone_stat
 from mmcv.models.utils.head_importance import ChannelImportance, HeadImportance, load_importance
 from mmcv.models.utils.pruning_config import BLOCK_NORMALIZATIONS, STRATEGIES, PruningConfig, create_pruning_config
 from mmcv.models.utils.pruning_cost import UnitCosts
+from mmcv.models.utils.user_errors import check_writable_dir, describe_os_error, is_file_system_error, load_config
 from tools.head_pruning.analysis import analyze_pruning_impact
 from tools.head_pruning.channel_importance import CHANNEL_METHODS, compute_channel_importance
 from tools.head_pruning.importance import (METHODS, compute_head_importance_activation, compute_head_importance_entropy,
@@ -41,7 +43,7 @@ from tools.head_pruning.sites import describe_backbone, find_backbone
 
 def _load_config(path: str) -> Any:
     from mmcv.utils import Config
-    cfg = Config.fromfile(path)
+    cfg = load_config(path, Config.fromfile)
     imports = cfg.get("custom_imports", None)
     if imports:
         from mmcv.utils import import_modules_from_strings
@@ -346,9 +348,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (2 with one line on stderr for a user error)."""
     args = _parser().parse_args(argv)
     try:
+        for option in ("out", "plot"):  # an output that cannot be written fails before any computation
+            if getattr(args, option, None):
+                check_writable_dir(os.path.dirname(os.path.abspath(getattr(args, option))),
+                                   f"--{option}: the folder of", "pass a writable path")
         _run(args)
-    except (ValueError, KeyError, FileNotFoundError, pickle.UnpicklingError) as err:
+    except (ValueError, KeyError, OSError, pickle.UnpicklingError) as err:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        print(f"error: {message}", file=sys.stderr)
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            if not is_file_system_error(err):
+                raise
+            message = describe_os_error(err)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     return 0

@@ -32,19 +32,20 @@ from torch import nn
 
 from mmcv.datasets import build_dataloader
 from mmcv.models.utils.batch_io import move_batch_to_device
-from mmcv.models.utils.checkpoint_io import atomic_write_text, remove_stale_temp_files
+from mmcv.models.utils.checkpoint_io import atomic_write_text, non_finite_tensors, remove_stale_temp_files
+from mmcv.runner.hooks.nonfinite_guard import NonFiniteTrainingError
 from mmcv.utils import get_dist_info
 
 from .checkpoints import (find_resume_checkpoint, load_from, memory_states, resume, rng_state, save_checkpoint,
                           set_rng_state)
 from .hooks import LoopRunner, build_custom_hooks, call_hooks
-from .optim import build_kd_optimizer, build_lr_scheduler
+from .optim import build_kd_optimizer, build_lr_scheduler, lr_factor_at
 from .settings import (CheckpointSettings, ConfigError, LogSettings, Schedule, cfg_get, config_text, read_checkpoint_settings,
                        read_log_settings, read_precision, read_schedule, to_plain)
 from .step import forward_train, optimizer_step
 from .train_log import TrainLog, format_log_line, peak_memory_mb, reduce_over_ranks
 
-__all__ = ["ConfigError", "train_kd", "run_iterations"]
+__all__ = ["ConfigError", "check_settings", "train_kd", "run_iterations"]
 
 
 def _device_for(distributed: bool) -> torch.device:
@@ -67,10 +68,23 @@ def _data_settings(cfg: Any) -> Tuple[int, int, Mapping]:
     return samples_per_gpu, workers, sampler_cfg
 
 
+def check_settings(cfg: Any) -> None:
+    """Check every setting that needs neither the model nor the data, before anything is built or started:
+    data loader and sampler, run length, log and checkpoint intervals, lr schedule and ``custom_hooks``."""
+    _data_settings(cfg)
+    schedule = read_schedule(cfg, iters_per_epoch=1)
+    read_log_settings(cfg, schedule.by_epoch)
+    read_checkpoint_settings(cfg, schedule.by_epoch)
+    lr_config = cfg_get(cfg, "lr_config")
+    lr_factor_at(0, schedule.max_iters, lr_config, 1, bool(cfg_get(lr_config, "by_epoch", schedule.by_epoch)))
+    build_custom_hooks(cfg_get(cfg, "custom_hooks"))
+
+
 def _prepare_work_dir(cfg: Any, work_dir: str, ckpt_dir: str, logger: Any) -> None:
     """Remove temporary files a killed run left behind and write the config next to the logs (rank 0)."""
-    for path in remove_stale_temp_files(ckpt_dir):
-        logger.info("removed %s, left by an interrupted run", path)
+    for folder in sorted({work_dir, ckpt_dir}):
+        for path in remove_stale_temp_files(folder):
+            logger.info("removed %s, left by an interrupted run", path)
     atomic_write_text(os.path.join(work_dir, os.path.basename(cfg_get(cfg, "filename") or "config.py")),
                       config_text(cfg))
 
@@ -220,6 +234,13 @@ def _save(runner: LoopRunner, raw_model: nn.Module, scheduler: Any, scaler: Any,
           ckpts: CheckpointSettings, done: int) -> None:
     """Gather every rank's RNG state and temporal memory; rank 0 writes ``epoch_N.pth`` or ``iter_N.pth``
     and ``latest.pth``."""
+    state_dict = raw_model.state_dict()
+    bad = non_finite_tensors(state_dict)
+    if bad:  # every rank holds the same weights (DDP), so every rank stops here
+        raise NonFiniteTrainingError(
+            "non-finite weights at iteration {}: {} of {} tensors (e.g. {}); not saved, the last checkpoint "
+            "(latest.pth) is finite; add NonFiniteGuardHook to custom_hooks, lower optimizer.lr or set "
+            "optimizer_config.grad_clip".format(done, len(bad), len(state_dict), bad[:3]))
     per_rank: List[Any] = [(rng_state(), memory_states(raw_model))]
     if runner.world_size > 1:
         per_rank = [None] * runner.world_size
@@ -231,7 +252,7 @@ def _save(runner: LoopRunner, raw_model: nn.Module, scheduler: Any, scaler: Any,
     meta: Dict[str, Any] = dict(to_plain(runner.meta))
     meta.update(epoch=epoch, iter=done, iters_per_epoch=schedule.iters_per_epoch, world_size=runner.world_size,
                 config=config_text(cfg), time=time.asctime(), torch_version=str(torch.__version__))
-    checkpoint = dict(meta=meta, state_dict=raw_model.state_dict(), optimizer=runner.optimizer.state_dict(),
+    checkpoint = dict(meta=meta, state_dict=state_dict, optimizer=runner.optimizer.state_dict(),
                       lr_scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
                       rng=[state[0] for state in per_rank], memory=[state[1] for state in per_rank], epoch=epoch,
                       iter=done)

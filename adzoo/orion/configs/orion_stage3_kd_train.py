@@ -31,8 +31,8 @@
 #   python tools/head_pruning_utils.py prune-config --importance work_dirs/heads.json --pruning-ratio 0.5 \
 #       --channel-importance work_dirs/channels.json --mlp-hidden 1536 --out work_dirs/joint_prune.json
 # then, in this file:
-#   kd_config = dict(..., head_selection=None, mlp_pruning_ratio=1 - 1536 / 2730)   # optional check of the width
-#   model = dict(..., pruning_config='work_dirs/joint_prune.json')                 # heads and channels per block
+#   model = dict(..., pruning_config='work_dirs/joint_prune.json',                 # heads and channels per block
+#                kd_config=dict(..., head_selection=None, mlp_pruning_ratio=1 - 1536 / 2730))  # optional width check
 # img_backbone stays as below: num_heads / mlp_hidden are taken from the file when not given (a given
 # value must agree). Without a file, img_backbone=dict(..., num_heads=8, mlp_hidden=1536) with
 # head_selection='magnitude' keeps the heads and channels with the largest weight norms.
@@ -70,35 +70,27 @@ if _orion_kd_missing_module(custom_imports['imports']) is not None:
         'config again'.format(_orion_kd_missing_module(custom_imports['imports'])))
 del _orion_kd_missing_module
 
-kd_config = dict(
-    teacher_backbone_path='ckpt/orion/orion.pth',  # the full ORION checkpoint (backbone is sliced from it)
-    alpha_schedule='step',
-    warmup_alpha=0.8,
-    finetune_alpha=0.6,
-    warmup_epochs=1,
-    distillation_temperature=3.0,
-    feature_distill_weight=0.5,
-    attention_distill_weight=0.3,
-    output_distill_weight=0.2,
-    freeze_non_backbone=True,
-    frozen_parts_mode='train',
-    pruning_ratio=0.5,  # fraction of heads removed
-    head_selection='magnitude',  # q/k/v weight norms of the teacher; or None with model.pruning_config=FILE
-)
-
+# Every KD setting lives in model.kd_config, and only there (OrionStudent reads nothing else);
+# override with --cfg-options model.kd_config.KEY=VALUE.
 model = dict(
     type='OrionStudent',
     base_detector='Orion',
-    teacher_backbone_path=kd_config['teacher_backbone_path'],
-    freeze_non_backbone=True,
-    kd_config=kd_config,
-    distillation_loss=dict(
-        type='CombinedKDLoss',
-        temperature=kd_config['distillation_temperature'],
-        feature_distill_weight=kd_config['feature_distill_weight'],
-        attention_distill_weight=kd_config['attention_distill_weight'],
-        output_distill_weight=kd_config['output_distill_weight'],
-        vl_distill_weight=0.0),
+    kd_config=dict(
+        teacher_backbone_path='ckpt/orion/orion.pth',  # the full ORION checkpoint (backbone is sliced from it)
+        alpha_schedule='step',
+        warmup_alpha=0.8,
+        finetune_alpha=0.6,
+        warmup_epochs=1,
+        distillation_temperature=3.0,
+        feature_distill_weight=0.5,
+        attention_distill_weight=0.3,
+        output_distill_weight=0.2,
+        freeze_non_backbone=True,
+        frozen_parts_mode='train',
+        pruning_ratio=0.5,  # fraction of heads removed
+        head_selection='magnitude',  # q/k/v weight norms of the teacher; or None with model.pruning_config=FILE
+    ),
+    distillation_loss=dict(type='CombinedKDLoss'),  # temperature and weights: model.kd_config
     img_backbone=dict(
         _delete_=True,
         type='EVAViTStudent',
@@ -125,5 +117,7 @@ model = dict(
 custom_hooks = [
     dict(type='KDCheckHook', priority='VERY_HIGH'),
     dict(type='KDAlphaScheduleHook', iters_per_epoch={{_base_.num_iters_per_epoch}}),
+    # skip a step with a non-finite loss or gradient norm; stop after 3 in a row (before any save)
+    dict(type='NonFiniteGuardHook', priority='ABOVE_NORMAL', max_consecutive_skips=3),
     dict(type='KDExportStudentHook', filename='student_pruned.pth'),
 ]

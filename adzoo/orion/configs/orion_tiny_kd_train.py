@@ -19,36 +19,28 @@ custom_imports = dict(
     ],
     allow_failed_imports=False)
 
-kd_config = dict(
-    teacher_backbone_path='ckpt/orion_tiny/orion_tiny.pth',
-    alpha_schedule='step',
-    warmup_alpha=0.8,
-    finetune_alpha=0.6,
-    warmup_epochs=1,  # epochs of num_iters_per_epoch iterations (KDAlphaScheduleHook)
-    distillation_temperature=3.0,
-    feature_distill_weight=0.5,
-    attention_distill_weight=0.3,
-    output_distill_weight=0.2,
-    freeze_non_backbone=True,
-    frozen_parts_mode='train',
-    pruning_ratio=0.5,
-    head_selection='magnitude',  # q/k/v weight norms; or None with model.pruning_config=FILE
-)
-
+# Every KD setting lives in model.kd_config, and only there (OrionStudent reads it; a top-level
+# kd_config must agree with it). Override with --cfg-options model.kd_config.KEY=VALUE.
 model = dict(
     type='OrionStudent',
     base_detector='TinyOrion',
-    teacher_backbone_path=kd_config['teacher_backbone_path'],
-    freeze_non_backbone=True,
-    kd_config=kd_config,
+    kd_config=dict(
+        teacher_backbone_path='ckpt/orion_tiny/orion_tiny.pth',
+        alpha_schedule='step',
+        warmup_alpha=0.8,
+        finetune_alpha=0.6,
+        warmup_epochs=1,  # epochs of num_iters_per_epoch iterations (KDAlphaScheduleHook)
+        distillation_temperature=3.0,
+        feature_distill_weight=0.5,
+        attention_distill_weight=0.3,
+        output_distill_weight=0.2,
+        freeze_non_backbone=True,
+        frozen_parts_mode='train',
+        pruning_ratio=0.5,
+        head_selection='magnitude',  # q/k/v weight norms; or None with model.pruning_config=FILE
+    ),
     pruning_config=None,  # a file from tools/head_pruning_utils.py prune-config (then kd_config.head_selection=None)
-    distillation_loss=dict(
-        type='CombinedKDLoss',
-        temperature=kd_config['distillation_temperature'],
-        feature_distill_weight=kd_config['feature_distill_weight'],
-        attention_distill_weight=kd_config['attention_distill_weight'],
-        output_distill_weight=kd_config['output_distill_weight'],
-        vl_distill_weight=0.0),
+    distillation_loss=dict(type='CombinedKDLoss'),  # temperature and weights: model.kd_config
     img_backbone=dict(type='EVAViTStudent', num_heads=8, teacher_num_heads=16))
 
 # 512 frames = 64 scenes; streaming order as in ORION's stage 3 (warm-up pieces for the first epoch).
@@ -62,6 +54,8 @@ num_iters_per_epoch = 512 // 8  # train.num_samples // samples_per_gpu (orion_ti
 custom_hooks = [
     dict(type='KDCheckHook', priority='VERY_HIGH'),
     dict(type='KDAlphaScheduleHook', iters_per_epoch=num_iters_per_epoch),
+    # skip a step with a non-finite loss or gradient norm; stop after 3 in a row (before any save)
+    dict(type='NonFiniteGuardHook', priority='ABOVE_NORMAL', max_consecutive_skips=3),
     dict(type='KDExportStudentHook', filename='student_pruned.pth'),
 ]
 

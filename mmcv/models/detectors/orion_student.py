@@ -35,10 +35,11 @@ import torch.nn as nn
 
 from mmcv.models.backbones.eva_vit_student import EVAViTStudent
 from mmcv.models.builder import DETECTORS, build_backbone, build_loss
-from mmcv.models.utils.checkpoint_io import atomic_torch_save, atomic_write, load_checkpoint_file, state_dict_of
+from mmcv.models.utils.checkpoint_io import (atomic_torch_save, atomic_write, load_checkpoint_file, require_finite,
+                                            state_dict_of)
 from mmcv.models.utils.eva_surgery import (BACKBONE_PREFIX, CHANNEL_INDEX_SUFFIX, HEAD_INDEX_SUFFIX, apply_slice_plan,
                                            backbone_subdict, pruning_slice_plan, split_block_key)
-from mmcv.models.utils.kd_config import resolve_distillation_alpha, resolve_kd_config
+from mmcv.models.utils.kd_config import distillation_loss_config, resolve_distillation_alpha, resolve_kd_config
 from mmcv.models.utils.label_subset import detach_unlabelled, labelled_mask
 from mmcv.models.utils.student_selection import resolve_student_selection
 
@@ -99,7 +100,8 @@ class OrionStudent(nn.Module):
             fills the teacher backbone, the sliced student backbone and every frozen part.
         freeze_non_backbone: only ``img_backbone.*`` requires gradients (the guide's setting).
         kd_config: the guide's KD keys (see ``KD_CONFIG_KEYS``; unknown keys are errors).
-        distillation_loss: a ``CombinedKDLoss`` config (weights/temperature default to ``kd_config``).
+        distillation_loss: a ``CombinedKDLoss`` config; its weights/temperature are ``kd_config``'s (a value
+            given in both places must agree).
         pruning_config: which heads (and SwiGLU channels) each block keeps: a configuration file written
             by ``tools/head_pruning_utils.py prune-config`` (``PruningConfig.save``), a ``PruningConfig``, a dict
             with ``selected_heads_per_layer`` (+ ``selected_channels_per_layer``) or the head lists. A pruned
@@ -125,6 +127,7 @@ class OrionStudent(nn.Module):
                  teacher_backbone: Optional[Mapping[str, Any]] = None, load_base_weights: bool = True,
                  img_backbone: Optional[Mapping[str, Any]] = None, **base_kwargs: Any) -> None:
         kd = resolve_kd_config(kd_config, teacher_backbone_path, freeze_non_backbone)
+        distill_loss = build_loss(distillation_loss_config(kd, kd_config, distillation_loss))  # before the teacher
         if img_backbone is None or img_backbone.get("type") != "EVAViTStudent":
             raise ValueError(f"OrionStudent: img_backbone must be dict(type='EVAViTStudent', ...), got "
                              f"{None if img_backbone is None else img_backbone.get('type')!r}")
@@ -134,7 +137,7 @@ class OrionStudent(nn.Module):
                              "e.g. ckpt/orion/orion.pth)")
         if not os.path.isfile(teacher_path):
             raise FileNotFoundError(f"Teacher model not found at {teacher_path}: put the fully trained ORION "
-                                    f"checkpoint there or set model.teacher_backbone_path (miniature world: "
+                                    f"checkpoint there or set model.kd_config.teacher_backbone_path (miniature world: "
                                     f"python tools/train_tiny_teacher.py)")
         started = time.time()
         checkpoint = load_checkpoint_file(teacher_path)
@@ -143,6 +146,8 @@ class OrionStudent(nn.Module):
         if not backbone_state:
             raise ValueError(f"{teacher_path}: no 'img_backbone.*' keys; expected a full ORION "
                              f"checkpoint with the unpruned backbone")
+        require_finite(backbone_state, f"teacher {teacher_path} (img_backbone)",
+                       "a teacher must be finite: use the trained ORION checkpoint, not a diverged one")
 
         student_cfg, selection_source = resolve_student_selection(dict(img_backbone), pruning_config, kd,
                                                                   backbone_state, teacher_path)
@@ -155,13 +160,7 @@ class OrionStudent(nn.Module):
         # Iteration 0 lies in the warm-up iff it has any length, whatever the epoch size.
         self.distillation_alpha = resolve_distillation_alpha(kd, 0, iters_per_epoch=1)
         self.head_selection_source = selection_source
-        loss_cfg = dict(type="CombinedKDLoss", temperature=kd["distillation_temperature"],
-                        feature_distill_weight=kd["feature_distill_weight"],
-                        attention_distill_weight=kd["attention_distill_weight"],
-                        output_distill_weight=kd["output_distill_weight"],
-                        vl_distill_weight=kd["vl_distill_weight"])
-        loss_cfg.update(distillation_loss or {})
-        self.distill_loss = build_loss(loss_cfg)
+        self.distill_loss = distill_loss
         if getattr(self.distill_loss, "vl_distill_weight", 0.0) > 0 and not callable(getattr(self, "vl_tokens", None)):
             raise ValueError(f"OrionStudent: vl_distill_weight > 0 but {self.base_detector_name} has no side-effect-"
                              f"free vl_tokens(img_feats, **data) (ORION's heads keep temporal memory); set "
@@ -220,6 +219,8 @@ class OrionStudent(nn.Module):
                     ([f"mis-shaped: {'; '.join(misshaped[:4])}"] if misshaped else [])
             raise ValueError(f"{label}: checkpoint does not fit {self.base_detector_name}'s frozen parts: "
                              + "; ".join(parts))
+        require_finite({k: full_state[k] for k in own}, f"teacher {label} (frozen parts)",
+                       "a teacher must be finite: use the trained ORION checkpoint, not a diverged one")
         unexpected = sorted(k for k in full_state if not k.startswith(_TRAINABLE_PREFIX) and k not in own)
         with torch.no_grad():
             targets = dict(self.named_parameters())
@@ -421,6 +422,7 @@ class OrionStudent(nn.Module):
             pruning=self._pruning_meta(),
             kd_config={k: v for k, v in self.kd_config.items()}, created=time.strftime("%Y-%m-%d %H:%M:%S"))
         state = OrderedDict((k, v.detach().cpu().clone()) for k, v in self.state_dict().items())
+        require_finite(state, f"export to {path}", "not exported: the student's weights diverged")
         atomic_torch_save(dict(meta=meta, state_dict=state), path)
         written = dict(checkpoint=path)
         if backbone_safetensors:

@@ -15,6 +15,8 @@ import json
 import os
 import pickle
 import re
+import warnings
+import zipfile
 from typing import Any, Callable, Dict, List, Mapping, Union
 
 import torch
@@ -37,6 +39,12 @@ def load_checkpoint_file(path: PathLike) -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError("checkpoint not found: {}".format(path))
+    with warnings.catch_warnings():  # torch warns about a non-default pickle protocol before refusing it
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return _load_weights_only(path)
+
+
+def _load_weights_only(path: str) -> Any:
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -51,8 +59,47 @@ def load_checkpoint_file(path: PathLike) -> Any:
         raise pickle.UnpicklingError("{}: refused to unpickle (weights_only=True allows tensors and plain types "
                                      "only; user files are never unpickled): {}".format(path, detail)) from None
     except Exception as err:  # torch raises many types for non-torch or truncated files
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError("{}: not a readable torch checkpoint ({})".format(path, first)) from None
+        raise CheckpointError("{}: {}".format(path, _unreadable_reason(path, err))) from None
+
+
+def _unreadable_reason(path: str, err: Exception) -> str:
+    """Why torch could not read ``path``, in words a user can act on."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty (0 bytes; an interrupted save or copy?): save or copy it again"
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return "truncated or corrupted ({} bytes; the zip archive of a torch checkpoint is incomplete): save or " \
+               "copy it again".format(size)
+    if not head.startswith(b"PK") and not head.startswith(b"\x80"):
+        return "not a torch checkpoint (starts with {!r}, expected a zip archive from torch.save)".format(head)
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return "not a readable torch checkpoint ({}: {})".format(type(err).__name__, first[:200])
+
+
+def non_finite_tensors(named: Mapping[str, Any]) -> List[str]:
+    """Names of the floating-point tensors in ``named`` that hold a NaN or an infinity.
+
+    One device synchronisation per device, not one per tensor (it runs after every training step).
+    """
+    floats = [(name, t) for name, t in named.items() if torch.is_tensor(t) and t.is_floating_point()]
+    by_device: Dict[Any, List[int]] = {}
+    for index, (_, tensor) in enumerate(floats):
+        by_device.setdefault(tensor.device, []).append(index)
+    bad: List[int] = []
+    for indices in by_device.values():
+        finite = torch.stack([torch.isfinite(floats[i][1]).all() for i in indices]).tolist()
+        bad.extend(i for i, ok in zip(indices, finite) if not ok)
+    return [floats[i][0] for i in sorted(bad)]
+
+
+def require_finite(named: Mapping[str, Any], label: str, fix: str) -> None:
+    """Raise :class:`CheckpointError` naming ``label`` and the first tensors when any tensor is non-finite."""
+    bad = non_finite_tensors(named)
+    if bad:
+        raise CheckpointError("{}: {} of {} tensors hold NaN or infinite values (e.g. {}); {}".format(
+            label, len(bad), len(named), bad[:3], fix))
 
 
 def strip_module_prefix(state: Mapping[str, Any]) -> Dict[str, Any]:
@@ -88,7 +135,10 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], binary: bool = Tr
     tmp = temp_path_for(path)
     try:
         with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
-            write(handle)
+            try:
+                write(handle)
+            except OSError as err:  # name the file that could not be written (disk full, quota)
+                raise OSError(err.errno, err.strerror or str(err), path) from None
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -98,9 +148,37 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], binary: bool = Tr
     return path
 
 
+class _WriteErrorRecorder:
+    """A binary file handle that remembers the first ``OSError`` of a write (ENOSPC, EFBIG, EIO)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.error: Any = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            if self.error is None:
+                self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def atomic_torch_save(obj: Any, path: PathLike) -> str:
     """``torch.save(obj)`` to ``path`` atomically."""
-    return atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)
+    def write(handle: Any) -> None:
+        recorder = _WriteErrorRecorder(handle)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:  # torch.save reports a failed write (disk full) as RuntimeError
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
+
+    return atomic_write(path, write, binary=True)
 
 
 def atomic_write_text(path: PathLike, text: str) -> str:
@@ -160,6 +238,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 __all__ = [
-    "CheckpointError", "load_checkpoint_file", "strip_module_prefix", "state_dict_of", "temp_path_for",
+    "CheckpointError", "load_checkpoint_file", "non_finite_tensors", "require_finite", "strip_module_prefix", "state_dict_of", "temp_path_for",
     "atomic_write", "atomic_torch_save", "atomic_write_text", "atomic_write_json", "json_default", "remove_stale_temp_files",
 ]

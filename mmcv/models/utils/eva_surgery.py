@@ -194,6 +194,12 @@ def magnitude_scores(backbone_state: Mapping[str, torch.Tensor], depth: int, num
             raise ValueError(f"{label}: no {BACKBONE_PREFIX}{absent[0]}; expected an unpruned backbone of depth "
                              f"{depth} with {num_heads} heads")
         tensors = [backbone_state[key] for key in keys]
+        for key, tensor in zip(keys, tensors):
+            rows_axis = 1 if key.endswith("attn.proj.weight") else 0
+            if tensor.ndim != 2 or tensor.shape[rows_axis] % num_heads:
+                raise ValueError(f"{label}: {BACKBONE_PREFIX}{key} has shape {tuple(tensor.shape)}; expected a 2-D "
+                                 f"weight whose {'columns' if rows_axis else 'rows'} split into {num_heads} heads "
+                                 f"(the unpruned backbone the config describes)")
         rows.append(head_weight_norms(*tensors[:3], num_heads=num_heads,
                                       proj_weight=tensors[3] if include_proj else None))
     return torch.stack(rows)

@@ -167,5 +167,61 @@ def resolve_kd_config(kd_config: Optional[Mapping[str, Any]], teacher_backbone_p
     return kd
 
 
-__all__ = ["KD_CONFIG_KEYS", "FROZEN_PARTS_MODES", "HEAD_SELECTIONS", "DEFAULT_WARMUP_EPOCHS", "KDConfigError",
+#: ``CombinedKDLoss`` argument -> the ``kd_config`` key that owns its value.
+LOSS_KEYS_IN_KD_CONFIG = {"temperature": "distillation_temperature", "feature_distill_weight": "feature_distill_weight",
+                          "attention_distill_weight": "attention_distill_weight",
+                          "output_distill_weight": "output_distill_weight", "vl_distill_weight": "vl_distill_weight"}
+#: OrionStudent arguments that repeat a ``kd_config`` key.
+MODEL_KEYS_IN_KD_CONFIG = ("teacher_backbone_path", "freeze_non_backbone")
+
+
+def distillation_loss_config(kd: Dict[str, Any], given_kd: Optional[Mapping[str, Any]],
+                             distillation_loss: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The ``CombinedKDLoss`` config; its temperature and weights are ``kd_config``'s.
+
+    ``model.distillation_loss`` may give them too: a value that ``kd_config`` also gives must be
+    equal (else :class:`KDConfigError`); one that only ``distillation_loss`` gives becomes ``kd``'s
+    value as well, so the ``kd_config`` recorded in checkpoints is the one that trained.
+    """
+    loss_cfg: Dict[str, Any] = dict(type="CombinedKDLoss")
+    loss_cfg.update({loss_key: kd[kd_key] for loss_key, kd_key in LOSS_KEYS_IN_KD_CONFIG.items()})
+    given = dict(given_kd or {})
+    for loss_key, value in dict(distillation_loss or {}).items():
+        kd_key = LOSS_KEYS_IN_KD_CONFIG.get(loss_key)
+        if kd_key is not None and kd_key in given and given[kd_key] != value:
+            raise KDConfigError("model.distillation_loss.{}={!r} but model.kd_config.{}={!r}: give the value once, "
+                                "in model.kd_config.{} (remove it from distillation_loss)".format(
+                                    loss_key, value, kd_key, given[kd_key], kd_key))
+        if kd_key is not None:
+            kd[kd_key] = value
+        loss_cfg[loss_key] = value
+    return loss_cfg
+
+
+def check_kd_config_copies(cfg: Mapping[str, Any]) -> None:
+    """A config's top-level ``kd_config`` (if any) must agree with ``model.kd_config``, which the model reads.
+
+    Raises :class:`KDConfigError` naming the first key whose values differ, so that an override
+    of the top-level copy (``--cfg-options kd_config.pruning_ratio=...``) is never silently dropped.
+    """
+    top = cfg.get("kd_config", None)
+    if top is None:
+        return
+    model = cfg.get("model", None) or {}
+    own = dict(model.get("kd_config", None) or {})
+    for key in sorted(top):
+        if key in own:
+            used = own[key]
+        elif key in MODEL_KEYS_IN_KD_CONFIG and model.get(key, None) is not None:
+            used = model.get(key)
+        else:
+            used = KD_CONFIG_KEYS.get(key)
+        if top[key] != used:
+            raise KDConfigError("kd_config.{0}={1!r} but model.kd_config.{0}={2!r}: the model reads model.kd_config "
+                                "only; set model.kd_config.{0} (e.g. --cfg-options model.kd_config.{0}=...) or drop "
+                                "the top-level kd_config".format(key, top[key], used))
+
+
+__all__ = ["LOSS_KEYS_IN_KD_CONFIG", "MODEL_KEYS_IN_KD_CONFIG", "distillation_loss_config", "check_kd_config_copies",
+           "KD_CONFIG_KEYS", "FROZEN_PARTS_MODES", "HEAD_SELECTIONS", "DEFAULT_WARMUP_EPOCHS", "KDConfigError",
            "validate_kd_config", "warmup_iterations", "resolve_distillation_alpha", "resolve_kd_config"]

@@ -58,6 +58,14 @@ CHANNELS = UnitKind("channel", "mlp_hidden", "selected_channels_per_layer", "the
                     "mlp_pruning_ratio")
 
 
+def _number(payload: Mapping[str, Any], key: str, kind: type) -> Any:
+    """``payload[key]`` as ``kind`` (int or float); a value of another type names the key (the caller adds the file)."""
+    value = payload[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ValueError(f"key {key!r} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
+
+
 # --------------------------------------------------------------------------- ratio and counts
 
 
@@ -83,6 +91,9 @@ def _kept_count_message(ratio: float, keep: int, units: int, depth: int, kept: i
     if ratio > 0 and kept == depth * kept_per_block(units, 1.0 - ratio):
         message += (f"; that is {kind.ratio_arg} {1 - ratio:g} in this code base ({ratio:g} would be the kept "
                     f"fraction, the other reading)")
+    else:
+        message += (f"; fix: keep {keep} {kind.singular}s per block ({kind.count_arg}), or set {kind.ratio_arg} "
+                    f"to {1 - kept / (depth * units):.4g}, the fraction this selection removes")
     return message
 
 
@@ -312,13 +323,13 @@ class PruningConfig:
             hidden = payload.get("teacher_mlp_hidden")
             mlp_ratio = payload.get("mlp_pruning_ratio")
             return cls(selected_heads_per_layer=payload["selected_heads_per_layer"],
-                       teacher_num_heads=int(payload["teacher_num_heads"]),
-                       pruning_ratio=float(payload["pruning_ratio"]), strategy=payload.get("strategy", "uniform"),
+                       teacher_num_heads=_number(payload, "teacher_num_heads", int),
+                       pruning_ratio=_number(payload, "pruning_ratio", float), strategy=payload.get("strategy", "uniform"),
                        method=payload.get("method", ""), min_heads_per_layer=int(payload.get("min_heads_per_layer", 1)),
                        num_heads=list(payload.get("num_heads") or []), metadata=dict(payload.get("metadata") or {}),
                        selected_channels_per_layer=payload.get("selected_channels_per_layer"),
-                       teacher_mlp_hidden=None if hidden is None else int(hidden),
-                       mlp_pruning_ratio=None if mlp_ratio is None else float(mlp_ratio),
+                       teacher_mlp_hidden=None if hidden is None else _number(payload, "teacher_mlp_hidden", int),
+                       mlp_pruning_ratio=None if mlp_ratio is None else _number(payload, "mlp_pruning_ratio", float),
                        mlp_hidden=list(payload.get("mlp_hidden") or []),
                        channel_method=payload.get("channel_method", ""),
                        min_channels_per_layer=int(payload.get("min_channels_per_layer", 1)))

@@ -4,13 +4,16 @@ In an ORION checkout ORION's own ``custom_train_model`` builds every entry of ``
 from the hook registry and its ``IterBasedRunner`` calls them; the standalone loop does the same.
 The KD configs list:
 
-* ``KDCheckHook``: before the run, fails with one clear message unless the model is an
+* ``KDCheckHook``: before the run, removes the temporary files a killed save left in ``work_dir``
+  (rank 0), and fails with one clear message unless the model is an
   ``OrionStudent`` whose trainable parameters are exactly ``img_backbone.*`` and whose teacher is
   outside the state dict, the parameters (so DDP) and the optimizer; at the first iteration, that
   the frozen parts are in the mode ``kd_config.frozen_parts_mode`` asks for.
 * ``KDAlphaScheduleHook``: before every iteration, sets the distillation alpha from
   ``runner.iter`` (a pure function of the iteration, so a resumed run continues the schedule
   where it stopped) and logs it.
+* ``NonFiniteGuardHook`` (``mmcv/runner/hooks/nonfinite_guard.py``, registered with these): skips a
+  step whose loss or gradient norm is non-finite and stops the run after a few in a row.
 * ``KDExportStudentHook``: after the run, rank 0 writes the exported student (ORION checkpoint,
   backbone safetensors, and an inference config for ORION's test.py) into ``work_dir``, atomically.
 
@@ -28,8 +31,9 @@ from torch import nn
 
 from mmcv.models.detectors.orion_student import OrionStudent
 from mmcv.models.utils.kd_config import resolve_distillation_alpha
-from mmcv.models.utils.checkpoint_io import atomic_write_text
+from mmcv.models.utils.checkpoint_io import atomic_write_text, remove_stale_temp_files
 from mmcv.runner.hooks import HOOKS, Hook
+from mmcv.runner.hooks.nonfinite_guard import NonFiniteGuardHook  # noqa: F401  (registers it with the KD hooks)
 
 _TRAINABLE_PREFIX = "img_backbone."
 _ALWAYS_TRAINING_CHILDREN = ("img_backbone", "grid_mask")
@@ -109,6 +113,9 @@ class KDCheckHook(Hook):
 
     def before_run(self, runner: Any) -> None:
         student = student_of(runner, "KDCheckHook")
+        if getattr(runner, "rank", 0) == 0 and getattr(runner, "work_dir", None):
+            for path in remove_stale_temp_files(runner.work_dir):  # a killed save leaves GBs behind
+                _log(runner, "KDCheckHook: removed {}, left by an interrupted run".format(path))
         self._check_trainable(student)
         teacher = _tensor_ids(student.teacher_backbone.parameters())
         teacher.update(_tensor_ids(student.teacher_backbone.buffers()))
