@@ -138,7 +138,7 @@ class OrionStudent(nn.Module):
         if not os.path.isfile(teacher_path):
             raise FileNotFoundError(f"Teacher model not found at {teacher_path}: put the fully trained ORION "
                                     f"checkpoint there or set model.kd_config.teacher_backbone_path (miniature world: "
-                                    f"python tools/train_tiny_teacher.py)")
+                                    f"python tools/train_tiny_teacher.py --materialize)")
         started = time.time()
         checkpoint = load_checkpoint_file(teacher_path)
         full_state = state_dict_of(checkpoint, teacher_path)
