@@ -5,7 +5,7 @@
     python demo_kd_50_pruning.py --joint                        # heads + SwiGLU width (see README_KD.md)
 
 The pipeline runs end to end on the built-in miniature ORION (TinyOrion on synthetic
-Chat-B2D-shaped data) in a few minutes on a CPU: teacher (trained if missing) -> head importance
+Chat-B2D-shaped data) in a few minutes on a CPU: teacher (the shipped, checksummed one) -> head importance
 by every method -> a 50% pruning configuration -> impact analysis (and random-head baselines) ->
 KD training for 3 epochs through the launcher's training loop -> evaluation -> export ->
 benchmark. It writes report.md, report.json and PNG plots to work_dirs/demo_kd_50_pruning/.
@@ -168,7 +168,7 @@ def stage_teacher(run: DemoRun) -> None:
     from tools.train_tiny_teacher import ensure_tiny_teacher, load_tiny_teacher
 
     teacher_path = run.cfg.model.kd_config.teacher_backbone_path
-    ensure_tiny_teacher(teacher_path, seed=run.args.seed)
+    ensure_tiny_teacher(teacher_path, seed=run.args.seed)  # the default path: written from the shipped teacher
     run.teacher = load_tiny_teacher(teacher_path)
     run.val_set = build_dataset(run.cfg.data.val)
     train_set = build_dataset(run.cfg.data.train)
@@ -340,7 +340,13 @@ def main(argv: Optional[List[str]] = None) -> int:
               "ORION checkout run `python demo_kd_50_pruning.py --check-setup --config "
               "adzoo/orion/configs/orion_stage3_kd_train.py`", file=sys.stderr)
         return 2
-    run_pipeline(args)
+    from tools.tiny_teacher_asset import TeacherAssetError
+
+    try:
+        run_pipeline(args)
+    except TeacherAssetError as err:  # a damaged shipped teacher or a stale cached one: one line with the fix
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

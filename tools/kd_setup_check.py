@@ -228,7 +228,8 @@ def run_setup_checks(config_path: str, root: str = ".") -> List[Check]:
     checks.append(check_plugin(cfg))
     tiny = (cfg.model.get("base_detector") == "TinyOrion"
             or ((cfg.get("data") or {}).get("train") or {}).get("type") == "SyntheticChatB2D")
-    fix = ("python tools/train_tiny_teacher.py (or run the demo, which trains it)" if tiny else
+    fix = ("python tools/train_tiny_teacher.py --materialize (writes it from the shipped teacher; the demo does it "
+           "too)" if tiny else
            "put the fully trained ORION checkpoint at that path (ckpt/orion/orion.pth) or set "
            "model.kd_config.teacher_backbone_path")
     checks.append(check_teacher(cfg, fix))

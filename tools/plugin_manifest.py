@@ -29,6 +29,7 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "mmcv/models/utils/pruning_cost.py",
     "mmcv/models/utils/pruning_config.py",
     "mmcv/models/utils/kd_config.py",
+    "mmcv/models/utils/label_subset.py",
     "mmcv/models/utils/student_selection.py",
     "mmcv/models/backbones/eva_layers.py",
     "mmcv/models/backbones/eva_vit_student.py",

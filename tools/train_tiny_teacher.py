@@ -1,18 +1,25 @@
-"""Train the miniature ORION teacher (TinyOrion on SyntheticChatB2D) on CPU in a few minutes.
+"""Train the miniature ORION teacher (TinyOrion on SyntheticChatB2D) on CPU; ship it; load it.
 
-    python tools/train_tiny_teacher.py [--config adzoo/orion/configs/orion_tiny_train.py]
-                                       [--out ckpt/orion_tiny/orion_tiny.pth] [--seed 0]
+    python tools/train_tiny_teacher.py --materialize      # ckpt/orion_tiny/orion_tiny.pth from the shipped teacher
+    python tools/train_tiny_teacher.py [--config adzoo/orion/configs/orion_tiny_train.py] [--seed 0]
+                                       [--out work_dirs/orion_tiny/orion_tiny_retrained.pth] [--eval-interval N]
+    python tools/train_tiny_teacher.py --ship             # retrain and replace the shipped teacher + its curve
     python tools/train_tiny_teacher.py --memory-benefit [--checkpoint ckpt/orion_tiny/orion_tiny.pth]
 
+The repository ships a converged teacher (``ckpt/orion_tiny/orion_tiny_teacher.safetensors`` with its
+sha256, ``tools/tiny_teacher_asset.py``; curve in ``docs/tiny_teacher_curve.png``): the default config and
+seed 0 with one thread reproduce it (~15 min on 2 cores). A retrain is compared with the shipped teacher at
+the end (identical weights, or the largest difference and the metrics side by side).
 The loop reads top to bottom: config, data (batches from ``data.shuffler_sampler``,
 ORION's streaming order), model, optimiser and lr schedule (the KD loop's builders),
-then one loop that steps, logs and finally evaluates against the image-blind chance
-levels and saves an ORION-format checkpoint (``{'meta', 'state_dict'}``) atomically.
-The final evaluation streams the validation scenes twice, with the temporal memory and
-with the memory reset before every frame, and records both (``--memory-benefit`` repeats
-that measurement for an existing checkpoint). The same seed (and thread count, fixed by
-the config) gives the same teacher. ``ensure_tiny_teacher()`` creates the checkpoint when
-it is missing (the demo calls it); ``load_tiny_teacher()`` rebuilds the model from it.
+then one loop that steps, logs (and with ``--eval-interval`` validates) and finally evaluates
+against the image-blind chance levels and saves an ORION-format checkpoint
+(``{'meta', 'state_dict'}``) atomically. The final evaluation streams the validation scenes twice,
+with the temporal memory and with the memory reset before every frame, and records both
+(``--memory-benefit`` repeats that measurement for an existing checkpoint). The same seed and thread
+count (fixed by the config) give the same teacher. ``ensure_tiny_teacher()`` makes a checkpoint ready
+(the default path from the shipped teacher, refusing stale files); ``load_tiny_teacher()`` rebuilds the
+model from it.
 """
 from __future__ import annotations
 
@@ -39,13 +46,21 @@ from mmcv.models import build_model  # noqa: E402
 from mmcv.models.utils.checkpoint_io import (atomic_torch_save, atomic_write_json, load_checkpoint_file,  # noqa: E402
                                             state_dict_of)
 from mmcv.utils import set_random_seed  # noqa: E402
+from tools.tiny_teacher_asset import (MATERIALIZED_CHECKPOINT, check_materialized, compare_with_shipped,  # noqa: E402
+                                      materialize_teacher_checkpoint, plot_curve, write_shipped_teacher)
 
 DEFAULT_CONFIG = REPO_ROOT / "adzoo" / "orion" / "configs" / "orion_tiny_train.py"
-DEFAULT_CHECKPOINT = REPO_ROOT / "ckpt" / "orion_tiny" / "orion_tiny.pth"
+DEFAULT_CHECKPOINT = MATERIALIZED_CHECKPOINT
+RETRAINED_CHECKPOINT = REPO_ROOT / "work_dirs" / "orion_tiny" / "orion_tiny_retrained.pth"
+CURVE_JSON = REPO_ROOT / "docs" / "tiny_teacher_curve.json"
+SHIP_EVAL_INTERVAL = 200
 # Metrics where lower is better (the plan errors); every other reported metric is higher-is-better.
 LOWER_IS_BETTER = ("plan_l2", "plan_l2_1s", "plan_l2_2s", "plan_l2_3s", "plan_l2_light_hidden")
 COUNTS = ("num_samples", "num_light_hidden")
 HEADLINE_METRICS = ("det_f1", "lane_iou", "qa_acc", "plan_l2")
+# The convergence curve: the headline metrics and every question type (each must end above chance).
+CURVE_METRICS = HEADLINE_METRICS + ("traffic_state_acc", "qa_acc_count_cars", "qa_acc_count_pedestrians",
+                                    "qa_acc_light_state", "qa_acc_next_action")
 MEMORY_METRICS = ("traffic_state_acc_hidden", "qa_acc_light_state_hidden", "plan_l2_light_hidden",
                   "traffic_state_acc", "qa_acc_light_state", "qa_acc", "plan_l2", "det_f1", "lane_iou")
 
@@ -63,11 +78,14 @@ def format_metrics_table(metrics: Dict[str, float], chance: Dict[str, float]) ->
 
 def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG, seed: Optional[int] = None,
                        out: Optional[Union[str, os.PathLike]] = None, max_iters: Optional[int] = None,
-                       evaluate_at_end: bool = True, verbose: bool = True) -> Dict[str, Any]:
-    """Train TinyOrion from ``config``; return ``{'model', 'meta', 'losses', 'path'}``.
+                       evaluate_at_end: bool = True, verbose: bool = True,
+                       eval_interval: Optional[int] = None) -> Dict[str, Any]:
+    """Train TinyOrion from ``config``; return ``{'model', 'meta', 'losses', 'curve', 'path'}``.
 
     ``out`` None: nothing is written. ``max_iters`` overrides ``runner.max_iters``
     (short runs for tests). ``evaluate_at_end`` False skips the validation passes.
+    ``eval_interval`` N: the headline validation metrics every N iterations (the
+    convergence curve, ``meta['curve']``); the temporal memory restarts after each.
     """
     cfg = config if isinstance(config, Config) else Config.fromfile(str(config))
     seed = int(cfg.get("seed", 0) if seed is None else seed)
@@ -91,7 +109,8 @@ def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG,
     log(f"[train_tiny_teacher] seed {seed}, {max_iters} iters, batch {cfg.data['samples_per_gpu']}, order "
         f"{(cfg.data.get('shuffler_sampler') or {}).get('type', 'random')}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {torch.get_num_threads()} threads")
-    losses, start, window, data_time = [], time.time(), time.time(), 0.0
+    losses, curve, start, window, data_time = [], [], time.time(), time.time(), 0.0
+    max_val = (cfg.get("evaluation") or {}).get("max_samples")
     batches = iter(loader)
     for it in range(max_iters):
         t0 = time.time()
@@ -114,6 +133,13 @@ def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG,
             log(f"Iter [{it + 1}/{max_iters}] lr: {lr:.3e}, eta: {eta}, time: {per_iter:.3f}, "
                 f"data_time: {data_time / n:.3f}, {parts}")
             window, data_time = time.time(), 0.0
+        if eval_interval and ((it + 1) % eval_interval == 0 or it + 1 == max_iters):
+            curve.append(dict(iter=it + 1, **{k: v for k, v in evaluate(model, val_set, max_samples=max_val).items()
+                                              if k in CURVE_METRICS}))
+            model.reset_memory()
+            window = time.time()
+            log(f"[train_tiny_teacher] validation at iter {it + 1}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in curve[-1].items() if k != "iter"))
     train_time = time.time() - start
     log(f"[train_tiny_teacher] trained in {train_time:.1f} s")
 
@@ -121,8 +147,9 @@ def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG,
         seed=seed, iter=max_iters, config=cfg.pretty_text, train_time_s=round(train_time, 2),
         torch_version=str(torch.__version__), num_threads=torch.get_num_threads(),
         time=datetime.datetime.now().isoformat(timespec="seconds"), model_type=cfg.model["type"])
+    if curve:
+        meta["curve"] = curve
     if evaluate_at_end:
-        max_val = (cfg.get("evaluation") or {}).get("max_samples")
         memory = measure_memory_benefit(model, val_set, max_val)
         chance = chance_levels(train_set, val_set, max_val_samples=max_val)
         meta.update(metrics=memory["with_memory"], metrics_memory_reset=memory["memory_reset_each_frame"],
@@ -135,7 +162,7 @@ def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG,
         state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         path = atomic_torch_save(dict(meta=meta, state_dict=state_dict), out)
         log(f"[train_tiny_teacher] wrote {path}")
-    return dict(model=model, meta=meta, losses=losses, path=path)
+    return dict(model=model, meta=meta, losses=losses, curve=curve, path=path)
 
 
 def measure_memory_benefit(model: torch.nn.Module, dataset: Any, max_samples: Optional[int] = None
@@ -179,18 +206,38 @@ def load_tiny_teacher(path: Union[str, os.PathLike] = DEFAULT_CHECKPOINT, config
     else:
         cfg = config if isinstance(config, Config) else Config.fromfile(str(config))
     model = build_model(cfg.model, train_cfg=cfg.model.get("train_cfg"), test_cfg=cfg.model.get("test_cfg"))
-    model.load_state_dict(state_dict_of(ckpt, str(path)), strict=True)
+    state = state_dict_of(ckpt, str(path))
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        raise ValueError(f"load_tiny_teacher: {path} does not fit the TinyOrion of its config ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, {len(reshaped)} reshaped keys, e.g. "
+                         f"{(missing + unexpected + reshaped)[0]}): it was written by another version; delete it "
+                         f"(the default teacher is rewritten from the shipped one) or retrain it with "
+                         f"`python tools/train_tiny_teacher.py --out {path}`")
+    model.load_state_dict(state, strict=True)
     return model.to(map_location).eval()
 
 
 def ensure_tiny_teacher(path: Union[str, os.PathLike] = DEFAULT_CHECKPOINT, seed: int = 0,
                         config: Union[str, os.PathLike] = DEFAULT_CONFIG, verbose: bool = True) -> str:
-    """Return ``path``, training and writing the tiny teacher first when the file is missing."""
+    """Return ``path``, ready to load.
+
+    The default teacher path (``ckpt/orion_tiny/orion_tiny.pth``) is written from the shipped, checksummed
+    teacher when missing and refused with a one-line fix when it came from anything else. Any other
+    path is returned when present and trained from ``config`` (``seed``) when missing.
+    """
     path = Path(path)
+    if path.resolve() == MATERIALIZED_CHECKPOINT.resolve():
+        if path.is_file():
+            check_materialized(path)
+            return str(path)
+        return materialize_teacher_checkpoint(path, verbose=verbose)
     if path.is_file():
         return str(path)
     if verbose:
-        print(f"[train_tiny_teacher] {path} is missing: training the tiny teacher (seed {seed}, about 1-2 min)")
+        print(f"[train_tiny_teacher] {path} is missing: training a tiny teacher from {config} (seed {seed})")
     result = train_tiny_teacher(config, seed=seed, out=path, verbose=verbose)
     return str(result["path"])
 
@@ -198,10 +245,19 @@ def ensure_tiny_teacher(path: Union[str, os.PathLike] = DEFAULT_CHECKPOINT, seed
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train the miniature ORION teacher (TinyOrion) on CPU.")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="ORION-style config file")
-    parser.add_argument("--out", default=None, help="checkpoint to write (default: the config's out_checkpoint)")
+    parser.add_argument("--out", default=None, help="checkpoint to write (default: the config's out_checkpoint, "
+                        "work_dirs/orion_tiny/orion_tiny_retrained.pth); compared with the shipped teacher at the end")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's seed)")
     parser.add_argument("--max-iters", type=int, default=None, help="override runner.max_iters")
     parser.add_argument("--no-eval", action="store_true", help="skip the final validation")
+    parser.add_argument("--materialize", action="store_true",
+                        help="train nothing: write ckpt/orion_tiny/orion_tiny.pth (the ORION-format checkpoint the "
+                             "tiny KD config reads) from the shipped, checksummed teacher")
+    parser.add_argument("--ship", action="store_true",
+                        help="replace the shipped teacher (ckpt/orion_tiny/orion_tiny_teacher.safetensors + .sha256) "
+                             f"and its curve under docs/ (validates every {SHIP_EVAL_INTERVAL} iterations)")
+    parser.add_argument("--eval-interval", type=int, default=None,
+                        help="validate every N iterations (the convergence curve, stored in the checkpoint's meta)")
     parser.add_argument("--memory-benefit", action="store_true",
                         help="train nothing: evaluate --checkpoint in streaming order with the temporal memory and "
                              "with it reset before every frame, print both and write --json")
@@ -216,6 +272,9 @@ def main(argv: Optional[list] = None) -> int:
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
+    if args.materialize:
+        materialize_teacher_checkpoint(MATERIALIZED_CHECKPOINT)
+        return 0
     if args.memory_benefit:
         torch.set_num_threads(int(cfg.get("num_threads", 2)))
         model = load_tiny_teacher(args.checkpoint)
@@ -226,10 +285,37 @@ def main(argv: Optional[list] = None) -> int:
         atomic_write_json(args.json, dict(checkpoint=args.checkpoint, **memory))
         print(f"[train_tiny_teacher] wrote {args.json}")
         return 0
-    out = args.out or cfg.get("out_checkpoint") or str(DEFAULT_CHECKPOINT)
-    train_tiny_teacher(cfg, seed=args.seed, out=out, max_iters=args.max_iters, evaluate_at_end=not args.no_eval)
+    out = args.out or cfg.get("out_checkpoint") or str(RETRAINED_CHECKPOINT)
+    if Path(out).resolve() == MATERIALIZED_CHECKPOINT.resolve():
+        print(f"error: --out {out} is where the shipped teacher is written; choose another path "
+              f"(default {RETRAINED_CHECKPOINT.relative_to(REPO_ROOT)}) or use --ship to replace the shipped teacher",
+              file=sys.stderr)
+        return 2
+    result = train_tiny_teacher(cfg, seed=args.seed, out=out, max_iters=args.max_iters,
+                                evaluate_at_end=not args.no_eval or args.ship,
+                                eval_interval=args.eval_interval or (SHIP_EVAL_INTERVAL if args.ship else None))
+    state = result["model"].state_dict()
+    if args.ship:
+        ship(result, cfg)
+    else:
+        try:
+            print("[train_tiny_teacher] " + "\n".join(compare_with_shipped(state, result["meta"].get("metrics"))))
+        except ValueError as err:  # no (valid) shipped teacher to compare with
+            print(f"[train_tiny_teacher] not compared with the shipped teacher: {str(err).splitlines()[0]}")
     return 0
 
+
+def ship(result: Dict[str, Any], cfg: Config) -> None:
+    """Replace the shipped teacher: safetensors + checksum, the convergence curve (PNG + JSON), the .pth cache."""
+    meta = result["meta"]
+    digest = write_shipped_teacher(result["model"].state_dict(), meta)
+    plot_curve(meta["curve"], meta["chance"])
+    atomic_write_json(CURVE_JSON, dict(seed=meta["seed"], iters=meta["iter"], curve=meta["curve"],
+                                       final=meta["metrics"], chance=meta["chance"],
+                                       memory_reset_each_frame=meta["metrics_memory_reset"], sha256=digest))
+    materialize_teacher_checkpoint(MATERIALIZED_CHECKPOINT)
+    print(f"[train_tiny_teacher] shipped: sha256 {digest}; curve in {CURVE_JSON.relative_to(REPO_ROOT)} and "
+          f"docs/tiny_teacher_curve.png")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,9 @@ One training step:
 ``_parse_losses`` is overridden so that the optimised loss IS ``total_loss`` (ORION's version
 sums every key containing 'loss'). Alpha follows the iteration (``resolve_distillation_alpha``,
 set by ``mmcv/runner/hooks/kd_hooks.py``). Which heads and SwiGLU channels the student keeps:
-``mmcv/models/utils/student_selection.py``. This file is a plugin: Python 3.8, torch 2.0-2.4, no mmengine.
+``mmcv/models/utils/student_selection.py``. With ``kd_config.label_fraction < 1`` every frame is
+distilled but the task loss reaches the student only through the labelled frames
+(``mmcv/models/utils/label_subset.py``). This file is a plugin: Python 3.8, torch 2.0-2.4, no mmengine.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from mmcv.models.utils.checkpoint_io import (atomic_torch_save, atomic_write, lo
 from mmcv.models.utils.eva_surgery import (BACKBONE_PREFIX, CHANNEL_INDEX_SUFFIX, HEAD_INDEX_SUFFIX, apply_slice_plan,
                                            backbone_subdict, pruning_slice_plan, split_block_key)
 from mmcv.models.utils.kd_config import distillation_loss_config, resolve_distillation_alpha, resolve_kd_config
+from mmcv.models.utils.label_subset import detach_unlabelled, labelled_mask
 from mmcv.models.utils.student_selection import resolve_student_selection
 
 _TRAINABLE_PREFIX = BACKBONE_PREFIX
@@ -135,7 +138,7 @@ class OrionStudent(nn.Module):
         if not os.path.isfile(teacher_path):
             raise FileNotFoundError(f"Teacher model not found at {teacher_path}: put the fully trained ORION "
                                     f"checkpoint there or set model.kd_config.teacher_backbone_path (miniature world: "
-                                    f"python tools/train_tiny_teacher.py)")
+                                    f"python tools/train_tiny_teacher.py --materialize)")
         started = time.time()
         checkpoint = load_checkpoint_file(teacher_path)
         full_state = state_dict_of(checkpoint, teacher_path)
@@ -302,12 +305,18 @@ class OrionStudent(nn.Module):
             def capture(module: nn.Module, inputs: Tuple[torch.Tensor, ...]) -> None:
                 captured.append((inputs[0], autocast_dtype(inputs[0].device.type)))
 
-            handle = self.img_backbone.register_forward_pre_hook(capture)
+            handles = [self.img_backbone.register_forward_pre_hook(capture)]
+            if self.kd_config["label_fraction"] < 1.0:
+                labelled = labelled_mask(data["img_metas"], self.kd_config["label_fraction"])
+                handles.append(self.img_backbone.register_forward_hook(
+                    lambda module, inputs, output: detach_unlabelled(output, labelled) if torch.is_tensor(output)
+                    else type(output)(detach_unlabelled(f, labelled) for f in output)))
             try:
                 with self.img_backbone.tapping(hidden_blocks, attn_blocks, num_queries) as student_taps:
                     losses = super().forward_train(**data)
             finally:
-                handle.remove()
+                for handle in handles:
+                    handle.remove()
             if len(captured) != 1:
                 raise RuntimeError(f"OrionStudent: the student backbone ran {len(captured)} times in one training "
                                    f"step; distillation expects exactly one call")

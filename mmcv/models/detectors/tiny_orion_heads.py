@@ -319,8 +319,9 @@ class TinyVLProjector(nn.Module):
     """Scene tokens for the LM from the backbone grid and the detection head's cell features.
 
     Per camera: ``ceil(h / pool) * ceil(w / pool)`` local tokens (average- and
-    max-pooled backbone features, max-pooled detection features) plus one global
-    token (the same statistics over the whole grid), each with camera and position
+    max-pooled backbone and detection features) plus one global token (the same
+    statistics over the whole grid; the detection average is what lets the LM count
+    objects, a maximum only says whether there is one), each with camera and position
     embeddings, projected to the LM width: [B, N * (local + 1), out_channels].
     A pure function of its inputs (no state), so it runs on student and teacher
     features alike. ORION's LLM likewise reads scene queries from its detection head.
@@ -334,7 +335,7 @@ class TinyVLProjector(nn.Module):
         self.grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
         self.det_channels = det_channels
         ph, pw = (math.ceil(s / pool) for s in self.grid_hw)
-        dim = 2 * in_channels + det_channels
+        dim = 2 * in_channels + 2 * det_channels
         self.cam_embed = nn.Parameter(torch.zeros(1, num_cams, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1, ph * pw + 1, dim))  # last slot: the global token
         nn.init.trunc_normal_(self.cam_embed, std=0.02)
@@ -354,8 +355,10 @@ class TinyVLProjector(nn.Module):
         img = img_feats.reshape(b * n, c, h, w)
         det = det_feats.reshape(b * n, self.det_channels, h, w)
         local = torch.cat([F.avg_pool2d(img, self.pool, ceil_mode=True), F.max_pool2d(img, self.pool, ceil_mode=True),
-                           F.max_pool2d(det, self.pool, ceil_mode=True)], dim=1).flatten(2)
-        glob = torch.cat([img.mean(dim=(2, 3)), img.amax(dim=(2, 3)), det.amax(dim=(2, 3))], dim=1)[:, :, None]
+                           F.avg_pool2d(det, self.pool, ceil_mode=True), F.max_pool2d(det, self.pool, ceil_mode=True)],
+                          dim=1).flatten(2)
+        glob = torch.cat([img.mean(dim=(2, 3)), img.amax(dim=(2, 3)), det.mean(dim=(2, 3)), det.amax(dim=(2, 3))],
+                         dim=1)[:, :, None]
         x = torch.cat([local, glob], dim=2).transpose(1, 2).reshape(b, n, local.shape[2] + 1, -1)
         x = (x + self.cam_embed + self.pos_embed).reshape(b, -1, x.shape[-1])
         return self.proj(self.norm(x))

@@ -29,6 +29,7 @@ KD_CONFIG_KEYS = {
     "mlp_pruning_ratio": None,
     "head_selection": None,
     "teacher_dtype": None,
+    "label_fraction": 1.0,
 }
 FROZEN_PARTS_MODES = ("train", "eval")
 DEFAULT_WARMUP_EPOCHS = 1
@@ -156,6 +157,11 @@ def resolve_kd_config(kd_config: Optional[Mapping[str, Any]], teacher_backbone_p
         raise ValueError(f"kd_config.head_selection: expected 'magnitude' or None, got {kd['head_selection']!r} "
                          f"(for the data-driven methods write a configuration with tools/head_pruning_utils.py "
                          f"and set model.pruning_config)")
+    fraction = kd["label_fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= float(fraction) <= 1.0:
+        raise ValueError(f"kd_config.label_fraction: the fraction of training frames whose labels the task loss may "
+                         f"use, a number in [0, 1], got {fraction!r} (1.0: all frames)")
+    kd["label_fraction"] = float(fraction)
     if kd["freeze_non_backbone"] is not True:
         raise ValueError("kd_config.freeze_non_backbone: only True is supported (backbone-only training)")
     return kd

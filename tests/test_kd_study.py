@@ -1,0 +1,81 @@
+"""tools/kd_study.py: the grid, the aggregation over seeds, a resumable run through the launcher's entry point."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tools.kd_study import Cell, build_grid, parse_args, run_study
+from tools.kd_study_report import aggregate, find_group, mean_std
+
+
+def test_default_grid_covers_seeds_ratios_selections_and_trainings_once():
+    cells = build_grid(parse_args([]))
+    assert len({c.name for c in cells}) == len(cells)
+    assert {c.seed for c in cells} == {0, 1, 2} and {c.ratio for c in cells} == {0.5, 0.75}
+    assert {c.selection for c in cells} == {"magnitude", "gradient", "random"}
+    nothing_trained = [c for c in cells if c.training == "none"]
+    assert len(nothing_trained) == 3 * 2 * 3 and all(c.label_fraction == 1.0 for c in nothing_trained)
+    assert len(cells) == 18 + 18 * 2  # kd and task_only with all labels
+    with_labels = build_grid(parse_args(["--label-fractions", "1.0", "0.1"]))
+    assert len(with_labels) == 18 + 18 * 2 * 2
+
+
+def test_quick_grid_and_bad_values():
+    args = parse_args(["--quick"])
+    assert args.ratios == [0.5] and args.seeds == [0, 1, 2] and args.frames == 256
+    for bad in (["--ratios", "1.0"], ["--label-fractions", "1.5"], ["--frames", "12"], ["--frames", "56"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_aggregate_gives_mean_and_sample_std_over_seeds():
+    assert mean_std([1.0, 2.0, 3.0]) == dict(mean=2.0, std=1.0, n=3)
+    records = []
+    for seed, value in ((0, 0.9), (1, 0.8)):
+        cell = Cell(seed, 0.5, "magnitude", "kd")
+        metrics = dict(det_f1=value, lane_iou=value, qa_acc=value, plan_l2=2.0)
+        records.append(dict(cell=cell.__dict__, group=cell.group, metrics=metrics, backbone_cosine=value,
+                            retained=dict(det_f1=value, lane_iou=1.0, qa_acc=1.0, plan_l2=1.0)))
+    group = find_group(aggregate(records), ratio=0.5, selection="magnitude", training="kd")
+    assert group["seeds"] == [0, 1]
+    assert group["metrics"]["det_f1"]["mean"] == pytest.approx(0.85)
+    assert group["metrics"]["det_f1"]["std"] == pytest.approx(0.0707107, rel=1e-5)
+    assert group["worst_retained"]["mean"] == pytest.approx(0.85)
+
+
+def test_study_runs_cells_through_the_launcher_and_skips_finished_ones(tmp_path):
+    argv = ["--out", str(tmp_path), "--seeds", "0", "--ratios", "0.5", "--selections", "random",
+            "--trainings", "none", "kd", "--alphas", "1.0", "--label-fractions", "0.5", "--frames", "64"]
+    summary = run_study(parse_args(argv))
+    names = sorted(r["name"] for r in summary["cells"])
+    assert names == ["heads_r0.5_random_kd_a1_l0.5_s0", "heads_r0.5_random_kd_l0.5_s0", "heads_r0.5_random_none_s0"]
+    for name in ("study.json", "study.md", "retention_vs_ratio.png", "kd_vs_task_only.png"):
+        assert (tmp_path / name).is_file(), name
+    pure = tmp_path / "cells" / "heads_r0.5_random_kd_a1_l0.5_s0" / "train"
+    rows = [json.loads(line) for line in sorted(pure.glob("*.log.json"))[-1].read_text().splitlines() if line.strip()]
+    assert {row["alpha"] for row in rows if row.get("mode") == "train"} == {1.0}  # label-free distillation ran
+    record = json.loads((tmp_path / "cells" / "heads_r0.5_random_none_s0.json").read_text())
+    assert record["num_heads"] == [8, 8, 8, 8] and 0 < record["retained"]["det_f1"] <= 1.5
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")}
+    again = run_study(parse_args(argv))
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")} == stamps
+    assert again["groups"].keys() == summary["groups"].keys()
+
+
+def test_demo_judges_kd_against_task_only_on_the_mean_over_seeds_of_a_study(tmp_path):
+    from tools.demo_support import study_targets
+
+    records = []
+    for seed in (0, 1, 2):
+        for training, kept in (("kd", 0.99), ("task_only", 1.0)):  # task-only ahead on every metric
+            cell = Cell(seed, 0.5, "magnitude", training)
+            records.append(dict(cell=cell.__dict__, group=cell.group, backbone_cosine=0.99,
+                                metrics=dict(det_f1=kept, lane_iou=kept, qa_acc=kept, plan_l2=1.0),
+                                retained=dict(det_f1=kept, lane_iou=kept, qa_acc=kept, plan_l2=kept)))
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(dict(groups=aggregate(records), settings=dict(epochs=1))))
+    report = dict(joint=False, method="magnitude", pruning_ratio=0.5)
+    (target,) = study_targets(report, path).values()
+    assert target["met"] is False and target["value"]["kd_ahead_on"] == "0 of 4"
+    assert study_targets(dict(report, pruning_ratio=0.75), path) == {}  # no such cells: no claim

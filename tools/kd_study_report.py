@@ -1,0 +1,203 @@
+"""The outputs of ``tools/kd_study.py``: per-group mean +- std over seeds, study.json, study.md and plots.
+
+A group is a cell without its seed. Retention is the student's metric as a fraction of the teacher's
+(teacher / student for plan L2, lower is better), so 1.0 means "as good as the teacher" on every row.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Sequence
+
+METRICS = ("det_f1", "lane_iou", "qa_acc", "plan_l2")
+TRAINING_LABELS = {"none": "pruned, no training", "kd": "KD", "task_only": "task loss only"}
+
+
+def mean_std(values: Sequence[float]) -> Dict[str, float]:
+    """Mean and sample standard deviation (0 for one value) of ``values``."""
+    values = [float(v) for v in values]
+    return dict(mean=statistics.mean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                n=len(values))
+
+
+def aggregate(records: Sequence[Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Per group: the cell settings (without seed), seeds, and mean/std of metrics, retention and cosine."""
+    groups: Dict[str, List[Mapping[str, Any]]] = defaultdict(list)
+    for record in records:
+        groups[record["group"]].append(record)
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, members in groups.items():
+        settings = {k: v for k, v in members[0]["cell"].items() if k != "seed"}
+        out[name] = dict(settings=settings, seeds=sorted(r["cell"]["seed"] for r in members),
+                         metrics={k: mean_std([r["metrics"][k] for r in members]) for k in METRICS},
+                         retained={k: mean_std([r["retained"][k] for r in members]) for k in METRICS},
+                         worst_retained=mean_std([min(r["retained"][k] for k in METRICS) for r in members]),
+                         backbone_cosine=mean_std([r["backbone_cosine"] for r in members]))
+    return out
+
+
+def _pm(stat: Mapping[str, float], percent: bool = False) -> str:
+    if percent:
+        return f"{stat['mean']:.1%} ± {stat['std']:.1%}"
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+
+
+def _describe(settings: Mapping[str, Any]) -> str:
+    training = TRAINING_LABELS[settings["training"]]
+    if settings.get("alpha") is not None:
+        training += f" (alpha {settings['alpha']:g})"
+    labels = "" if settings["label_fraction"] >= 1.0 else f"{settings['label_fraction']:.0%}"
+    return (f"| {settings['mode']} | {settings['ratio']:.0%} | {settings['selection']} | {training} | "
+            f"{labels or 'all'} |")
+
+
+def markdown_table(groups: Mapping[str, Mapping[str, Any]], teacher: Mapping[str, float]) -> str:
+    """One row per group: metric mean ± std, worst retention, backbone cosine."""
+    header = ("| mode | heads removed | selection | training | labels | " + " | ".join(METRICS)
+              + " | worst kept | backbone cos | seeds |")
+    rows = [header, "|" + "---|" * (header.count("|") - 1),
+            "| teacher | 0% | - | - | - | " + " | ".join(f"{teacher[k]:.4f}" for k in METRICS) + " | 100% | 1 | - |"]
+    order = sorted(groups.values(), key=lambda g: (g["settings"]["mode"], g["settings"]["ratio"],
+                                                   g["settings"]["selection"], -g["settings"]["label_fraction"],
+                                                   g["settings"]["training"], g["settings"].get("alpha") or -1))
+    for group in order:
+        rows.append(_describe(group["settings"]) + " " + " | ".join(_pm(group["metrics"][k]) for k in METRICS)
+                    + f" | {_pm(group['worst_retained'], True)} | {_pm(group['backbone_cosine'])} | "
+                    f"{len(group['seeds'])} |")
+    return "\n".join(rows)
+
+
+def find_group(groups: Mapping[str, Mapping[str, Any]], **settings: Any) -> Any:
+    """The group whose settings include ``settings`` (alpha None and label fraction 1 unless given)."""
+    wanted = dict(dict(alpha=None, label_fraction=1.0, mode="heads"), **settings)
+    for group in groups.values():
+        if all(group["settings"].get(k) == v for k, v in wanted.items()):
+            return group
+    return None
+
+
+def findings(groups: Mapping[str, Mapping[str, Any]]) -> List[str]:
+    """The issue's headline numbers, where the grid has them."""
+    lines: List[str] = []
+    ratios = sorted({g["settings"]["ratio"] for g in groups.values()})
+    for ratio in ratios:
+        none = find_group(groups, ratio=ratio, selection="magnitude", training="none")
+        if none:
+            changes = ", ".join(f"{k} {none['retained'][k]['mean'] - 1:+.1%}" for k in METRICS)
+            lines.append(f"- {ratio:.0%} of heads removed (magnitude), before any training: change against the "
+                         f"teacher (negative = worse) {changes} (worst kept {_pm(none['worst_retained'], True)}).")
+        for fraction in sorted({g["settings"]["label_fraction"] for g in groups.values()}, reverse=True):
+            kd = find_group(groups, ratio=ratio, selection="magnitude", training="kd", label_fraction=fraction)
+            task = find_group(groups, ratio=ratio, selection="magnitude", training="task_only",
+                              label_fraction=fraction)
+            if kd and task:
+                wins = [k for k in METRICS if kd["retained"][k]["mean"] > task["retained"][k]["mean"]]
+                lines.append(f"- {ratio:.0%}, {fraction:.0%} of the labels: retention after KD "
+                             + ", ".join(f"{k} {_pm(kd['retained'][k], True)}" for k in METRICS)
+                             + "; after task loss only " + ", ".join(f"{k} {_pm(task['retained'][k], True)}"
+                                                                    for k in METRICS)
+                             + f". KD is ahead on {len(wins)} of {len(METRICS)} task metrics"
+                             + (f" ({', '.join(wins)})" if wins else " (KD does not beat task-only here)") + ".")
+        for training in ("none", "kd"):
+            chosen = find_group(groups, ratio=ratio, selection="magnitude", training=training)
+            for other in ("gradient", "random"):
+                rival = find_group(groups, ratio=ratio, selection=other, training=training)
+                if chosen and rival:
+                    lines.append(f"- {ratio:.0%}, {TRAINING_LABELS[training]}: worst kept magnitude "
+                                 f"{_pm(chosen['worst_retained'], True)} vs {other} "
+                                 f"{_pm(rival['worst_retained'], True)}; backbone cosine "
+                                 f"{_pm(chosen['backbone_cosine'])} vs {_pm(rival['backbone_cosine'])}.")
+    return lines
+
+
+def plot_retention_vs_ratio(groups: Mapping[str, Mapping[str, Any]], path: Path) -> str:
+    """Per metric: retention (mean ± std over seeds) against the pruning ratio, one line per training."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.4 * len(METRICS), 3.0), squeeze=False)
+    for ax, key in zip(axes[0], METRICS):
+        for training in TRAINING_LABELS:
+            points = sorted((g["settings"]["ratio"], g["retained"][key]) for g in groups.values()
+                            if g["settings"]["training"] == training and g["settings"]["selection"] == "magnitude"
+                            and g["settings"]["label_fraction"] >= 1.0 and g["settings"].get("alpha") is None
+                            and g["settings"]["mode"] == "heads")
+            if points:
+                ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points],
+                            yerr=[p[1]["std"] for p in points], marker="o", capsize=3, label=TRAINING_LABELS[training])
+        ax.axhline(0.98, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"{key} kept", fontsize=9)
+        ax.set_xlabel("fraction of heads removed", fontsize=8)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_kd_vs_task(groups: Mapping[str, Mapping[str, Any]], path: Path) -> str:
+    """Bars: retention after KD and after task loss only (mean ± std), per ratio and label fraction."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(g["settings"]["ratio"], g["settings"]["label_fraction"]) for g in groups.values()
+                   if g["settings"]["training"] != "none"}, key=lambda k: (k[0], -k[1]))
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.4 * len(METRICS), 3.2), squeeze=False)
+    width = 0.38
+    for ax, metric in zip(axes[0], METRICS):
+        lows, highs = [], []
+        for offset, training in ((-width / 2, "kd"), (width / 2, "task_only")):
+            stats = [find_group(groups, ratio=r, selection="magnitude", training=training, label_fraction=f)
+                     for r, f in keys]
+            means = [s["retained"][metric]["mean"] for s in stats if s]
+            stds = [s["retained"][metric]["std"] for s in stats if s]
+            ax.bar([i + offset for i, s in enumerate(stats) if s], means, width, yerr=stds, capsize=3,
+                   label=TRAINING_LABELS[training])
+            lows += [m - e for m, e in zip(means, stds)]
+            highs += [m + e for m, e in zip(means, stds)]
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels([f"{r:.0%}\n{f:.0%} lab." for r, f in keys], fontsize=7)
+        if lows:  # zoom on the bars' range: the differences are a few percent
+            ax.set_ylim(min(lows) - 0.01, max(highs) + 0.01)
+        ax.set_title(f"{metric} kept (magnitude heads)", fontsize=9)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def write_study_outputs(records: Sequence[Mapping[str, Any]], teacher: Mapping[str, float], out: Path,
+                        settings: Mapping[str, Any]) -> Dict[str, Any]:
+    """study.json (cells, groups, findings), study.md and the two plots; returns the study.json payload."""
+    from mmcv.models.utils.checkpoint_io import atomic_write_json, atomic_write_text
+
+    groups = aggregate(records)
+    table = markdown_table(groups, teacher)
+    notes = findings(groups)
+    payload = dict(settings=dict(settings), teacher_metrics=dict(teacher), groups=groups, findings=notes,
+                   cells=list(records), table=table)
+    atomic_write_json(out / "study.json", payload)
+    plots = [plot_retention_vs_ratio(groups, out / "retention_vs_ratio.png"),
+             plot_kd_vs_task(groups, out / "kd_vs_task_only.png")]
+    atomic_write_text(out / "study.md", "\n".join([
+        "# KD study (miniature world)", "", f"Command: `{settings['command']}`; {settings['epochs']} epoch(s) of "
+        f"{settings['frames']} frames per trained cell, {settings['threads']} thread(s), teacher {settings['teacher']}. Mean ± std over seeds; "
+        "'worst kept' is the lowest of the four retentions (student / teacher; teacher / student for plan L2).", "",
+        table, "", "## Findings", "", *notes, "", "Plots: " + ", ".join(os.path.basename(p) for p in plots), ""]))
+    return payload
+
+
+__all__ = ["METRICS", "mean_std", "aggregate", "markdown_table", "find_group", "findings", "plot_retention_vs_ratio",
+           "plot_kd_vs_task", "write_study_outputs"]
