@@ -198,6 +198,7 @@ def write_cell_config(cell: Cell, cell_dir: Path, pruning_path: Path, study: Stu
              f"data = dict(train=dict(num_samples={study.frames}))",
              "custom_hooks = [dict(type='KDCheckHook', priority='VERY_HIGH'),",
              f"                dict(type='KDAlphaScheduleHook', iters_per_epoch={study.frames // BATCH}),",
+             "                dict(type='NonFiniteGuardHook', priority='ABOVE_NORMAL', max_consecutive_skips=3),",
              "                dict(type='KDExportStudentHook', filename='student_pruned.pth')]",
              f"work_dir = {str(cell_dir / 'train')!r}", ""]
     return Path(atomic_write_text(cell_dir / "config.py", "\n".join(lines)))
