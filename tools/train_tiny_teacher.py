@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -150,19 +149,24 @@ def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG,
     if curve:
         meta["curve"] = curve
     if evaluate_at_end:
-        memory = measure_memory_benefit(model, val_set, max_val)
-        chance = chance_levels(train_set, val_set, max_val_samples=max_val)
-        meta.update(metrics=memory["with_memory"], metrics_memory_reset=memory["memory_reset_each_frame"],
-                    chance=chance)
-        log("[train_tiny_teacher] validation metrics (streaming, with memory) vs image-blind chance:\n"
-            + format_metrics_table(memory["with_memory"], chance))
-        log("[train_tiny_teacher] the temporal memory's share:\n" + format_memory_table(memory))
+        meta.update(validate_with_and_without_memory(model, train_set, val_set, max_val, log))
     path = None
     if out is not None:
         state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         path = atomic_torch_save(dict(meta=meta, state_dict=state_dict), out)
         log(f"[train_tiny_teacher] wrote {path}")
     return dict(model=model, meta=meta, losses=losses, curve=curve, path=path)
+
+
+def validate_with_and_without_memory(model: torch.nn.Module, train_set: Any, val_set: Any,
+                                     max_samples: Optional[int], log: Any) -> Dict[str, Any]:
+    """The final validation for ``meta``: metrics with the temporal memory, with it reset every frame, and chance."""
+    memory = measure_memory_benefit(model, val_set, max_samples)
+    chance = chance_levels(train_set, val_set, max_val_samples=max_samples)
+    log("[train_tiny_teacher] validation metrics (streaming, with memory) vs image-blind chance:\n"
+        + format_metrics_table(memory["with_memory"], chance))
+    log("[train_tiny_teacher] the temporal memory's share:\n" + format_memory_table(memory))
+    return dict(metrics=memory["with_memory"], metrics_memory_reset=memory["memory_reset_each_frame"], chance=chance)
 
 
 def measure_memory_benefit(model: torch.nn.Module, dataset: Any, max_samples: Optional[int] = None
