@@ -145,9 +145,8 @@ def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG,
     meta: Dict[str, Any] = dict(
         seed=seed, iter=max_iters, config=cfg.pretty_text, train_time_s=round(train_time, 2),
         torch_version=str(torch.__version__), num_threads=torch.get_num_threads(),
-        time=datetime.datetime.now().isoformat(timespec="seconds"), model_type=cfg.model["type"])
-    if curve:
-        meta["curve"] = curve
+        time=datetime.datetime.now().isoformat(timespec="seconds"), model_type=cfg.model["type"],
+        **(dict(curve=curve) if curve else {}))
     if evaluate_at_end:
         meta.update(validate_with_and_without_memory(model, train_set, val_set, max_val, log))
     path = None
