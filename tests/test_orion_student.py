@@ -201,15 +201,22 @@ def test_export_then_reload_in_the_base_detector_gives_identical_outputs(teacher
     assert torch.equal(backbone["blocks.0.attn.q_proj.weight"], student.img_backbone.blocks[0].attn.q_proj.weight)
 
 
-def test_non_strict_load_of_the_teacher_checkpoint_slices_heads(teacher_ckpt):
-    selection = [[0, 2, 4, 6, 8, 10, 12, 14], [1, 3, 5, 7, 9, 11, 13, 15], list(range(8)), list(range(8, 16))]
-    student = make_student(teacher_ckpt, pruning_config=dict(selected_heads_per_layer=selection))
+def zero_backbone_then_load_teacher(student, teacher_ckpt) -> dict:
+    """Zero the student backbone, load the teacher-shaped checkpoint non-strictly (no key missing or unexpected);
+    return the checkpoint's state dict, so a test can check which rows the load hook kept."""
     with torch.no_grad():
         for p in student.img_backbone.parameters():
             p.zero_()
     full = torch.load(teacher_ckpt, map_location="cpu", weights_only=True)["state_dict"]
     result = student.load_state_dict(full, strict=False)
     assert not result.missing_keys and not result.unexpected_keys
+    return full
+
+
+def test_non_strict_load_of_the_teacher_checkpoint_slices_heads(teacher_ckpt):
+    selection = [[0, 2, 4, 6, 8, 10, 12, 14], [1, 3, 5, 7, 9, 11, 13, 15], list(range(8)), list(range(8, 16))]
+    student = make_student(teacher_ckpt, pruning_config=dict(selected_heads_per_layer=selection))
+    full = zero_backbone_then_load_teacher(student, teacher_ckpt)
     rows = torch.cat([torch.arange(h * 8, h * 8 + 8) for h in selection[1]])
     assert torch.equal(student.img_backbone.blocks[1].attn.q_proj.weight, full["img_backbone.blocks.1.attn.q_proj.weight"][rows])
     assert torch.equal(student.img_backbone.blocks[1].attn.proj.weight,

@@ -12,6 +12,7 @@ from mmcv.models.utils.pruning_config import PruningConfig
 from mmcv.runner.hooks.kd_hooks import KDExportStudentHook
 from tests.test_kd_hooks import Wrapper, make_runner
 from tests.test_orion_student import TINY, batch, make_student, student_backbone_cfg, teacher_ckpt  # noqa: F401
+from tests.test_orion_student import zero_backbone_then_load_teacher
 
 HIDDEN = 341  # TinyOrion: int(128 * 8 / 3)
 
@@ -79,12 +80,7 @@ def test_non_strict_load_of_the_teacher_checkpoint_slices_heads_and_channels(tea
     path = joint_config(tmp_path, seed=1, widths=(50, 341, 100, 192))
     config = PruningConfig.load(path)
     student = make_student(teacher_ckpt, pruning_config=path, img_backbone=student_backbone_cfg())
-    with torch.no_grad():
-        for p in student.img_backbone.parameters():
-            p.zero_()
-    full = torch.load(teacher_ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    result = student.load_state_dict(full, strict=False)
-    assert not result.missing_keys and not result.unexpected_keys
+    full = zero_backbone_then_load_teacher(student, teacher_ckpt)
     for layer in (0, 2):
         index = torch.tensor(config.selected_channels_per_layer[layer])
         mlp = student.img_backbone.blocks[layer].mlp
