@@ -49,6 +49,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", default="work_dirs/demo_kd_50_pruning")
     parser.add_argument("--random-draws", type=int, default=5, help="random head selections for the baseline")
     parser.add_argument("--skip-benchmark", action="store_true")
+    parser.add_argument("--train-frames", type=int, default=None,
+                        help="training frames per epoch for KD and the control (default: the config's 512, i.e. "
+                             "64 iterations of 8); fewer make a quick, less accurate run")
     parser.add_argument("--skip-ablation", action="store_true",
                         help="skip the task-loss-only fine-tuning of the pruned student (the KD-vs-no-KD control)")
     joint = parser.add_argument_group("joint head + SwiGLU-width pruning (README_KD.md)")
@@ -66,6 +69,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error(f"--pruning-ratio is the fraction of heads removed, in [0, 1); got {args.pruning_ratio}")
     if not 0.0 <= args.mlp_pruning_ratio < 1.0:
         parser.error(f"--mlp-pruning-ratio is the fraction of channels removed, in [0, 1); got {args.mlp_pruning_ratio}")
+    if args.train_frames is not None and (args.train_frames < 64 or args.train_frames % 8):
+        parser.error("--train-frames must be a multiple of the tiny config's batch of 8 and at least one batch of "
+                     f"8-frame scenes (64); got {args.train_frames}")
     if args.joint and args.channel_method is None:
         if args.method == "entropy":
             parser.error("--joint --method entropy: entropy scores heads only; give --channel-method")
@@ -220,7 +226,7 @@ def stage_pruning_config(run: DemoRun) -> None:
     print(f"  heads kept per block: {run.pruning.num_heads}")
     run.report["pruning_config"] = run.pruning.to_dict()
     run.kd_config = write_kd_config(ROOT / run.args.config, run.work / "orion_tiny_kd_demo.py",
-                                    run.work / "pruning_config.json", run.work / "kd")
+                                    run.work / "pruning_config.json", run.work / "kd", frames=run.args.train_frames)
 
 
 def stage_impact(run: DemoRun) -> None:

@@ -112,9 +112,10 @@ def test_benchmark_kd_step_reports_its_raw_times_and_memory(tmp_path):
 
 
 def test_demo_end_to_end(tmp_path):
-    """The whole pipeline (trains the tiny teacher first when it is missing): report, plots, export."""
+    """The whole pipeline, every stage, with 16 iterations per epoch (--train-frames 128): report, plots, export."""
     work = tmp_path / "demo"
-    proc = run_demo("--work-dir", str(work), "--skip-benchmark", "--random-draws", "2", timeout=1500)
+    proc = run_demo("--work-dir", str(work), "--skip-benchmark", "--random-draws", "2", "--train-frames", "128",
+                    timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((work / "report.json").read_text())
     for name in ("report.md", "importance_heatmap.png", "fidelity_vs_ratio.png", "loss_curves.png",
@@ -124,12 +125,38 @@ def test_demo_end_to_end(tmp_path):
     assert set(report["after_kd_metrics"]) >= {"det_f1", "lane_iou", "qa_acc", "plan_l2"}
     assert report["after_kd_backbone"]["cosine"] > report["before_kd_backbone"]["cosine"]
 
-    def logged_alphas(run: str) -> set:
+    def train_rows(run: str) -> list:
         rows = [json.loads(line) for line in sorted((work / run).glob("*.log.json"))[-1].read_text().splitlines()
                 if line.strip()]
-        return {round(row["alpha"], 6) for row in rows if row.get("mode") == "train"}  # logged from float32
+        return [row for row in rows if row.get("mode") == "train"]
 
-    # the KD run followed the step schedule; the control really trained on the task loss alone
-    assert logged_alphas("kd") == {0.8, 0.6}
-    assert logged_alphas("task_only") == {0.0}
+    # 3 epochs of 128 frames / 8 = 16 iterations, logged every 16; the KD run followed the step schedule
+    # (alpha 0.8 in the first epoch, then 0.6); the control trained on the task loss alone
+    kd_rows = train_rows("kd")
+    assert [(row["epoch"], row["iter"]) for row in kd_rows] == [(1, 16), (2, 32), (3, 48)]
+    assert [round(row["alpha"], 6) for row in kd_rows] == [0.8, 0.6, 0.6]  # logged from float32
+    assert {round(row["alpha"], 6) for row in train_rows("task_only")} == {0.0}
     assert "| metric | chance | teacher |" in proc.stdout
+
+
+def test_training_length_changes_dataset_sampler_and_alpha_schedule_together(tmp_path):
+    from mmcv import Config
+    from tools.demo_support import training_length_lines
+
+    base = Config.fromfile(str(TINY_KD))
+    (tmp_path / "short.py").write_text("\n".join([f"_base_ = [{str(TINY_KD)!r}]",
+                                                  *training_length_lines(TINY_KD, 128, 2), ""]))
+    cfg = Config.fromfile(str(tmp_path / "short.py"))
+    assert cfg.data.train.num_samples == 128 and cfg.num_iters_per_epoch == 16 and cfg.runner.max_epochs == 2
+    assert cfg.data.shuffler_sampler.num_iters_to_seq == 16
+    assert cfg.data.shuffler_sampler.type == base.data.shuffler_sampler.type  # merged, not replaced
+    assert [h["type"] for h in cfg.custom_hooks] == [h["type"] for h in base.custom_hooks]
+    (schedule,) = [h for h in cfg.custom_hooks if h["type"] == "KDAlphaScheduleHook"]
+    assert schedule["iters_per_epoch"] == 16 and base.num_iters_per_epoch == 64
+    with pytest.raises(ValueError, match=r"multiple of data.samples_per_gpu=8, got 100"):
+        training_length_lines(TINY_KD, 100, None)
+
+
+def test_demo_refuses_train_frames_that_are_not_whole_batches():
+    proc = run_demo("--train-frames", "100")
+    assert proc.returncode == 2 and "--train-frames must be a multiple of the tiny config's batch of 8" in proc.stderr

@@ -78,7 +78,7 @@ def stage_equal_speed(run: Any) -> None:
     pruning_path = run.work / "pruning_config_heads_only.json"
     config.save(pruning_path)
     kd_config = write_kd_config(ROOT / run.args.config, run.work / "orion_tiny_kd_heads_only_demo.py", pruning_path,
-                                run.work / "heads_only")
+                                run.work / "heads_only", frames=run.args.train_frames)
     train_kd(kd_config, run.work / "heads_only", run.args.seed)
     student = load_exported_student(run.work / "heads_only" / "student_pruned.pth")
     metrics = evaluate(student, run.val_set)

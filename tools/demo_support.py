@@ -11,7 +11,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 HIGHER_IS_BETTER = {"det_f1": True, "lane_iou": True, "qa_acc": True, "plan_l2": False}
@@ -107,8 +107,12 @@ def train_kd(config: Path, work_dir: Path, seed: int) -> List[Dict[str, Any]]:
     return read_json_lines(logs[-1]) if logs else []
 
 
-def write_kd_config(base_config: Path, path: Path, pruning_path: Path, work_dir: Path) -> Path:
-    """The tiny KD config with a pruning configuration (its counts and ratios checked by OrionStudent)."""
+def write_kd_config(base_config: Path, path: Path, pruning_path: Path, work_dir: Path,
+                    frames: Optional[int] = None, epochs: Optional[int] = None) -> Path:
+    """The tiny KD config with a pruning configuration (its counts and ratios checked by OrionStudent).
+
+    ``frames`` / ``epochs`` shorten or lengthen training (see :func:`training_length_lines`).
+    """
     from mmcv.models.utils.checkpoint_io import atomic_write_text
     from mmcv.models.utils.pruning_config import PruningConfig
 
@@ -118,13 +122,41 @@ def write_kd_config(base_config: Path, path: Path, pruning_path: Path, work_dir:
     if config.prunes_channels:
         backbone["mlp_hidden"] = config.mlp_hidden
         kd["mlp_pruning_ratio"] = config.mlp_pruning_ratio
+    length = training_length_lines(base_config, frames, epochs) if frames is not None or epochs is not None else []
     atomic_write_text(path, "\n".join([
         "# Written by demo_kd_50_pruning.py: the tiny KD config with the demo's pruning configuration.",
         f"_base_ = [{str(base_config)!r}]",
         f"model = dict(pruning_config={str(pruning_path.resolve())!r}, img_backbone=dict(**{backbone!r}), "
         f"kd_config=dict(**{kd!r}))",
+        *length,
         f"work_dir = {str(work_dir)!r}", ""]))
     return path
+
+
+def training_length_lines(base_config: Path, frames: Optional[int], epochs: Optional[int]) -> List[str]:
+    """Config lines for ``frames`` training frames per epoch and ``epochs`` epochs (None: the base config's).
+
+    The epoch length lives in three places of the tiny KD config (the dataset size, the streaming
+    sampler's warm-up length and the alpha schedule's ``iters_per_epoch``); they change together here.
+    """
+    from mmcv import Config
+
+    cfg = Config.fromfile(str(base_config))
+    lines = [] if epochs is None else [f"runner = dict(max_epochs={int(epochs)})"]
+    if frames is None:
+        return lines
+    batch = int(cfg.data.samples_per_gpu)
+    if frames <= 0 or frames % batch:
+        raise ValueError(f"{base_config}: training frames per epoch must be a positive multiple of "
+                         f"data.samples_per_gpu={batch}, got {frames}")
+    iters = frames // batch
+    hooks = [dict(hook) for hook in cfg.get("custom_hooks", [])]
+    for hook in hooks:
+        if hook.get("type") == "KDAlphaScheduleHook":
+            hook["iters_per_epoch"] = iters
+    return lines + [f"data = dict(train=dict(num_samples={frames}), shuffler_sampler=dict(num_iters_to_seq={iters}))",
+                    f"num_iters_per_epoch = {iters}",
+                    f"custom_hooks = {hooks!r}"]
 
 
 def load_exported_student(path: Path) -> Any:

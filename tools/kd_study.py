@@ -185,7 +185,8 @@ def write_cell_config(cell: Cell, cell_dir: Path, pruning_path: Path, study: Stu
     from mmcv.models.utils.checkpoint_io import atomic_write_text
     from tools.demo_support import write_kd_config
 
-    base = write_kd_config(TINY_KD_CONFIG, cell_dir / "base_config.py", pruning_path, cell_dir / "train")
+    base = write_kd_config(TINY_KD_CONFIG, cell_dir / "base_config.py", pruning_path, cell_dir / "train",
+                           frames=study.frames, epochs=study.epochs)
     kd: Dict[str, Any] = dict(teacher_backbone_path=str(Path(study.teacher_path).resolve()),
                               label_fraction=cell.label_fraction)
     if cell.training == "task_only":
@@ -194,12 +195,6 @@ def write_cell_config(cell: Cell, cell_dir: Path, pruning_path: Path, study: Stu
         kd.update(alpha_schedule="constant", distillation_alpha=cell.alpha)
     lines = [f"# Written by tools/kd_study.py for cell {cell.name}.", f"_base_ = [{str(base.resolve())!r}]",
              f"model = dict(kd_config=dict(**{kd!r}))",
-             f"runner = dict(max_epochs={study.epochs})",
-             f"data = dict(train=dict(num_samples={study.frames}))",
-             "custom_hooks = [dict(type='KDCheckHook', priority='VERY_HIGH'),",
-             f"                dict(type='KDAlphaScheduleHook', iters_per_epoch={study.frames // BATCH}),",
-             "                dict(type='NonFiniteGuardHook', priority='ABOVE_NORMAL', max_consecutive_skips=3),",
-             "                dict(type='KDExportStudentHook', filename='student_pruned.pth')]",
              f"work_dir = {str(cell_dir / 'train')!r}", ""]
     return Path(atomic_write_text(cell_dir / "config.py", "\n".join(lines)))
 
