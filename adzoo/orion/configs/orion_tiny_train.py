@@ -45,7 +45,8 @@ model = dict(
                  num_cams=num_cams,
                  grid_hw=(grid, grid), pool=5, num_classes=3),
     lm_head=dict(type='TinyCausalLM', hidden_size=lm_hidden, num_layers=2, num_attention_heads=4,
-                 intermediate_size=128, max_position_embeddings=128, plan_horizon=plan_horizon, frozen=False),
+                 intermediate_size=128, max_position_embeddings=128, plan_horizon=plan_horizon, frozen=False,
+                 unconditioned_tail=num_cams),  # the projector's count tokens
     train_cfg=None,
     test_cfg=dict(max_answer_len=3))
 

@@ -65,6 +65,11 @@ class TinyOrion(nn.Module):
         self.map_head = build_head(map_head)
         self.vl_proj = build_head(vl_proj)
         self.lm_head = build_head(lm_head)
+        count_tokens = getattr(self.vl_proj, "num_count_tokens", 0)
+        if getattr(self.lm_head, "unconditioned_tail", 0) != count_tokens:
+            raise ValueError(f"TinyOrion: lm_head.unconditioned_tail is {getattr(self.lm_head, 'unconditioned_tail', 0)}"
+                             f", expected {count_tokens} (the vl_proj's count tokens, kept out of the LM's scene "
+                             f"shortcut); set lm_head=dict(unconditioned_tail={count_tokens})")
         self.tokenizer = self.lm_head.tokenizer
         self.grid_mask = GridMask(**(grid_mask or {}))
         self.use_grid_mask = use_grid_mask

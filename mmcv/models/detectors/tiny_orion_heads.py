@@ -320,14 +320,16 @@ class TinyVLProjector(nn.Module):
     """Scene tokens for the LM from the backbone grid and the detection head's cells.
 
     Per camera: ``ceil(h / pool) * ceil(w / pool)`` local tokens (average- and
-    max-pooled backbone and detection features), one global token (the same
-    statistics over the whole grid), each normalised and projected to the LM
-    width, and one count token: the soft count of every foreground class (the
-    sum over cells of the detection head's softmax probabilities, background
-    left out) embedded by a small MLP *after* the normalisation, so the
-    magnitude that carries the count reaches the LM (a LayerNorm over pooled
-    features would erase it). Camera and position embeddings tell the tokens
-    apart: [B, N * (local + 2), out_channels].
+    max-pooled backbone and detection features) and one global token (the same
+    statistics over the whole grid), normalised and projected to the LM width,
+    with camera and position embeddings. Then one count token per camera: the
+    soft count of every foreground class (the sum over cells of the detection
+    head's softmax probabilities, background left out) embedded by a small MLP
+    *after* the normalisation, so the magnitude that carries the count reaches
+    the LM (a LayerNorm over pooled features erases it). Output:
+    [B, N * (local + 1) + N, out_channels], the ``num_count_tokens`` count tokens
+    last, so the LM can keep them out of its scene-mean shortcut (their spread
+    across frames is ~35x the scene tokens' and drowned the other answers).
 
     The class probabilities are detached: the detection head is trained by its
     own losses, and the QA loss must not bend its probabilities into a
@@ -344,6 +346,7 @@ class TinyVLProjector(nn.Module):
         self.grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
         self.det_channels = det_channels
         self.num_classes = num_classes
+        self.num_count_tokens = num_cams  # the last tokens of the output, one per camera
         ph, pw = (math.ceil(s / pool) for s in self.grid_hw)
         dim = 2 * in_channels + 2 * det_channels
         self.cam_embed = nn.Parameter(torch.zeros(1, num_cams, 1, dim))
@@ -375,7 +378,8 @@ class TinyVLProjector(nn.Module):
 
     def forward(self, img_feats: Tensor, det_feats: Tensor, cls_logits: Tensor) -> Tensor:
         """``img_feats`` [B, N, C, h, w], ``det_feats`` [B, N, Cd, h, w], ``cls_logits`` [B, N, K+1, h, w]
-        -> tokens [B, N * (local + 2), out_channels]."""
+        -> tokens [B, N * (local + 1) + N, out_channels]: the scene tokens camera by camera, then the
+        ``num_count_tokens`` count tokens."""
         self._check_shapes(img_feats, det_feats, cls_logits)
         b, n, c, h, w = img_feats.shape
         img = img_feats.reshape(b * n, c, h, w)
@@ -388,7 +392,7 @@ class TinyVLProjector(nn.Module):
         x = torch.cat([local, glob], dim=2).transpose(1, 2).reshape(b, n, local.shape[2] + 1, -1)
         scene = self.proj(self.norm(x + self.cam_embed + self.pos_embed))
         counts = self.count_proj(self.soft_counts(cls_logits)) + self.count_cam_embed
-        return torch.cat([scene, counts[:, :, None]], dim=2).reshape(b, -1, scene.shape[-1])
+        return torch.cat([scene.reshape(b, -1, scene.shape[-1]), counts], dim=1)
 
 
 __all__ = ["TinyDetHead", "TinyMapHead", "TinyVLProjector", "generalized_box_iou", "nms"]
