@@ -177,7 +177,7 @@ def test_vl_tokens_are_side_effect_free(model, batch):
     calls = model.pts_bbox_head.num_train_calls
     first = model.vl_tokens(feats, **batch)
     second = model.vl_tokens([feats], img_metas=batch["img_metas"])
-    per_cam = math.ceil(10 / model.vl_proj.pool) ** 2 + 2  # local tokens, one global token; one count token
+    per_cam = math.ceil(10 / model.vl_proj.pool) ** 2 + 1  # local tokens + one global token
     assert first.shape == (3, 2 * per_cam, 64) and torch.equal(first, second)
     assert model.pts_bbox_head.num_train_calls == calls
     assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())

@@ -43,10 +43,9 @@ model = dict(
     map_head=dict(type='TinyMapHead', in_channels=embed_dim, feat_channels=64, stride=patch_size, mask_stride=4),
     vl_proj=dict(type='TinyVLProjector', in_channels=embed_dim, det_channels=96, out_channels=lm_hidden,
                  num_cams=num_cams,
-                 grid_hw=(grid, grid), pool=5, num_classes=3),
+                 grid_hw=(grid, grid), pool=5),
     lm_head=dict(type='TinyCausalLM', hidden_size=lm_hidden, num_layers=2, num_attention_heads=4,
-                 intermediate_size=128, max_position_embeddings=128, plan_horizon=plan_horizon, frozen=False,
-                 unconditioned_tail=num_cams),  # the projector's count tokens
+                 intermediate_size=128, max_position_embeddings=128, plan_horizon=plan_horizon, frozen=False),
     train_cfg=None,
     test_cfg=dict(max_answer_len=3))
 

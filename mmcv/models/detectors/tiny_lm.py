@@ -11,8 +11,7 @@ the module is built) fed with ``inputs_embeds``. One sequence per question:
 The ``<plan>`` position sees only the visual tokens, so the plan does not
 depend on the question; answers are trained with cross-entropy and decoded
 greedily. Text tokens and ``<plan>`` also get the mean visual token added to
-their embeddings (scene conditioning, over all but the ``unconditioned_tail``
-last visual tokens), so the tiny LM learns in minutes.
+their embeddings (scene conditioning), so the tiny LM learns in minutes.
 """
 from __future__ import annotations
 
@@ -39,15 +38,12 @@ class TinyCausalLM(nn.Module):
             gradients and it stays in eval mode), as ORION's ``frozen`` LLM flag.
         attn_implementation: ``'sdpa'`` or ``'eager'`` attention inside transformers.
         loss_weights: ``dict(vlm=..., plan=...)`` multipliers of ``vlm_loss`` and ``loss_plan_reg``.
-        unconditioned_tail: the last visual tokens left out of the scene-mean shortcut (read through
-            attention only): the projector's count tokens, whose spread would drown the scene.
     """
 
     def __init__(self, hidden_size: int = 64, num_layers: int = 2, num_attention_heads: int = 4,
                  intermediate_size: int = 128, max_position_embeddings: int = 128,
                  vocab_size: Optional[int] = None, plan_horizon: int = 6, frozen: bool = False,
-                 attn_implementation: str = "sdpa", loss_weights: Optional[Dict[str, float]] = None,
-                 unconditioned_tail: int = 0) -> None:
+                 attn_implementation: str = "sdpa", loss_weights: Optional[Dict[str, float]] = None) -> None:
         super().__init__()
         from transformers import LlamaConfig, LlamaForCausalLM  # lazy: `import mmcv` must stay light
 
@@ -65,7 +61,6 @@ class TinyCausalLM(nn.Module):
         config._attn_implementation = attn_implementation
         self.model = LlamaForCausalLM(config)
         self.hidden_size = hidden_size
-        self.unconditioned_tail = int(unconditioned_tail)
         self.max_position_embeddings = max_position_embeddings
         self.plan_horizon = int(plan_horizon)
         self.plan_head = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(),
@@ -89,11 +84,6 @@ class TinyCausalLM(nn.Module):
     def _embed(self, ids: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(ids)
 
-    def scene_conditioning(self, vis: Tensor) -> Tensor:
-        """The mean visual token [B, 1, D] added to ``<plan>`` and the text tokens, over all but the
-        ``unconditioned_tail`` last visual tokens of ``vis`` [B, K, D]."""
-        return vis[:, : vis.shape[1] - self.unconditioned_tail].mean(dim=1, keepdim=True)
-
     def _run(self, vis: Tensor, question_ids: Tensor, answer_ids: Optional[Tensor] = None) -> tuple:
         """Run the LM on [vis][<plan>][question][answer]; ``vis`` [B, K, D], ids [B, Q, L]."""
         b, q, lq = question_ids.shape
@@ -107,13 +97,10 @@ class TinyCausalLM(nn.Module):
             raise ValueError(f"TinyCausalLM: sequence of {total} tokens exceeds max_position_embeddings "
                              f"{self.max_position_embeddings}")
         k = vis.shape[1]
-        if k <= self.unconditioned_tail:
-            raise ValueError(f"TinyCausalLM: {k} visual tokens, but the last {self.unconditioned_tail} are kept out "
-                             "of the scene conditioning (unconditioned_tail); at least one scene token is needed")
         vis_q = vis[:, None].expand(b, q, k, self.hidden_size).reshape(b * q, k, self.hidden_size)
         # Scene conditioning: every text token (and <plan>) also receives the mean visual token, a
         # residual shortcut that lets a 2-layer LM use the scene within a minute of CPU training.
-        scene = self.scene_conditioning(vis_q)
+        scene = vis_q.mean(dim=1, keepdim=True)
         plan_tok = self._embed(torch.full((b * q, 1), self.tokenizer.plan_id, dtype=torch.long, device=ids.device))
         embeds = torch.cat([vis_q, plan_tok + scene, self._embed(ids) + scene], dim=1)
         mask = torch.cat([torch.ones(b * q, k + 1, dtype=torch.long, device=ids.device),

@@ -65,11 +65,6 @@ class TinyOrion(nn.Module):
         self.map_head = build_head(map_head)
         self.vl_proj = build_head(vl_proj)
         self.lm_head = build_head(lm_head)
-        count_tokens = getattr(self.vl_proj, "num_count_tokens", 0)
-        if getattr(self.lm_head, "unconditioned_tail", 0) != count_tokens:
-            raise ValueError(f"TinyOrion: lm_head.unconditioned_tail is {getattr(self.lm_head, 'unconditioned_tail', 0)}"
-                             f", expected {count_tokens} (the vl_proj's count tokens, kept out of the LM's scene "
-                             f"shortcut); set lm_head=dict(unconditioned_tail={count_tokens})")
         self.tokenizer = self.lm_head.tokenizer
         self.grid_mask = GridMask(**(grid_mask or {}))
         self.use_grid_mask = use_grid_mask
@@ -115,22 +110,21 @@ class TinyOrion(nn.Module):
     def vl_tokens(self, img_feats: Union[Tensor, Sequence[Tensor]], **data: Any) -> Tensor:
         """Visual tokens handed to the language model, [B, K, D_lm]; no state changes.
 
-        Built from the image features and the detection head's cell features and
-        class logits (ORION's LLM reads its detection queries too); the head's call counter
+        Built from the image features and the detection head's cell features
+        (ORION's LLM reads its detection queries too); the head's call counter
         and any other state are left untouched.
         """
         if isinstance(img_feats, (list, tuple)):
             img_feats = img_feats[self.position_level]
+        b, n = img_feats.shape[:2]
         det_feats = self.pts_bbox_head.scene_features(img_feats.flatten(0, 1))
-        return self._vl_tokens_from(img_feats, dict(scene_feats=det_feats,
-                                                    cls_logits=self.pts_bbox_head.cls_out(det_feats)))
+        return self.vl_proj(img_feats, det_feats.reshape(b, n, *det_feats.shape[1:]))
 
     def _vl_tokens_from(self, img_feats: Tensor, det_out: Dict[str, Tensor]) -> Tensor:
         """:meth:`vl_tokens` reusing the detection head's features of this forward (saves one head pass)."""
         b, n = img_feats.shape[:2]
-        det_feats, cls_logits = det_out["scene_feats"], det_out["cls_logits"]
-        return self.vl_proj(img_feats, det_feats.reshape(b, n, *det_feats.shape[1:]),
-                            cls_logits.reshape(b, n, *cls_logits.shape[1:]))
+        det_feats = det_out["scene_feats"]
+        return self.vl_proj(img_feats, det_feats.reshape(b, n, *det_feats.shape[1:]))
 
     # ---------------------------------------------------------------- training
     def forward(self, data: Optional[dict] = None, return_loss: bool = True, **kwargs: Any) -> Any:

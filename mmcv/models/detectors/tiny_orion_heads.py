@@ -13,8 +13,7 @@ the roles of ORION's heads at toy scale:
 * ``TinyMapHead`` (``map_head``): lane-marking logits at a finer grid (pixel shuffle).
 * ``TinyVLProjector``: pools the token grid and the detection head's cell
   features of every camera into local and global scene tokens, adds camera and
-  position embeddings and projects into the language model's width, plus one
-  count token per camera (the detection head's soft class counts); these are
+  position embeddings and projects into the language model's width; these are
   the visual tokens handed to the LM (``TinyOrion.vl_tokens``).
 """
 from __future__ import annotations
@@ -317,71 +316,42 @@ class TinyMapHead(nn.Module):
 
 @HEADS.register_module()
 class TinyVLProjector(nn.Module):
-    """Scene tokens for the LM from the backbone grid and the detection head's cells.
+    """Scene tokens for the LM from the backbone grid and the detection head's cell features.
 
     Per camera: ``ceil(h / pool) * ceil(w / pool)`` local tokens (average- and
-    max-pooled backbone and detection features) and one global token (the same
-    statistics over the whole grid), normalised and projected to the LM width,
-    with camera and position embeddings. Then one count token per camera: the
-    soft count of every foreground class (the sum over cells of the detection
-    head's softmax probabilities, background left out) embedded by a small MLP
-    *after* the normalisation, so the magnitude that carries the count reaches
-    the LM (a LayerNorm over pooled features erases it). Output:
-    [B, N * (local + 1) + N, out_channels], the ``num_count_tokens`` count tokens
-    last, so the LM can keep them out of its scene-mean shortcut (their spread
-    across frames is ~35x the scene tokens' and drowned the other answers).
-
-    The class probabilities are detached: the detection head is trained by its
-    own losses, and the QA loss must not bend its probabilities into a
-    counting code (it would move det_f1); the LM learns to read them.
+    max-pooled backbone and detection features) plus one global token (the same
+    statistics over the whole grid; the detection average is what lets the LM count
+    objects, a maximum only says whether there is one), each with camera and position
+    embeddings, projected to the LM width: [B, N * (local + 1), out_channels].
     A pure function of its inputs (no state), so it runs on student and teacher
-    features alike. ORION's LLM likewise reads its detection head's object queries.
+    features alike. ORION's LLM likewise reads scene queries from its detection head.
     """
 
     def __init__(self, in_channels: int = 128, det_channels: int = 96, out_channels: int = 64, num_cams: int = 2,
-                 grid_hw: Sequence[int] = (10, 10), pool: int = 2, num_classes: int = 3) -> None:
+                 grid_hw: Sequence[int] = (10, 10), pool: int = 2) -> None:
         super().__init__()
         self.pool = pool
         self.num_cams = num_cams
         self.grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
         self.det_channels = det_channels
-        self.num_classes = num_classes
-        self.num_count_tokens = num_cams  # the last tokens of the output, one per camera
         ph, pw = (math.ceil(s / pool) for s in self.grid_hw)
         dim = 2 * in_channels + 2 * det_channels
         self.cam_embed = nn.Parameter(torch.zeros(1, num_cams, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1, ph * pw + 1, dim))  # last slot: the global token
-        self.count_cam_embed = nn.Parameter(torch.zeros(1, num_cams, out_channels))
-        for p in (self.cam_embed, self.pos_embed, self.count_cam_embed):
-            nn.init.trunc_normal_(p, std=0.02)
+        nn.init.trunc_normal_(self.cam_embed, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Sequential(nn.Linear(dim, out_channels), nn.GELU(), nn.Linear(out_channels, out_channels))
-        self.count_proj = nn.Sequential(nn.Linear(num_classes, out_channels), nn.GELU(),
-                                        nn.Linear(out_channels, out_channels))
 
-    def _check_shapes(self, img_feats: Tensor, det_feats: Tensor, cls_logits: Tensor) -> None:
-        b, n, _, h, w = img_feats.shape
+    def forward(self, img_feats: Tensor, det_feats: Tensor) -> Tensor:
+        """``img_feats`` [B, N, C, h, w], ``det_feats`` [B, N, Cd, h, w] -> tokens [B, K, out_channels]."""
+        b, n, c, h, w = img_feats.shape
         if n != self.num_cams or (h, w) != self.grid_hw:
             raise ValueError(f"TinyVLProjector: expected features [B, {self.num_cams}, C, {self.grid_hw[0]}, "
                              f"{self.grid_hw[1]}], got {tuple(img_feats.shape)}")
-        if tuple(det_feats.shape) != (b, n, self.det_channels, h, w):
+        if det_feats.shape[:2] != (b, n) or det_feats.shape[2] != self.det_channels or det_feats.shape[3:] != (h, w):
             raise ValueError(f"TinyVLProjector: expected detection features [{b}, {n}, {self.det_channels}, {h}, {w}], "
                              f"got {tuple(det_feats.shape)}")
-        if tuple(cls_logits.shape) != (b, n, self.num_classes + 1, h, w):
-            raise ValueError(f"TinyVLProjector: expected class logits [{b}, {n}, {self.num_classes + 1}, {h}, {w}] "
-                             f"(classes + background), got {tuple(cls_logits.shape)}")
-
-    def soft_counts(self, cls_logits: Tensor) -> Tensor:
-        """Expected number of objects per foreground class, [B, N, num_classes], from [B, N, K+1, h, w] logits."""
-        probs = cls_logits.detach().float().softmax(dim=2)[:, :, : self.num_classes]
-        return probs.sum(dim=(3, 4)).to(cls_logits.dtype)
-
-    def forward(self, img_feats: Tensor, det_feats: Tensor, cls_logits: Tensor) -> Tensor:
-        """``img_feats`` [B, N, C, h, w], ``det_feats`` [B, N, Cd, h, w], ``cls_logits`` [B, N, K+1, h, w]
-        -> tokens [B, N * (local + 1) + N, out_channels]: the scene tokens camera by camera, then the
-        ``num_count_tokens`` count tokens."""
-        self._check_shapes(img_feats, det_feats, cls_logits)
-        b, n, c, h, w = img_feats.shape
         img = img_feats.reshape(b * n, c, h, w)
         det = det_feats.reshape(b * n, self.det_channels, h, w)
         local = torch.cat([F.avg_pool2d(img, self.pool, ceil_mode=True), F.max_pool2d(img, self.pool, ceil_mode=True),
@@ -390,9 +360,8 @@ class TinyVLProjector(nn.Module):
         glob = torch.cat([img.mean(dim=(2, 3)), img.amax(dim=(2, 3)), det.mean(dim=(2, 3)), det.amax(dim=(2, 3))],
                          dim=1)[:, :, None]
         x = torch.cat([local, glob], dim=2).transpose(1, 2).reshape(b, n, local.shape[2] + 1, -1)
-        scene = self.proj(self.norm(x + self.cam_embed + self.pos_embed))
-        counts = self.count_proj(self.soft_counts(cls_logits)) + self.count_cam_embed
-        return torch.cat([scene.reshape(b, -1, scene.shape[-1]), counts], dim=1)
+        x = (x + self.cam_embed + self.pos_embed).reshape(b, -1, x.shape[-1])
+        return self.proj(self.norm(x))
 
 
 __all__ = ["TinyDetHead", "TinyMapHead", "TinyVLProjector", "generalized_box_iou", "nms"]
