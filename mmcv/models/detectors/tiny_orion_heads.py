@@ -320,9 +320,10 @@ class TinyVLProjector(nn.Module):
 
     Per camera: ``ceil(h / pool) * ceil(w / pool)`` local tokens (average- and
     max-pooled backbone and detection features) plus one global token (the same
-    statistics over the whole grid; the detection average is what lets the LM count
-    objects, a maximum only says whether there is one), each with camera and position
-    embeddings, projected to the LM width: [B, N * (local + 1), out_channels].
+    statistics over the whole grid), each with camera and position embeddings,
+    projected to the LM width: [B, N * (local + 1), out_channels]. The LayerNorm
+    largely removes the magnitude of the detection average, and the shipped
+    teacher does not count (README_KD.md, "Counting: tried, not shipped").
     A pure function of its inputs (no state), so it runs on student and teacher
     features alike. ORION's LLM likewise reads scene queries from its detection head.
     """
