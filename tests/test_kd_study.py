@@ -45,8 +45,9 @@ def test_aggregate_gives_mean_and_sample_std_over_seeds():
 
 
 def test_study_runs_cells_through_the_launcher_and_skips_finished_ones(tmp_path):
-    argv = ["--out", str(tmp_path), "--seeds", "0", "--ratios", "0.5", "--selections", "random",
-            "--trainings", "none", "kd", "--alphas", "1.0", "--label-fractions", "0.5", "--frames", "64"]
+    grid = ["--seeds", "0", "--ratios", "0.5", "--selections", "random", "--frames", "64"]
+    argv = ["--out", str(tmp_path), *grid, "--trainings", "none", "kd", "--alphas", "1.0", "--label-fractions", "0.5",
+            "--jobs", "2"]
     summary = run_study(parse_args(argv))
     names = sorted(r["name"] for r in summary["cells"])
     assert names == ["heads_r0.5_random_kd_a1_l0.5_s0", "heads_r0.5_random_kd_l0.5_s0", "heads_r0.5_random_none_s0"]
@@ -61,6 +62,12 @@ def test_study_runs_cells_through_the_launcher_and_skips_finished_ones(tmp_path)
     again = run_study(parse_args(argv))
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")} == stamps
     assert again["groups"].keys() == summary["groups"].keys()
+    # a cell trained in a worker process equals the same cell trained in this one
+    alone = run_study(parse_args(["--out", str(tmp_path / "alone"), *grid, "--trainings", "kd", "--label-fractions",
+                                  "0.5", "--jobs", "1"]))
+    (cell,) = alone["cells"]
+    (twin,) = [r for r in summary["cells"] if r["name"] == cell["name"]]
+    assert cell["metrics"] == twin["metrics"] and cell["backbone_cosine"] == twin["backbone_cosine"]
 
 
 def test_demo_judges_kd_against_task_only_on_the_mean_over_seeds_of_a_study(tmp_path):

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -96,7 +96,7 @@ class Study:
         from tools.train_tiny_teacher import DEFAULT_CHECKPOINT, ensure_tiny_teacher, load_tiny_teacher
 
         torch.set_num_threads(threads)
-        self.out, self.epochs, self.frames = out, epochs, frames
+        self.out, self.epochs, self.frames, self.threads = out, epochs, frames, threads
         (out / "cells").mkdir(parents=True, exist_ok=True)
         self.teacher_path = ensure_tiny_teacher(DEFAULT_CHECKPOINT, verbose=False)
         self.teacher = load_tiny_teacher(self.teacher_path)
@@ -238,20 +238,25 @@ def run_study(args: argparse.Namespace) -> Dict[str, Any]:
 
     out = Path(args.out)
     study = Study(out, args.epochs, args.frames, args.threads)
-    cells = build_grid(args)
     records: List[Dict[str, Any]] = []
-    bar = tqdm(cells, desc="kd_study", unit="cell")
-    for cell in bar:
+    todo: List[Cell] = []
+    for cell in build_grid(args):
         path = out / "cells" / f"{cell.name}.json"
-        if path.is_file():
-            record = json.loads(path.read_text())
-            if (record.get("epochs"), record.get("frames")) == (args.epochs, args.frames):
-                records.append(record)
-                continue
-        bar.set_postfix_str(cell.name)
-        record = run_cell(study, cell)
-        atomic_write_json(path, record)
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        if (record.get("epochs"), record.get("frames")) == (args.epochs, args.frames):
+            records.append(record)
+        else:
+            todo.append(cell)
+    for cell in todo:  # the speed probe times backbones: once, here, before any cell trains beside it
+        if cell.mode == "heads_at_joint_speed":
+            heads_at_joint_speed(study, cell)
+    bar = tqdm(total=len(todo), desc="kd_study", unit="cell")
+    for record in run_cells(study, todo, args.jobs):
+        atomic_write_json(out / "cells" / f"{record['name']}.json", record)
         records.append(record)
+        bar.set_postfix_str(record["name"])
+        bar.update()
+    bar.close()
     commands = record_command(out, "python tools/kd_study.py " + " ".join(args.argv))
     names = {r["name"] for r in records}
     for path in sorted((out / "cells").glob("*.json")):  # cells of earlier invocations into the same folder
@@ -261,6 +266,37 @@ def run_study(args: argparse.Namespace) -> Dict[str, Any]:
     return write_study_outputs(records, study.teacher_metrics, out, settings=dict(
         command=" && ".join(commands), epochs=args.epochs, frames=args.frames, threads=args.threads,
         teacher=os.path.relpath(study.teacher_path, ROOT)))
+
+
+def run_cells(study: Study, cells: Sequence[Cell], jobs: int) -> Iterator[Dict[str, Any]]:
+    """Each cell's record as it finishes: in this process, or in ``jobs`` worker processes (1 thread each).
+
+    Every cell seeds its own training, so a cell's result does not depend on ``jobs`` or on the order.
+    Workers are spawned (not forked from a process that has run torch) and build their own Study.
+    """
+    if jobs <= 1 or len(cells) <= 1:
+        for cell in cells:
+            yield run_cell(study, cell)
+        return
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(min(jobs, len(cells)), initializer=_start_worker,
+                      initargs=(str(study.out), study.epochs, study.frames, study.threads)) as pool:
+        yield from pool.imap_unordered(_run_cell_in_worker, cells)
+
+
+_WORKER_STUDY: Optional[Study] = None
+
+
+def _start_worker(out: str, epochs: int, frames: int, threads: int) -> None:
+    global _WORKER_STUDY
+    _WORKER_STUDY = Study(Path(out), epochs, frames, threads)
+
+
+def _run_cell_in_worker(cell: Cell) -> Dict[str, Any]:
+    assert _WORKER_STUDY is not None, "kd_study worker used before _start_worker"
+    return run_cell(_WORKER_STUDY, cell)
 
 
 def record_command(out: Path, command: str) -> List[str]:
@@ -295,7 +331,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=512,
                         help=f"training frames per epoch (multiple of {BATCH}; 512: 64 iterations, as the demo)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: on 2 shared cores, 2 threads run several times slower)")
+                        help="torch threads per process (1: on 2 shared cores, 2 threads run several times slower)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="cells trained at once, each in its own process (default: 2, or 1 on a 1-core machine); "
+                             "results do not depend on it")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
@@ -313,6 +352,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      f"{SCENE_LEN}-frame scene per batch slot), got {args.frames}")
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.jobs is None:
+        args.jobs = min(2, os.cpu_count() or 1)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     return args
 
 
