@@ -269,7 +269,7 @@ def run_study(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def run_cells(study: Study, cells: Sequence[Cell], jobs: int) -> Iterator[Dict[str, Any]]:
-    """Each cell's record as it finishes: in this process, or in ``jobs`` worker processes (1 thread each).
+    """Each cell's record as it finishes: in this process, or in ``jobs`` worker processes (``--threads`` each).
 
     Every cell seeds its own training, so a cell's result does not depend on ``jobs`` or on the order.
     Workers are spawned (not forked from a process that has run torch) and build their own Study.
