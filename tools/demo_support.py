@@ -67,6 +67,8 @@ def plot_loss_curves(rows: List[Dict[str, Any]], path: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tools.head_pruning.plots import save_figure
+
     train = [r for r in rows if r.get("mode", "train") == "train" and "total_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r.get("iter", i) for i, r in enumerate(train)]
@@ -80,11 +82,10 @@ def plot_loss_curves(rows: List[Dict[str, Any]], path: Path) -> str:
     ax.set_title("KD training (student backbone only)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return str(path)
+    try:
+        return save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def retained(student: Dict[str, float], teacher: Dict[str, float]) -> Dict[str, float]:

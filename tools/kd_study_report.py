@@ -170,12 +170,13 @@ def plot_kd_vs_task(groups: Mapping[str, Mapping[str, Any]], path: Path) -> str:
 def _save(fig: Any, path: Path) -> str:
     import matplotlib.pyplot as plt
 
+    from tools.head_pruning.plots import save_figure
+
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return str(path)
+    try:
+        return save_figure(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def write_study_outputs(records: Sequence[Mapping[str, Any]], teacher: Mapping[str, float], out: Path,

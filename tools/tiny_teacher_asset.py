@@ -157,6 +157,8 @@ def plot_curve(curve: List[Mapping[str, float]], chance: Mapping[str, float], pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tools.head_pruning.plots import save_figure
+
     keys = [k for k in curve[0] if k != "iter"]
     cols = 4
     rows = (len(keys) + cols - 1) // cols
@@ -172,12 +174,10 @@ def plot_curve(curve: List[Mapping[str, float]], chance: Mapping[str, float], pa
         ax.axis("off")
     fig.suptitle("tiny teacher: validation metrics vs training iteration (dashed: image-blind chance)", fontsize=10)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return str(path)
+    try:
+        return save_figure(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 __all__ = ["SHIPPED_TEACHER", "SHIPPED_CHECKSUM", "MATERIALIZED_CHECKPOINT", "TeacherAssetError", "sha256_of",

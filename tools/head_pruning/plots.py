@@ -21,10 +21,14 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save_figure(fig: Any, path: Union[str, os.PathLike]) -> str:
+def save_figure(fig: Any, path: Union[str, os.PathLike], dpi: int = 120) -> str:
+    """Write ``fig`` to the ``.png`` file ``path`` atomically (temporary file, then rename).
+
+    The one figure writer of the project: the demo, the study report and the teacher curve use it too.
+    """
     if os.path.splitext(os.fspath(path))[1].lower() != ".png":
         raise ValueError(f"{os.fspath(path)}: plots are written as .png")
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"), binary=True)
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"), binary=True)
 
 
 def plot_head_importance(importance: Union[HeadImportance, ScoresLike], path: Union[str, os.PathLike],
@@ -54,7 +58,7 @@ def plot_head_importance(importance: Union[HeadImportance, ScoresLike], path: Un
                     ax.add_patch(Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.2))
             label += f": kept heads outlined ({pruning_config.strategy}, ratio {pruning_config.pruning_ratio:g} removed)"
         ax.set_title(label, fontsize=9)
-        return _save_figure(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -90,7 +94,7 @@ def plot_channel_importance(importance: Union[ChannelImportance, ScoresLike], pa
             row[0].set_xlabel("hidden channel")
             row[0].set_ylabel("block")
             row[0].tick_params(labelsize=7)
-        return _save_figure(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -130,7 +134,7 @@ def plot_fidelity_vs_ratio(analysis: Mapping[str, Any], path: Union[str, os.Path
         axes[1].set_ylabel("backbone speedup ceiling (analytic MACs)")
         axes[1].grid(alpha=0.3)
         fig.suptitle(f"Pruning impact ({analysis.get('method') or 'scores'})", fontsize=10)
-        return _save_figure(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
