@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tools.kd_study import Cell, build_grid, parse_args, run_study
-from tools.kd_study_report import aggregate, find_group, mean_std
+from tools.kd_study_report import aggregate, detail_findings, detail_retention, detail_table, find_group, mean_std
 
 
 def test_default_grid_covers_seeds_ratios_selections_and_trainings_once():
@@ -42,6 +42,27 @@ def test_aggregate_gives_mean_and_sample_std_over_seeds():
     assert group["metrics"]["det_f1"]["mean"] == pytest.approx(0.85)
     assert group["metrics"]["det_f1"]["std"] == pytest.approx(0.0707107, rel=1e-5)
     assert group["worst_retained"]["mean"] == pytest.approx(0.85)
+
+
+def test_finer_task_metrics_are_kept_per_group_and_the_worst_is_named():
+    teacher = dict(det_f1_car=0.8, qa_acc_next_action=0.5, qa_acc_count_cars=0.0)  # a zero teacher gives no ratio
+    records = []
+    for seed, (car, action) in enumerate(((0.8, 0.45), (0.72, 0.35))):
+        cell = Cell(seed, 0.5, "random", "none")
+        records.append(dict(cell=cell.__dict__, group=cell.group, backbone_cosine=0.9,
+                            metrics=dict(det_f1=1, lane_iou=1, qa_acc=1, plan_l2=1, det_f1_car=car,
+                                         qa_acc_next_action=action, qa_acc_count_cars=0.5),
+                            retained=dict(det_f1=1.0, lane_iou=1.0, qa_acc=1.0, plan_l2=1.0)))
+    details = detail_retention(records, teacher)
+    (group,) = details.values()
+    assert set(group) == {"det_f1_car", "qa_acc_next_action"}
+    assert group["det_f1_car"]["mean"] == pytest.approx(0.95) and group["qa_acc_next_action"]["mean"] == pytest.approx(0.8)
+    groups = aggregate(records)
+    table = detail_table(groups, details, teacher).splitlines()
+    assert table[2] == "| teacher (value) | 0% | - | - | - | 0.800 | 0.000 | 0.500 |"
+    assert table[3] == "| heads | 50% | random | pruned, no training | all | 95.0% ± 7.1% | - | 80.0% ± 14.1% |"
+    assert detail_findings(groups, details) == ["- 50% of heads removed (random), before any training: the finer "
+                                                "task metric hit hardest is qa_acc_next_action, kept 80.0% ± 14.1%."]
 
 
 def test_study_runs_cells_through_the_launcher_and_skips_finished_ones(tmp_path):

@@ -26,11 +26,13 @@ EXPECTED_LOSS_KEYS = {"loss_cls", "loss_bbox", "loss_iou", "loss_traffic", "loss
                       "loss_dice_lane", "vlm_loss", "loss_plan_reg"}
 
 
-def small_cfg(max_iters: int = 3) -> Config:
-    """The shipped config with small splits and a short run."""
+def small_cfg(max_iters: int = 3, language_iters: int = 2) -> Config:
+    """The shipped config with small splits and short stages."""
     cfg = Config.fromfile(str(CONFIG))
     cfg.merge_from_dict({"data.train.num_samples": 64, "data.val.num_samples": 16, "evaluation.max_samples": 16,
-                         "runner.max_iters": max_iters, "lr_config.warmup_iters": 2, "log_config.interval": 1000})
+                         "runner.max_iters": max_iters, "language_stage.max_iters": language_iters,
+                         "language_stage.samples_per_gpu": 4,
+                         "lr_config.warmup_iters": 2, "log_config.interval": 1000})
     return cfg
 
 
@@ -177,7 +179,8 @@ def test_vl_tokens_are_side_effect_free(model, batch):
     calls = model.pts_bbox_head.num_train_calls
     first = model.vl_tokens(feats, **batch)
     second = model.vl_tokens([feats], img_metas=batch["img_metas"])
-    per_cam = math.ceil(10 / model.vl_proj.pool) ** 2 + 1  # local tokens + one global token
+    per_cam = math.ceil(10 / model.vl_proj.pool) ** 2 + 1 + 1  # local tokens, one global token, one count token
+    assert model.vl_proj.count_tokens
     assert first.shape == (3, 2 * per_cam, 64) and torch.equal(first, second)
     assert model.pts_bbox_head.num_train_calls == calls
     assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
@@ -316,8 +319,8 @@ def short_run(tmp_path_factory):
 
 def test_short_teacher_training_lowers_the_loss(short_run):
     losses = short_run["losses"]
-    assert len(losses) == 30
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5  # 30 steps: at least 20% lower
+    assert len(losses) == 30 + 2 and short_run["meta"]["stage_iters"] == [30, 2]
+    assert sum(losses[25:30]) / 5 < 0.8 * sum(losses[:5]) / 5  # 30 steps of stage 1: at least 20% lower
     meta = short_run["meta"]
     assert {"det_f1", "lane_iou", "qa_acc", "plan_l2"} <= set(meta["metrics"]) <= set(meta["chance"]) | {"num_samples"}
 

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
 METRICS = ("det_f1", "lane_iou", "qa_acc", "plan_l2")
+# The finer task metrics behind the headline ones: per detection class, per question type, the traffic state.
+DETAIL_METRICS = ("det_f1_car", "det_f1_pedestrian", "det_f1_traffic_light", "qa_acc_count_cars",
+                  "qa_acc_count_pedestrians", "qa_acc_light_state", "qa_acc_next_action", "traffic_state_acc")
 TRAINING_LABELS = {"none": "pruned, no training", "kd": "KD", "task_only": "task loss only"}
 
 
@@ -59,14 +62,41 @@ def markdown_table(groups: Mapping[str, Mapping[str, Any]], teacher: Mapping[str
               + " | worst kept | backbone cos | seeds |")
     rows = [header, "|" + "---|" * (header.count("|") - 1),
             "| teacher | 0% | - | - | - | " + " | ".join(f"{teacher[k]:.4f}" for k in METRICS) + " | 100% | 1 | - |"]
-    order = sorted(groups.values(), key=lambda g: (g["settings"]["mode"], g["settings"]["ratio"],
-                                                   g["settings"]["selection"], -g["settings"]["label_fraction"],
-                                                   g["settings"]["training"], g["settings"].get("alpha") or -1))
-    for group in order:
+    for group in sorted(groups.values(), key=_order):
         rows.append(_describe(group["settings"]) + " " + " | ".join(_pm(group["metrics"][k]) for k in METRICS)
                     + f" | {_pm(group['worst_retained'], True)} | {_pm(group['backbone_cosine'])} | "
                     f"{len(group['seeds'])} |")
     return "\n".join(rows)
+
+
+def detail_retention(records: Sequence[Mapping[str, Any]], teacher: Mapping[str, float]
+                     ) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Per group, mean/std over seeds of student / teacher for each of :data:`DETAIL_METRICS` the cells have
+    (a teacher value of 0 gives no ratio)."""
+    ratios: Dict[str, Dict[str, List[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        for key in DETAIL_METRICS:
+            if key in record["metrics"] and teacher.get(key):
+                ratios[record["group"]][key].append(record["metrics"][key] / teacher[key])
+    return {group: {k: mean_std(v) for k, v in per_key.items()} for group, per_key in ratios.items()}
+
+
+def detail_table(groups: Mapping[str, Mapping[str, Any]], details: Mapping[str, Mapping[str, Any]],
+                 teacher: Mapping[str, float]) -> str:
+    """One row per group: the retention of every finer task metric (mean ± std over seeds)."""
+    keys = [k for k in DETAIL_METRICS if k in teacher]
+    header = "| mode | heads removed | selection | training | labels | " + " | ".join(keys) + " |"
+    rows = [header, "|" + "---|" * (header.count("|") - 1),
+            "| teacher (value) | 0% | - | - | - | " + " | ".join(f"{teacher[k]:.3f}" for k in keys) + " |"]
+    for name, group in sorted(groups.items(), key=lambda item: _order(item[1])):
+        cells = [_pm(details[name][k], True) if k in details.get(name, {}) else "-" for k in keys]
+        rows.append(_describe(group["settings"]) + " " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _order(group: Mapping[str, Any]) -> tuple:
+    s = group["settings"]
+    return s["mode"], s["ratio"], s["selection"], -s["label_fraction"], s["training"], s.get("alpha") or -1
 
 
 def find_group(groups: Mapping[str, Mapping[str, Any]], **settings: Any) -> Any:
@@ -109,6 +139,19 @@ def findings(groups: Mapping[str, Mapping[str, Any]]) -> List[str]:
                                  f"{_pm(chosen['worst_retained'], True)} vs {other} "
                                  f"{_pm(rival['worst_retained'], True)}; backbone cosine "
                                  f"{_pm(chosen['backbone_cosine'])} vs {_pm(rival['backbone_cosine'])}.")
+    return lines
+
+
+def detail_findings(groups: Mapping[str, Mapping[str, Any]], details: Mapping[str, Mapping[str, Any]]) -> List[str]:
+    """Per ratio and selection, before training: the finer task metric that pruning costs most."""
+    lines = []
+    for name, group in sorted(groups.items(), key=lambda item: _order(item[1])):
+        s = group["settings"]
+        if s["training"] != "none" or s["mode"] != "heads" or not details.get(name):
+            continue
+        key, stat = min(details[name].items(), key=lambda item: item[1]["mean"])
+        lines.append(f"- {s['ratio']:.0%} of heads removed ({s['selection']}), before any training: the finer "
+                     f"task metric hit hardest is {key}, kept {_pm(stat, True)}.")
     return lines
 
 
@@ -186,9 +229,11 @@ def write_study_outputs(records: Sequence[Mapping[str, Any]], teacher: Mapping[s
 
     groups = aggregate(records)
     table = markdown_table(groups, teacher)
-    notes = findings(groups)
+    details = detail_retention(records, teacher)
+    fine_table = detail_table(groups, details, teacher)
+    notes = findings(groups) + detail_findings(groups, details)
     payload = dict(settings=dict(settings), teacher_metrics=dict(teacher), groups=groups, findings=notes,
-                   cells=list(records), table=table)
+                   cells=list(records), table=table, detail_retention=details, detail_table=fine_table)
     atomic_write_json(out / "study.json", payload)
     plots = [plot_retention_vs_ratio(groups, out / "retention_vs_ratio.png"),
              plot_kd_vs_task(groups, out / "kd_vs_task_only.png")]
@@ -196,9 +241,12 @@ def write_study_outputs(records: Sequence[Mapping[str, Any]], teacher: Mapping[s
         "# KD study (miniature world)", "", f"Command: `{settings['command']}`; {settings['epochs']} epoch(s) of "
         f"{settings['frames']} frames per trained cell, {settings['threads']} thread(s), teacher {settings['teacher']}. Mean ± std over seeds; "
         "'worst kept' is the lowest of the four retentions (student / teacher; teacher / student for plan L2).", "",
-        table, "", "## Findings", "", *notes, "", "Plots: " + ", ".join(os.path.basename(p) for p in plots), ""]))
+        table, "", "## Finer task metrics", "", "Retention (student / teacher) per detection class, per question "
+        "type and of the traffic state, mean ± std over seeds:", "", fine_table, "", "## Findings", "", *notes, "",
+        "Plots: " + ", ".join(os.path.basename(p) for p in plots), ""]))
     return payload
 
 
-__all__ = ["METRICS", "mean_std", "aggregate", "markdown_table", "find_group", "findings", "plot_retention_vs_ratio",
-           "plot_kd_vs_task", "write_study_outputs"]
+__all__ = ["METRICS", "DETAIL_METRICS", "mean_std", "aggregate", "markdown_table", "detail_retention",
+           "detail_table", "find_group", "findings", "detail_findings", "plot_retention_vs_ratio", "plot_kd_vs_task",
+           "write_study_outputs"]

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -151,8 +151,10 @@ def compare_with_shipped(state_dict: Mapping[str, torch.Tensor], metrics: Option
     return lines
 
 
-def plot_curve(curve: List[Mapping[str, float]], chance: Mapping[str, float], path: PathLike = CURVE_PLOT) -> str:
-    """Validation metrics against the training iteration (one panel per metric, chance dashed)."""
+def plot_curve(curve: List[Mapping[str, float]], chance: Mapping[str, float], path: PathLike = CURVE_PLOT,
+               stage_starts: Sequence[int] = ()) -> str:
+    """Validation metrics against the training iteration (one panel per metric, chance dashed, a dotted line
+    where each later training stage starts)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -168,11 +170,15 @@ def plot_curve(curve: List[Mapping[str, float]], chance: Mapping[str, float], pa
         ax.plot(steps, [point[key] for point in curve], marker="o", markersize=3)
         if key in chance:
             ax.axhline(chance[key], linestyle="--", color="grey", linewidth=1, label="chance")
+        for start in stage_starts:
+            ax.axvline(start, linestyle=":", color="black", linewidth=1)
         ax.set_title(key, fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes.ravel()[len(keys):]:
         ax.axis("off")
-    fig.suptitle("tiny teacher: validation metrics vs training iteration (dashed: image-blind chance)", fontsize=10)
+    stages = ", dotted: next training stage" if stage_starts else ""
+    fig.suptitle(f"tiny teacher: validation metrics vs training iteration (dashed: image-blind chance{stages})",
+                 fontsize=10)
     fig.tight_layout()
     try:
         return save_figure(fig, path, dpi=100)

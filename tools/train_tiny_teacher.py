@@ -8,11 +8,13 @@
 
 The repository ships a converged teacher (``ckpt/orion_tiny/orion_tiny_teacher.safetensors`` with its
 sha256, ``tools/tiny_teacher_asset.py``; curve in ``docs/tiny_teacher_curve.png``): the default config and
-seed 0 with one thread reproduce it (~15 min on 2 cores). A retrain is compared with the shipped teacher at
-the end (identical weights, or the largest difference and the metrics side by side).
-The loop reads top to bottom: config, data (batches from ``data.shuffler_sampler``,
-ORION's streaming order), model, optimiser and lr schedule (the KD loop's builders),
-then one loop that steps, logs (and with ``--eval-interval`` validates) and finally evaluates
+seed 0 with one thread reproduce it (~20 min on 2 cores). It trains in two stages: perception (the whole
+model end to end) and language (a fresh VL projector with count tokens and LM on the frozen perception;
+``language_stage`` in the config). A retrain is compared with the shipped teacher at the end (identical
+weights, or the largest difference and the metrics side by side).
+Each stage reads top to bottom: data (batches from ``data.shuffler_sampler``, ORION's
+streaming order), model, optimiser and lr schedule (the KD loop's builders), then one loop
+that steps, logs (and with ``--eval-interval`` validates); the end evaluates
 against the image-blind chance levels and saves an ORION-format checkpoint
 (``{'meta', 'state_dict'}``) atomically. The final evaluation streams the validation scenes twice,
 with the temporal memory and with the memory reset before every frame, and records both
@@ -29,7 +31,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
@@ -78,38 +80,108 @@ def format_metrics_table(metrics: Dict[str, float], chance: Dict[str, float]) ->
 def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG, seed: Optional[int] = None,
                        out: Optional[Union[str, os.PathLike]] = None, max_iters: Optional[int] = None,
                        evaluate_at_end: bool = True, verbose: bool = True,
-                       eval_interval: Optional[int] = None) -> Dict[str, Any]:
-    """Train TinyOrion from ``config``; return ``{'model', 'meta', 'losses', 'curve', 'path'}``.
+                       eval_interval: Optional[int] = None, language_iters: Optional[int] = None) -> Dict[str, Any]:
+    """Train TinyOrion from ``config`` in its two stages; return ``{'model', 'meta', 'losses', 'curve', 'path'}``.
 
-    ``out`` None: nothing is written. ``max_iters`` overrides ``runner.max_iters``
-    (short runs for tests). ``evaluate_at_end`` False skips the validation passes.
-    ``eval_interval`` N: the headline validation metrics every N iterations (the
-    convergence curve, ``meta['curve']``); the temporal memory restarts after each.
+    Stage 1 (perception) trains the whole model, built with ``perception_stage.model_changes``,
+    for ``runner.max_iters``. Stage 2 (language, when the config has ``language_stage``) builds
+    ``cfg.model``, takes every module but ``language_stage.trained_modules`` from stage 1, freezes
+    them in eval mode, switches the grid mask off and trains the fresh modules for
+    ``language_stage.max_iters`` with batches of ``language_stage.samples_per_gpu``: end to end, the tiny LM learned to count or to answer the rest,
+    never both (README_KD.md, "Counting"). ``out`` None: nothing is written. ``max_iters`` /
+    ``language_iters`` override the stage lengths (short runs for tests). ``evaluate_at_end`` False
+    skips the validation passes. ``eval_interval`` N: validation every N iterations of either stage
+    (``meta['curve']``, iterations counted across the stages).
     """
     cfg = config if isinstance(config, Config) else Config.fromfile(str(config))
     seed = int(cfg.get("seed", 0) if seed is None else seed)
     max_iters = int(cfg.runner["max_iters"] if max_iters is None else max_iters)
+    language = dict(cfg.get("language_stage") or {})
+    language_iters = int(language.get("max_iters", 0) if language_iters is None else language_iters)
     log = print if verbose else (lambda *a, **k: None)
     torch.set_num_threads(int(cfg.get("num_threads", 2)))
     set_random_seed(seed)
+    train_set, val_set = build_dataset(cfg.data["train"]), build_dataset(cfg.data["val"])
+    loader = _loader(train_set, cfg, seed)
+    perception_cfg = Config(dict(model=cfg.model))
+    perception_cfg.merge_from_dict(dict(model=dict((cfg.get("perception_stage") or {}).get("model_changes") or {})))
+    model = _build(perception_cfg.model)
+    log(f"[train_tiny_teacher] stage 1 (perception): the whole model, {max_iters} iters")
+    stage1 = _train_stage(model, cfg, loader, val_set, seed, max_iters, eval_interval, log, first_iter=0)
+    losses, curve, train_time = stage1["losses"], stage1["curve"], stage1["seconds"]
+    if language:
+        set_random_seed(seed)
+        loader = _loader(train_set, cfg, seed, language.get("samples_per_gpu"))
+        final = _build(cfg.model)
+        trained = tuple(language.get("trained_modules") or ())
+        copy_and_freeze(model, final, trained)
+        log(f"[train_tiny_teacher] stage 2 (language): {', '.join(trained)} from scratch on the frozen rest, "
+            f"no grid mask, {language_iters} iters of {language.get('samples_per_gpu') or cfg.data['samples_per_gpu']}")
+        stage2 = _train_stage(final, cfg, loader, val_set, seed, language_iters, eval_interval, log,
+                              first_iter=max_iters)
+        model, losses, curve = final, losses + stage2["losses"], curve + stage2["curve"]
+        train_time += stage2["seconds"]
+    log(f"[train_tiny_teacher] trained in {train_time:.1f} s")
 
-    train_set = build_dataset(cfg.data["train"])
-    val_set = build_dataset(cfg.data["val"])
-    loader = build_dataloader(train_set, cfg.data["samples_per_gpu"], cfg.data.get("workers_per_gpu", 0), seed=seed,
-                              shuffler_sampler=cfg.data.get("shuffler_sampler"), drop_last=True)
-    model = build_model(cfg.model, train_cfg=cfg.model.get("train_cfg"), test_cfg=cfg.model.get("test_cfg"))
-    model.train()
+    meta: Dict[str, Any] = dict(
+        seed=seed, iter=max_iters + (language_iters if language else 0), config=cfg.pretty_text,
+        stage_iters=[max_iters] + ([language_iters] if language else []), train_time_s=round(train_time, 2),
+        torch_version=str(torch.__version__), num_threads=torch.get_num_threads(),
+        time=datetime.datetime.now().isoformat(timespec="seconds"), model_type=cfg.model["type"],
+        **(dict(curve=curve) if curve else {}))
+    if evaluate_at_end:
+        meta.update(validate_with_and_without_memory(model, train_set, val_set,
+                                                     (cfg.get("evaluation") or {}).get("max_samples"), log))
+    path = None
+    if out is not None:
+        state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        path = atomic_torch_save(dict(meta=meta, state_dict=state_dict), out)
+        log(f"[train_tiny_teacher] wrote {path}")
+    return dict(model=model, meta=meta, losses=losses, curve=curve, path=path)
+
+
+def _loader(train_set: Any, cfg: Config, seed: int, batch: Optional[int] = None) -> Any:
+    return build_dataloader(train_set, int(batch or cfg.data["samples_per_gpu"]), cfg.data.get("workers_per_gpu", 0),
+                            seed=seed, shuffler_sampler=cfg.data.get("shuffler_sampler"), drop_last=True)
+
+
+def _build(model_cfg: Any) -> torch.nn.Module:
+    return build_model(model_cfg, train_cfg=model_cfg.get("train_cfg"), test_cfg=model_cfg.get("test_cfg"))
+
+
+def copy_and_freeze(source: torch.nn.Module, target: torch.nn.Module, trained: Sequence[str]) -> None:
+    """Stage 2's start: every top-level module of ``target`` but ``trained`` gets ``source``'s weights
+    (strictly) and stops learning (no gradients, eval mode under ``train()``); the grid mask goes off."""
+    names = [name for name, _ in target.named_children()]
+    unknown = sorted(set(trained) - set(names))
+    if unknown:
+        raise ValueError(f"language_stage.trained_modules: {unknown} are not modules of {type(target).__name__} "
+                         f"(expected some of {names})")
+    frozen = [name for name in names if name not in trained]
+    for name in frozen:
+        module = getattr(target, name)
+        module.load_state_dict(getattr(source, name).state_dict(), strict=True)
+        module.requires_grad_(False)
+    target.frozen_children = tuple(frozen)
+    target.use_grid_mask = False
+
+
+def _train_stage(model: torch.nn.Module, cfg: Config, loader: Any, val_set: Any, seed: int, max_iters: int,
+                 eval_interval: Optional[int], log: Any, first_iter: int) -> Dict[str, Any]:
+    """One stage: the optimiser and lr schedule over what requires gradients, ``loader``'s (streaming) batches,
+    the loop (logging, the curve every ``eval_interval``); iterations are numbered from ``first_iter``."""
+    _train_mode(model)
     optimizer, _ = build_kd_optimizer(model, cfg.optimizer)
-    scheduler = build_lr_scheduler(optimizer, cfg.lr_config, max_iters)
+    scheduler = build_lr_scheduler(optimizer, cfg.lr_config, max(max_iters, 1))
     grad_clip = (cfg.get("optimizer_config") or {}).get("grad_clip")
     trainable = [p for p in model.parameters() if p.requires_grad]
     log_interval = int(cfg.log_config.get("interval", 20))
-
-    log(f"[train_tiny_teacher] seed {seed}, {max_iters} iters, batch {cfg.data['samples_per_gpu']}, order "
-        f"{(cfg.data.get('shuffler_sampler') or {}).get('type', 'random')}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {torch.get_num_threads()} threads")
-    losses, curve, start, window, data_time = [], [], time.time(), time.time(), 0.0
     max_val = (cfg.get("evaluation") or {}).get("max_samples")
+    log(f"[train_tiny_teacher] seed {seed}, {max_iters} iters, batch {loader.batch_sampler.batch_size}, order "
+        f"{(cfg.data.get('shuffler_sampler') or {}).get('type', 'random')}, "
+        f"{sum(p.numel() for p in trainable) / 1e6:.2f} M of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
+        f" M parameters trained, {torch.get_num_threads()} threads")
+    losses, curve, start, window, data_time = [], [], time.time(), time.time(), 0.0
     batches = iter(loader)
     for it in range(max_iters):
         t0 = time.time()
@@ -129,32 +201,25 @@ def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG,
             per_iter = (time.time() - window) / n
             eta = datetime.timedelta(seconds=int(per_iter * (max_iters - it - 1)))
             parts = ", ".join(f"{k}: {v:.4f}" for k, v in outputs["log_vars"].items())
-            log(f"Iter [{it + 1}/{max_iters}] lr: {lr:.3e}, eta: {eta}, time: {per_iter:.3f}, "
-                f"data_time: {data_time / n:.3f}, {parts}")
+            log(f"Iter [{first_iter + it + 1}/{first_iter + max_iters}] lr: {lr:.3e}, eta: {eta}, "
+                f"time: {per_iter:.3f}, data_time: {data_time / n:.3f}, {parts}")
             window, data_time = time.time(), 0.0
         if eval_interval and ((it + 1) % eval_interval == 0 or it + 1 == max_iters):
-            curve.append(dict(iter=it + 1, **{k: v for k, v in evaluate(model, val_set, max_samples=max_val).items()
-                                              if k in CURVE_METRICS}))
+            metrics = evaluate(model, val_set, max_samples=max_val)
+            curve.append(dict(iter=first_iter + it + 1, **{k: v for k, v in metrics.items() if k in CURVE_METRICS}))
             model.reset_memory()
+            _train_mode(model)
             window = time.time()
-            log(f"[train_tiny_teacher] validation at iter {it + 1}: "
+            log(f"[train_tiny_teacher] validation at iter {first_iter + it + 1}: "
                 + ", ".join(f"{k} {v:.4f}" for k, v in curve[-1].items() if k != "iter"))
-    train_time = time.time() - start
-    log(f"[train_tiny_teacher] trained in {train_time:.1f} s")
+    return dict(losses=losses, curve=curve, seconds=time.time() - start)
 
-    meta: Dict[str, Any] = dict(
-        seed=seed, iter=max_iters, config=cfg.pretty_text, train_time_s=round(train_time, 2),
-        torch_version=str(torch.__version__), num_threads=torch.get_num_threads(),
-        time=datetime.datetime.now().isoformat(timespec="seconds"), model_type=cfg.model["type"],
-        **(dict(curve=curve) if curve else {}))
-    if evaluate_at_end:
-        meta.update(validate_with_and_without_memory(model, train_set, val_set, max_val, log))
-    path = None
-    if out is not None:
-        state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        path = atomic_torch_save(dict(meta=meta, state_dict=state_dict), out)
-        log(f"[train_tiny_teacher] wrote {path}")
-    return dict(model=model, meta=meta, losses=losses, curve=curve, path=path)
+
+def _train_mode(model: torch.nn.Module) -> None:
+    """``model.train()``, with the children :func:`copy_and_freeze` froze kept in eval mode."""
+    model.train()
+    for name in getattr(model, "frozen_children", ()):
+        getattr(model, name).eval()
 
 
 def validate_with_and_without_memory(model: torch.nn.Module, train_set: Any, val_set: Any,
@@ -251,7 +316,8 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="checkpoint to write (default: the config's out_checkpoint, "
                         "work_dirs/orion_tiny/orion_tiny_retrained.pth); compared with the shipped teacher at the end")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's seed)")
-    parser.add_argument("--max-iters", type=int, default=None, help="override runner.max_iters")
+    parser.add_argument("--max-iters", type=int, default=None, help="override runner.max_iters (stage 1; stage 2: "
+                        "--cfg-options language_stage.max_iters=N)")
     parser.add_argument("--no-eval", action="store_true", help="skip the final validation")
     parser.add_argument("--materialize", action="store_true",
                         help="train nothing: write ckpt/orion_tiny/orion_tiny.pth (the ORION-format checkpoint the "
@@ -312,13 +378,21 @@ def ship(result: Dict[str, Any], cfg: Config) -> None:
     """Replace the shipped teacher: safetensors + checksum, the convergence curve (PNG + JSON), the .pth cache."""
     meta = result["meta"]
     digest = write_shipped_teacher(result["model"].state_dict(), meta)
-    plot_curve(meta["curve"], meta["chance"])
-    atomic_write_json(CURVE_JSON, dict(seed=meta["seed"], iters=meta["iter"], curve=meta["curve"],
-                                       final=meta["metrics"], chance=meta["chance"],
-                                       memory_reset_each_frame=meta["metrics_memory_reset"], sha256=digest))
+    write_curve_record(meta, digest)
     materialize_teacher_checkpoint(MATERIALIZED_CHECKPOINT)
     print(f"[train_tiny_teacher] shipped: sha256 {digest}; curve in {CURVE_JSON.relative_to(REPO_ROOT)} and "
           f"docs/tiny_teacher_curve.png")
+
+
+def write_curve_record(meta: Dict[str, Any], digest: str) -> None:
+    """The shipped teacher's convergence curve as ``docs/tiny_teacher_curve.{json,png}`` (from its ``meta``)."""
+    stage_iters = list(meta.get("stage_iters") or [meta["iter"]])
+    stage_starts = [sum(stage_iters[:i]) for i in range(1, len(stage_iters))]
+    plot_curve(meta["curve"], meta["chance"], stage_starts=stage_starts)
+    atomic_write_json(CURVE_JSON, dict(seed=meta["seed"], iters=meta["iter"], stage_iters=stage_iters,
+                                       curve=meta["curve"], final=meta["metrics"], chance=meta["chance"],
+                                       memory_reset_each_frame=meta["metrics_memory_reset"], sha256=digest))
+
 
 if __name__ == "__main__":
     sys.exit(main())

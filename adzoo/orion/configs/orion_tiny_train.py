@@ -42,8 +42,7 @@ model = dict(
         stride=patch_size, score_thr=0.4, nms_iou=0.5, memory=True, memory_max_gap=2.0),
     map_head=dict(type='TinyMapHead', in_channels=embed_dim, feat_channels=64, stride=patch_size, mask_stride=4),
     vl_proj=dict(type='TinyVLProjector', in_channels=embed_dim, det_channels=96, out_channels=lm_hidden,
-                 num_cams=num_cams,
-                 grid_hw=(grid, grid), pool=5),
+                 num_cams=num_cams, grid_hw=(grid, grid), pool=5, count_tokens=True, num_classes=3),
     lm_head=dict(type='TinyCausalLM', hidden_size=lm_hidden, num_layers=2, num_attention_heads=4,
                  intermediate_size=128, max_position_embeddings=128, plan_horizon=plan_horizon, frozen=False),
     train_cfg=None,
@@ -51,7 +50,18 @@ model = dict(
 
 dataset_type = 'SyntheticChatB2D'
 scene_len = 8
-max_iters = 1600  # the validation metrics plateau by ~1200 (docs/tiny_teacher_curve.png)
+max_iters = 1600  # stage 1; its validation metrics plateau by ~1200 (docs/tiny_teacher_curve.png)
+
+# The teacher trains in two stages (tools/train_tiny_teacher.py):
+# 1. perception: the whole model end to end for runner.max_iters, grid mask on, with a VL projector
+#    without count tokens (model_changes);
+# 2. language: a fresh VL projector (with count tokens) and LM learn to read the frozen stage-1
+#    backbone, detection and lane heads (eval mode, no grid mask) for language_stage.max_iters,
+#    in batches of 16 streamed scenes: in batches of 8 (consecutive frames are alike) the counts
+#    were learned too slowly. Trained end to end, the tiny LM learned to count or to answer the
+#    rest, never both (README_KD.md, "Counting").
+perception_stage = dict(model_changes=dict(vl_proj=dict(count_tokens=False)))
+language_stage = dict(max_iters=1600, samples_per_gpu=16, trained_modules=['vl_proj', 'lm_head'])
 data = dict(
     samples_per_gpu=8,
     workers_per_gpu=0,

@@ -110,21 +110,26 @@ class TinyOrion(nn.Module):
     def vl_tokens(self, img_feats: Union[Tensor, Sequence[Tensor]], **data: Any) -> Tensor:
         """Visual tokens handed to the language model, [B, K, D_lm]; no state changes.
 
-        Built from the image features and the detection head's cell features
-        (ORION's LLM reads its detection queries too); the head's call counter
-        and any other state are left untouched.
+        Built from the image features and the detection head's cell features (and, when the
+        projector has count tokens, its soft object counts): ORION's LLM reads its detection
+        queries too. The head's call counter and any other state are left untouched.
         """
         if isinstance(img_feats, (list, tuple)):
             img_feats = img_feats[self.position_level]
-        b, n = img_feats.shape[:2]
         det_feats = self.pts_bbox_head.scene_features(img_feats.flatten(0, 1))
-        return self.vl_proj(img_feats, det_feats.reshape(b, n, *det_feats.shape[1:]))
+        return self._project(img_feats, det_feats, lambda: self.pts_bbox_head.cls_out(det_feats))
 
     def _vl_tokens_from(self, img_feats: Tensor, det_out: Dict[str, Tensor]) -> Tensor:
-        """:meth:`vl_tokens` reusing the detection head's features of this forward (saves one head pass)."""
+        """:meth:`vl_tokens` reusing the detection head's outputs of this forward (saves one head pass)."""
+        return self._project(img_feats, det_out["scene_feats"], lambda: det_out["cls_logits"])
+
+    def _project(self, img_feats: Tensor, det_feats: Tensor, cls_logits: Any) -> Tensor:
+        """Run ``vl_proj`` on [B, N, ...] features; ``cls_logits()`` gives the head's class logits when counts are read."""
         b, n = img_feats.shape[:2]
-        det_feats = det_out["scene_feats"]
-        return self.vl_proj(img_feats, det_feats.reshape(b, n, *det_feats.shape[1:]))
+        counts = None
+        if getattr(self.vl_proj, "count_tokens", False):
+            counts = self.pts_bbox_head.soft_counts(cls_logits()).reshape(b, n, -1)
+        return self.vl_proj(img_feats, det_feats.reshape(b, n, *det_feats.shape[1:]), det_counts=counts)
 
     # ---------------------------------------------------------------- training
     def forward(self, data: Optional[dict] = None, return_loss: bool = True, **kwargs: Any) -> Any:

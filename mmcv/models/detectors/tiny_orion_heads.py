@@ -154,6 +154,11 @@ class TinyDetHead(nn.Module):
                 self.memory.write(torch.cat([pooled, logits.float().softmax(-1).to(pooled.dtype)], dim=1), img_metas)
         return outs
 
+    def soft_counts(self, cls_logits: Tensor) -> Tensor:
+        """Expected number of objects per class, [BN, num_classes]: class probabilities summed over the cells
+        (background left out). Differentiable, so a count read from it trains what it is read from."""
+        return cls_logits.float().softmax(dim=1)[:, :self.num_classes].sum(dim=(2, 3))
+
     def scene_features(self, feats: Tensor) -> Tensor:
         """The per-cell features the predictions are read from, [BN, feat_channels, h, w], without state change:
         fused with the memory that the last :meth:`forward` read (zeros when it does not fit ``feats``)."""
@@ -321,17 +326,22 @@ class TinyVLProjector(nn.Module):
     Per camera: ``ceil(h / pool) * ceil(w / pool)`` local tokens (average- and
     max-pooled backbone and detection features) plus one global token (the same
     statistics over the whole grid), each with camera and position embeddings,
-    projected to the LM width: [B, N * (local + 1), out_channels]. The LayerNorm
-    largely removes the magnitude of the detection average, and the shipped
-    teacher does not count (README_KD.md, "Counting: tried, not shipped").
+    projected to the LM width. With ``count_tokens`` one more token per camera
+    follows them all: the detection head's soft object counts per class
+    (``TinyDetHead.soft_counts``), ``LayerNorm(MLP(log1p(counts)))`` plus a camera
+    embedding. Pooled features cannot say "two cars": the LayerNorm removes most
+    of the magnitude an average carries. Output [B, N * (local + 1) (+ N), out_channels].
     A pure function of its inputs (no state), so it runs on student and teacher
     features alike. ORION's LLM likewise reads scene queries from its detection head.
     """
 
     def __init__(self, in_channels: int = 128, det_channels: int = 96, out_channels: int = 64, num_cams: int = 2,
-                 grid_hw: Sequence[int] = (10, 10), pool: int = 2) -> None:
+                 grid_hw: Sequence[int] = (10, 10), pool: int = 2, count_tokens: bool = False,
+                 num_classes: int = 3) -> None:
         super().__init__()
         self.pool = pool
+        self.count_tokens = bool(count_tokens)
+        self.num_classes = int(num_classes)
         self.num_cams = num_cams
         self.grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
         self.det_channels = det_channels
@@ -343,9 +353,15 @@ class TinyVLProjector(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Sequential(nn.Linear(dim, out_channels), nn.GELU(), nn.Linear(out_channels, out_channels))
+        if self.count_tokens:
+            self.count_proj = nn.Sequential(nn.Linear(self.num_classes, out_channels), nn.GELU(),
+                                            nn.Linear(out_channels, out_channels), nn.LayerNorm(out_channels))
+            self.count_cam_embed = nn.Parameter(torch.zeros(1, num_cams, out_channels))
+            nn.init.trunc_normal_(self.count_cam_embed, std=0.02)
 
-    def forward(self, img_feats: Tensor, det_feats: Tensor) -> Tensor:
-        """``img_feats`` [B, N, C, h, w], ``det_feats`` [B, N, Cd, h, w] -> tokens [B, K, out_channels]."""
+    def forward(self, img_feats: Tensor, det_feats: Tensor, det_counts: Optional[Tensor] = None) -> Tensor:
+        """``img_feats`` [B, N, C, h, w], ``det_feats`` [B, N, Cd, h, w] (and, with ``count_tokens``,
+        ``det_counts`` [B, N, num_classes]) -> tokens [B, K, out_channels]."""
         b, n, c, h, w = img_feats.shape
         if n != self.num_cams or (h, w) != self.grid_hw:
             raise ValueError(f"TinyVLProjector: expected features [B, {self.num_cams}, C, {self.grid_hw[0]}, "
@@ -362,7 +378,15 @@ class TinyVLProjector(nn.Module):
                          dim=1)[:, :, None]
         x = torch.cat([local, glob], dim=2).transpose(1, 2).reshape(b, n, local.shape[2] + 1, -1)
         x = (x + self.cam_embed + self.pos_embed).reshape(b, -1, x.shape[-1])
-        return self.proj(self.norm(x))
+        tokens = self.proj(self.norm(x))
+        if not self.count_tokens:
+            return tokens
+        if det_counts is None or tuple(det_counts.shape) != (b, n, self.num_classes):
+            got = None if det_counts is None else tuple(det_counts.shape)
+            raise ValueError(f"TinyVLProjector: count_tokens=True needs det_counts [{b}, {n}, {self.num_classes}] "
+                             f"(TinyDetHead.soft_counts per camera), got {got}")
+        counts = self.count_proj(torch.log1p(det_counts.to(tokens.dtype).clamp_min(0))) + self.count_cam_embed
+        return torch.cat([tokens, counts], dim=1)
 
 
 __all__ = ["TinyDetHead", "TinyMapHead", "TinyVLProjector", "generalized_box_iou", "nms"]
