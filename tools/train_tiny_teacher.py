@@ -87,8 +87,8 @@ def train_tiny_teacher(config: Union[str, os.PathLike, Config] = DEFAULT_CONFIG,
     for ``runner.max_iters``. Stage 2 (language, when the config has ``language_stage``) builds
     ``cfg.model``, takes every module but ``language_stage.trained_modules`` from stage 1, freezes
     them in eval mode, switches the grid mask off and trains the fresh modules for
-    ``language_stage.max_iters`` with batches of ``language_stage.samples_per_gpu``: end to end, the tiny LM learned to count or to answer the rest,
-    never both (README_KD.md, "Counting"). ``out`` None: nothing is written. ``max_iters`` /
+    ``language_stage.max_iters`` with batches of ``language_stage.samples_per_gpu``: end to end, the
+    tiny LM learned to count or to answer the rest, never both (README_KD.md, "Counting"). ``out`` None: nothing is written. ``max_iters`` /
     ``language_iters`` override the stage lengths (short runs for tests). ``evaluate_at_end`` False
     skips the validation passes. ``eval_interval`` N: validation every N iterations of either stage
     (``meta['curve']``, iterations counted across the stages).

@@ -25,7 +25,7 @@ It keeps the attributes and calling conventions of ORION's ``Orion`` detector
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -123,8 +123,9 @@ class TinyOrion(nn.Module):
         """:meth:`vl_tokens` reusing the detection head's outputs of this forward (saves one head pass)."""
         return self._project(img_feats, det_out["scene_feats"], lambda: det_out["cls_logits"])
 
-    def _project(self, img_feats: Tensor, det_feats: Tensor, cls_logits: Any) -> Tensor:
-        """Run ``vl_proj`` on [B, N, ...] features; ``cls_logits()`` gives the head's class logits when counts are read."""
+    def _project(self, img_feats: Tensor, det_feats: Tensor, cls_logits: Callable[[], Tensor]) -> Tensor:
+        """Run ``vl_proj`` on [B, N, ...] features; ``cls_logits()`` gives the head's class logits, called only
+        when the projector reads counts."""
         b, n = img_feats.shape[:2]
         counts = None
         if getattr(self.vl_proj, "count_tokens", False):
