@@ -29,8 +29,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tools.demo_support import (HIGHER_IS_BETTER, backbone_similarity, evaluate_targets,  # noqa: E402
-                                 load_exported_student, plot_loss_curves, retained, spearman, time_backbones,
-                                 train_kd, val_loader, write_kd_config, write_report)
+                                 importance_loader, load_exported_student, plot_loss_curves, retained, spearman,
+                                 time_backbones, train_kd, val_loader, write_kd_config, write_report)
 
 TINY_KD_CONFIG = "adzoo/orion/configs/orion_tiny_kd_train.py"
 METHODS = ("magnitude", "gradient", "entropy", "activation")
@@ -123,6 +123,7 @@ class DemoRun:
     teacher: Any = None
     val_set: Any = None
     loader: Any = None
+    importance_loader: Any = None
     pruning: Any = None
     kd_config: Optional[Path] = None
     before: Any = None
@@ -179,6 +180,7 @@ def stage_teacher(run: DemoRun) -> None:
     run.val_set = build_dataset(run.cfg.data.val)
     train_set = build_dataset(run.cfg.data.train)
     run.loader = val_loader(run.val_set, batch_size=8)
+    run.importance_loader = importance_loader(run.cfg.data.train)
     metrics = evaluate(run.teacher, run.val_set)
     run.report.update(teacher_checkpoint=teacher_path, teacher_metrics=metrics,
                       chance_metrics=chance_levels(train_set, run.val_set))
@@ -194,7 +196,7 @@ def stage_importance(run: DemoRun) -> None:
             result = hpu.compute_head_importance_magnitude(run.teacher)
         else:
             fn = getattr(hpu, f"compute_head_importance_{method}")
-            result = fn(run.teacher, run.loader, num_batches=8, progress=False)
+            result = fn(run.teacher, run.importance_loader, num_batches=8, progress=False)
         result.save(run.work / f"importance_{method}.json")
         run.importance[method] = result
         print(f"  {method:<10} {time.time() - t0:5.1f}s")
@@ -203,7 +205,8 @@ def stage_importance(run: DemoRun) -> None:
     run.report["importance_rank_correlation_to_chosen"] = ranks
     if run.args.joint:
         method = run.args.channel_method
-        kwargs = {} if method == "magnitude" else dict(dataloader=run.loader, num_batches=8, progress=False)
+        kwargs = {} if method == "magnitude" else dict(dataloader=run.importance_loader, num_batches=8,
+                                                       progress=False)
         run.channel_importance = hpu.compute_channel_importance(run.teacher, method, **kwargs)
         run.channel_importance.save(run.work / f"channel_importance_{method}.npz")
         print(f"  channels ({method}) {run.channel_importance.metadata.get('seconds', 0):5.1f}s")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tools.kd_study import Cell, build_grid, parse_args, run_study
 from tools.kd_study_report import aggregate, detail_findings, detail_retention, detail_table, find_group, mean_std
@@ -107,3 +108,24 @@ def test_demo_judges_kd_against_task_only_on_the_mean_over_seeds_of_a_study(tmp_
     (target,) = study_targets(report, path).values()
     assert target["met"] is False and target["value"]["kd_ahead_on"] == "0 of 4"
     assert study_targets(dict(report, pruning_ratio=0.75), path) == {}  # no such cells: no claim
+
+
+def test_importance_is_scored_on_training_frames_and_students_judged_on_validation_frames(monkeypatch):
+    from mmcv import Config
+    from tools import head_pruning_utils as hpu
+    from tools import kd_study
+    from tools.demo_support import importance_loader
+
+    cfg = Config.fromfile(str(kd_study.TINY_KD_CONFIG))
+    loader = importance_loader(cfg.data.train)
+    metas = [meta for batch in loader for meta in batch["img_metas"]]
+    assert len(metas) == 64 and {m["split"] for m in metas} == {"train"}
+    assert sorted({m["scene_token"] for m in metas}) == [f"synthetic-train-0-scene{s:05d}" for s in range(8)]
+    seen = []
+    monkeypatch.setattr(hpu, "compute_head_importance_gradient",
+                        lambda model, data, **kw: seen.append(data) or hpu.HeadImportance(
+                            scores=torch.ones(4, 16, dtype=torch.float64), method="gradient", source="test"))
+    study = object.__new__(kd_study.Study)
+    study.teacher, study.loader, study.importance_loader, study._importance = None, "validation", loader, {}
+    study.importance("heads", "gradient", seed=0)
+    assert seen == [loader]

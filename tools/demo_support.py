@@ -17,9 +17,24 @@ ROOT = Path(__file__).resolve().parents[1]
 HIGHER_IS_BETTER = {"det_f1": True, "lane_iou": True, "qa_acc": True, "plan_l2": False}
 
 
+#: Training frames the data-driven importance is scored on: the first 8 scenes of the training split,
+#: which every training run of the demo and the study includes; the students are judged on the validation split.
+IMPORTANCE_FRAMES = 64
+
+
 def val_loader(dataset: Any, batch_size: int):
     from torch.utils.data import DataLoader
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate_fn)
+
+
+def importance_loader(train_cfg: Any, frames: int = IMPORTANCE_FRAMES, batch_size: int = 8) -> Any:
+    """The first ``frames`` training frames (whole scenes, in order): the fixed slice importance is scored on.
+
+    Scoring on the validation frames would let the selection see the frames it is judged on.
+    """
+    from mmcv.datasets import build_dataset
+
+    return val_loader(build_dataset(dict(train_cfg, num_samples=frames)), batch_size)
 
 
 def backbone_similarity(reference: Any, candidate: Any, loader: Any, num_batches: int) -> Dict[str, float]:

@@ -92,7 +92,7 @@ class Study:
         from mmcv import Config
         from mmcv.datasets import build_dataset
         from mmcv.datasets.chat_b2d_metrics import evaluate
-        from tools.demo_support import val_loader
+        from tools.demo_support import importance_loader, val_loader
         from tools.train_tiny_teacher import DEFAULT_CHECKPOINT, ensure_tiny_teacher, load_tiny_teacher
 
         torch.set_num_threads(threads)
@@ -103,6 +103,7 @@ class Study:
         self.cfg = Config.fromfile(str(TINY_KD_CONFIG))
         self.val_set = build_dataset(self.cfg.data.val)
         self.loader = val_loader(self.val_set, batch_size=8)
+        self.importance_loader = importance_loader(self.cfg.data.train)
         self._importance: Dict[Any, Any] = {}
         cached = out / "teacher_metrics.json"
         if cached.is_file():
@@ -113,7 +114,8 @@ class Study:
             atomic_write_json(cached, self.teacher_metrics)
 
     def importance(self, unit: str, selection: str, seed: int) -> Any:
-        """Head or channel scores of the teacher: magnitude, gradient (8 validation batches) or random (by seed)."""
+        """Head or channel scores of the teacher: magnitude, gradient (the 8 batches of ``importance_loader``, training
+        frames) or random (by seed)."""
         import torch
 
         from tools import head_pruning_utils as hpu
@@ -122,11 +124,12 @@ class Study:
         if key not in self._importance:
             if unit == "heads":
                 scores = (hpu.compute_head_importance_magnitude(self.teacher) if selection != "gradient" else
-                          hpu.compute_head_importance_gradient(self.teacher, self.loader, num_batches=8,
+                          hpu.compute_head_importance_gradient(self.teacher, self.importance_loader, num_batches=8,
                                                                progress=False))
             else:
                 scores = hpu.compute_channel_importance(self.teacher, "magnitude") if selection != "gradient" else \
-                    hpu.compute_channel_importance(self.teacher, "gradient", dataloader=self.loader, num_batches=8,
+                    hpu.compute_channel_importance(self.teacher, "gradient", dataloader=self.importance_loader,
+                                                   num_batches=8,
                                                    progress=False)
             if selection == "random":
                 generator = torch.Generator().manual_seed(1000 + seed)
