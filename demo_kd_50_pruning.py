@@ -49,6 +49,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", default="work_dirs/demo_kd_50_pruning")
     parser.add_argument("--random-draws", type=int, default=5, help="random head selections for the baseline")
     parser.add_argument("--skip-benchmark", action="store_true")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (default 2): the metrics are reproduced exactly at the same thread count "
+                             "on the same kind of CPU")
     parser.add_argument("--train-frames", type=int, default=None,
                         help="training frames per epoch for KD and the control (default: the config's 512, i.e. "
                              "64 iterations of 8); fewer make a quick, less accurate run")
@@ -69,6 +72,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error(f"--pruning-ratio is the fraction of heads removed, in [0, 1); got {args.pruning_ratio}")
     if not 0.0 <= args.mlp_pruning_ratio < 1.0:
         parser.error(f"--mlp-pruning-ratio is the fraction of channels removed, in [0, 1); got {args.mlp_pruning_ratio}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.train_frames is not None and (args.train_frames < 64 or args.train_frames % 8):
         parser.error("--train-frames must be a multiple of the tiny config's batch of 8 and at least one batch of "
                      f"8-frame scenes (64); got {args.train_frames}")
@@ -140,6 +145,7 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
     started = time.time()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     report: Dict[str, Any] = dict(seed=args.seed, pruning_ratio=args.pruning_ratio, strategy=args.strategy,
                                   method=args.method, config=args.config, torch=torch.__version__,
