@@ -29,8 +29,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tools.demo_support import (HIGHER_IS_BETTER, backbone_similarity, evaluate_targets,  # noqa: E402
-                                 importance_loader, load_exported_student, plot_loss_curves, retained, spearman,
-                                 time_backbones, train_kd, val_loader, write_kd_config, write_report)
+                                 importance_loader, load_exported_student, plot_loss_curves, retained,
+                                 shipped_study_lines, spearman, time_backbones, train_kd, val_loader,
+                                 write_kd_config, write_report)
 
 TINY_KD_CONFIG = "adzoo/orion/configs/orion_tiny_kd_train.py"
 METHODS = ("magnitude", "gradient", "entropy", "activation")
@@ -170,6 +171,7 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
     report["stage_seconds"] = dict(Stage.timings)
     report["total_seconds"] = time.time() - started
     report["targets"] = evaluate_targets(report)
+    report["shipped_study"] = shipped_study_lines(report)
     write_report(report, work)
     return report
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tools.kd_study import Cell, build_grid, parse_args, run_study
-from tools.kd_study_report import aggregate, detail_findings, detail_retention, detail_table, find_group, mean_std
+from tools.kd_study_report import (aggregate, describe_comparison, detail_findings, detail_retention, detail_table,
+                                  find_group, headline_comparisons, mean_std, verdict)
 
 
 def test_default_grid_covers_seeds_ratios_selections_and_trainings_once():
@@ -92,22 +93,63 @@ def test_study_runs_cells_through_the_launcher_and_skips_finished_ones(tmp_path)
     assert cell["metrics"] == twin["metrics"] and cell["backbone_cosine"] == twin["backbone_cosine"]
 
 
-def test_demo_judges_kd_against_task_only_on_the_mean_over_seeds_of_a_study(tmp_path):
-    from tools.demo_support import study_targets
+def record(seed, training, kept, cosine=0.99, selection="magnitude", **cell):
+    cell = Cell(seed, 0.5, selection, training, **cell)
+    return dict(cell=cell.__dict__, group=cell.group, backbone_cosine=cosine,
+                metrics=dict(det_f1=kept, lane_iou=kept, qa_acc=kept, plan_l2=1.0),
+                retained=dict(det_f1=kept, lane_iou=1.0, qa_acc=1.0, plan_l2=1.0))
+
+
+def test_verdicts_come_from_paired_differences_and_their_standard_error():
+    # differences 1, 2, 3, 2, 2 pp: mean 2 pp, sample std sqrt(2/4) pp, standard error 0.316 pp -> ahead
+    ahead = verdict([0.01, 0.02, 0.03, 0.02, 0.02])
+    assert ahead["verdict"] == "ahead" and ahead["mean_difference"] == pytest.approx(0.02)
+    assert ahead["standard_error"] == pytest.approx(0.0031623, rel=1e-4)
+    assert verdict([-0.03, -0.02, -0.04, -0.03, -0.03])["verdict"] == "behind"
+    # mean 0.4 pp, standard error 0.68 pp: the mean is within 2 standard errors of 0
+    assert verdict([0.01, -0.01, 0.02, -0.02, 0.02])["verdict"] == "not separable"
+    assert verdict([0.05])["verdict"] == "not separable"  # one pair separates nothing
+
+
+def test_headline_comparisons_pair_cells_by_seed():
+    records = []
+    for seed, (kd, task) in enumerate(((0.99, 0.97), (0.95, 0.94), (0.97, 0.95), (0.96, 0.95), (0.98, 0.96))):
+        records += [record(seed, "kd", kd), record(seed, "task_only", task)]
+    records.append(record(5, "kd", 0.5))  # no task-only partner: left out of the pairs
+    records += [record(seed, "none", 0.9, cosine=0.98) for seed in range(3)]
+    records += [record(seed, "none", 0.9, cosine=c, selection="random") for seed, c in enumerate((0.97, 0.99, 0.95))]
+    by_name = {c["name"]: c for c in headline_comparisons(records)}
+    kd = by_name["50%: KD vs task loss only"]
+    assert kd["seeds"] == [0, 1, 2, 3, 4]
+    det = kd["by_quantity"]["det_f1"]  # differences 2, 1, 2, 1, 2 pp
+    assert det["mean_difference"] == pytest.approx(0.016) and det["verdict"] == "ahead"
+    assert kd["by_quantity"]["lane_iou"]["verdict"] == "not separable"  # 0 in every seed
+    fidelity = by_name["50%, pruned, no training: magnitude vs random heads"]["by_quantity"]["backbone_cosine"]
+    assert fidelity["mean_difference"] == pytest.approx(0.01) and fidelity["verdict"] == "not separable"
+    line = describe_comparison(kd)
+    assert line.startswith("- 50%: KD vs task loss only, 5 paired seeds") and "det_f1 ahead (+1.60 ± " in line
+    assert set(by_name) == {"50%: KD vs task loss only", "50%, pruned, no training: magnitude vs random heads"}
+
+
+def test_the_demo_quotes_the_shipped_study_as_such_and_never_as_a_target(tmp_path):
+    from tools.demo_support import evaluate_targets, shipped_study_lines
 
     records = []
-    for seed in (0, 1, 2):
-        for training, kept in (("kd", 0.99), ("task_only", 1.0)):  # task-only ahead on every metric
-            cell = Cell(seed, 0.5, "magnitude", training)
-            records.append(dict(cell=cell.__dict__, group=cell.group, backbone_cosine=0.99,
-                                metrics=dict(det_f1=kept, lane_iou=kept, qa_acc=kept, plan_l2=1.0),
-                                retained=dict(det_f1=kept, lane_iou=kept, qa_acc=kept, plan_l2=kept)))
+    for seed in range(5):
+        records += [record(seed, "kd", 0.99 - 0.001 * seed), record(seed, "task_only", 1.0)]
     path = tmp_path / "study.json"
-    path.write_text(json.dumps(dict(groups=aggregate(records), settings=dict(epochs=1))))
-    report = dict(joint=False, method="magnitude", pruning_ratio=0.5)
-    (target,) = study_targets(report, path).values()
-    assert target["met"] is False and target["value"]["kd_ahead_on"] == "0 of 4"
-    assert study_targets(dict(report, pruning_ratio=0.75), path) == {}  # no such cells: no claim
+    path.write_text(json.dumps(dict(comparisons=headline_comparisons(records))))
+    (line,) = shipped_study_lines(dict(joint=False, pruning_ratio=0.5), [path, tmp_path / "missing.json"])
+    assert line.startswith("- from the shipped study, 5 seeds (") and "KD vs task loss only" in line
+    assert "det_f1 behind (-1.20 ± " in line
+    assert shipped_study_lines(dict(joint=False, pruning_ratio=0.75), [path]) == []  # no such cells: no claim
+    assert shipped_study_lines(dict(joint=True, pruning_ratio=0.5), [path]) == []
+    metrics = dict(det_f1=0.8, lane_iou=0.9, qa_acc=0.7, plan_l2=1.5)
+    report = dict(retained_after_kd=dict(det_f1=0.99, lane_iou=1, qa_acc=1, plan_l2=1), seed=0, method="magnitude",
+                  before_kd_backbone=dict(cosine=0.98), after_kd_backbone=dict(cosine=0.99), joint=False,
+                  fidelity_before_kd=dict(by_method=dict(magnitude=0.98), random_mean=0.9), total_seconds=10.0,
+                  after_kd_metrics=metrics, before_kd_metrics=metrics, pruning_ratio=0.5)
+    assert not any("study" in name for name in evaluate_targets(report))
 
 
 def test_importance_is_scored_on_training_frames_and_students_judged_on_validation_frames(monkeypatch):
