@@ -255,7 +255,7 @@ def plot_kd_vs_task(groups: Mapping[str, Mapping[str, Any]], path: Path,
 
     keys = sorted({(g["settings"]["ratio"], g["settings"]["label_fraction"]) for g in groups.values()
                    if g["settings"]["training"] != "none"}, key=lambda k: (k[0], -k[1]))
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.4 * len(METRICS), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.0 * len(METRICS), 3.6), squeeze=False)
     width = 0.38
     for ax, metric in zip(axes[0], METRICS):
         lows, highs = [], []
@@ -269,8 +269,8 @@ def plot_kd_vs_task(groups: Mapping[str, Mapping[str, Any]], path: Path,
             lows += [m - e for m, e in zip(means, stds)]
             highs += [m + e for m, e in zip(means, stds)]
         ax.set_xticks(range(len(keys)))
-        ax.set_xticklabels([f"{r:.0%}\n{f:.0%} lab.\nKD {_kd_verdict(comparisons, r, f, metric)}" for r, f in keys],
-                           fontsize=7)
+        ax.set_xticklabels([f"{r:.0%}, {f:.0%} lab.\nKD " + _kd_verdict(comparisons, r, f, metric).replace(" (", "\n(")
+                            for r, f in keys], fontsize=7)
         if lows:  # zoom on the bars' range: the differences are a few percent
             ax.set_ylim(min(lows) - 0.01, max(highs) + 0.01)
         ax.set_title(f"{metric} kept (magnitude heads)", fontsize=9)
@@ -287,7 +287,7 @@ def _kd_verdict(comparisons: Sequence[Mapping[str, Any]], ratio: float, fraction
                 ("kd", "task_only", "heads", None) and a["ratio"] == ratio and \
                 a.get("label_fraction", 1.0) == fraction == b.get("label_fraction", 1.0):
             return f"{comparison['by_quantity'][metric]['verdict']} ({len(comparison['seeds'])} seeds)"
-    return "vs task-only: ?"
+    return "no verdict"
 
 
 def _save(fig: Any, path: Path) -> str:
