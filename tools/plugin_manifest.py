@@ -53,6 +53,7 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "demo_kd_50_pruning.py",
     "tools/demo_support.py",
     "tools/demo_joint.py",
+    "tools/bench_record.py",
 )
 
 #: Modules the KD config registers through ``custom_imports`` (in this order).
