@@ -57,11 +57,14 @@ def check_environment(root: str, orion_mode: bool) -> Optional[Check]:
     detail = "{} (Python {}) cannot import {}".format(sys.executable, platform.python_version(), ", ".join(missing))
     if orion_mode:
         fix = "activate ORION's environment (conda activate orion, as ORION's README sets it up), then rerun"
-    elif os.path.isfile(os.path.join(root, ".venv", "bin", "python")):
-        fix = ("use the repository's environment: source .venv/bin/activate (or .venv/bin/python "
-               "demo_kd_50_pruning.py --check-setup)")
     else:
-        fix = "run make setup (creates .venv with torch and mmengine), then source .venv/bin/activate"
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        venv = os.path.relpath(os.path.join(repo, ".venv"))
+        if os.path.isfile(os.path.join(venv, "bin", "python")):
+            fix = "use the repository's environment: source {0}/bin/activate (or run {0}/bin/python)".format(venv)
+        else:
+            fix = "run make setup in {} (creates .venv with torch and mmengine), then source {}/bin/activate".format(
+                os.path.relpath(repo), venv)
     return Check("environment", FAIL, detail, fix)
 
 
