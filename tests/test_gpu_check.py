@@ -55,6 +55,18 @@ def test_its_python_steps_materialise_the_teacher_and_parse_their_arguments(tmp_
     assert "--dtype bf16" in " ".join(steps[1]) and "--student-mlp-hidden 1536" in " ".join(steps[2])
 
 
+def test_its_nccl_run_passes_arguments_the_training_entry_point_takes(tmp_path: Path) -> None:
+    from adzoo.orion.train_kd import parse_args
+
+    text = SCRIPT.read_text().replace("\\\n", " ")
+    found = re.search(r"bash adzoo/orion/orion_dist_train\.sh\s+(\S+) 2 (.*?) >", text)
+    assert found, "the NCCL step must start the tiny KD config on 2 ranks with the repository's launcher"
+    extra = [a.strip('"').replace("$OUT_DIR", str(tmp_path)) for a in found.group(2).split()]
+    args = parse_args([found.group(1), "--launcher", "pytorch"] + extra)
+    assert args.work_dir == str(tmp_path / "nccl_tiny_kd") and (ROOT / found.group(1)).is_file()
+    assert gpu_check_summary.EXPORTED == "student_pruned.pth"
+
+
 def _fake_results(out: Path) -> None:
     backbone = dict(device_name="NVIDIA H100", speedup=1.25, ceiling=1.29, peak_memory_ratio=0.9,
                     peak_memory_mb=dict(teacher=1000.0, student=900.0), sdpa_vs_math_speedup=2.0)
