@@ -231,7 +231,8 @@ def test_stage3_kd_config_changes_only_the_model_and_extension_points(tmp_path: 
     assert list(bb.window_block_indexes) == [i for i in range(24) if i % 3 != 2]
     assert kd.frozen_parts_mode == "train"
     hooks = {h["type"]: h for h in cfg.custom_hooks}
-    assert list(hooks) == ["ResumeCheckHook", "KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook", "KDExportStudentHook"]
+    assert list(hooks) == ["KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook", "KDExportStudentHook",
+                           "ResumeCheckHook"]
     assert hooks["KDAlphaScheduleHook"]["iters_per_epoch"] == base.num_iters_per_epoch == 1834
     alphas = [resolve_distillation_alpha(kd, i, 1834) for i in (0, 1833, 1834, cfg.runner.max_iters - 1)]
     assert alphas == [0.8, 0.8, 0.6, 0.6]

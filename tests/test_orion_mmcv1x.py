@@ -264,12 +264,12 @@ def test_a_resume_path_that_orion_ignores_stops_the_run_in_one_line(orion, tmp_p
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ResumeCheckHook: --resume-from {} is not a file".format(missing)), proc.stderr[-2000:]
-    assert "starts at iteration 0" in last and "--cfg-options custom_hooks.0.allow_fresh_start=True" in last
+    assert "starts at iteration 0" in last and "--cfg-options allow_fresh_start=True" in last
     assert "Traceback" not in proc.stderr and not list(work.glob("iter_*.pth"))
     launcher_work = "adzoo/orion/work_dirs/kd_resume_check/"  # relative, as ORION's launcher passes it
     proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/train.py", str(orion["config"]),
                      "--work-dir", launcher_work, "--resume-from", str(missing), "--cfg-options",
-                     "custom_hooks.0.allow_fresh_start=True", "runner.max_iters=1")
+                     "allow_fresh_start=True", "runner.max_iters=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     work = orion["root"] / launcher_work
     log = "".join(path.read_text() for path in work.glob("*.log"))  # mmcv's runner logs into work_dir

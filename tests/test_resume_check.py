@@ -31,7 +31,7 @@ def test_a_missing_resume_path_at_iteration_0_stops_with_one_line(tmp_path: Path
         hook.before_run(runner(tmp_path))
     text = str(stop.value.code)
     assert "\n" not in text and text.startswith("ResumeCheckHook: --resume-from gone/iter_8.pth is not a file")
-    assert str(tmp_path) in text and "custom_hooks.0.allow_fresh_start=True" in text
+    assert str(tmp_path) in text and "allow_fresh_start=True" in text
     with pytest.raises(SystemExit) as other_rank:
         hook.before_run(runner(tmp_path, rank=3))
     assert other_rank.value.code == 1  # only rank 0 prints the line
@@ -45,7 +45,12 @@ def test_a_resumed_run_an_existing_file_or_no_resume_pass(tmp_path: Path) -> Non
     ResumeCheckHook(argv=["cfg.py"]).before_run(runner(tmp_path))
 
 
-def test_allow_fresh_start_logs_the_line_and_trains(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("hook_arg, argv", [
+    (True, ["--resume-from", "gone.pth"]),
+    (False, ["cfg.py", "--resume-from", "gone.pth", "--cfg-options", "runner.max_iters=4", "allow_fresh_start=True"]),
+])
+def test_allow_fresh_start_logs_the_line_and_trains(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                    hook_arg: bool, argv: list) -> None:
     with caplog.at_level(logging.WARNING, logger="resume"):
-        ResumeCheckHook(allow_fresh_start=True, argv=["--resume-from", "gone.pth"]).before_run(runner(tmp_path))
+        ResumeCheckHook(allow_fresh_start=hook_arg, argv=argv).before_run(runner(tmp_path))
     assert "is not a file" in caplog.text and "training from iteration 0" in caplog.text

@@ -122,12 +122,12 @@ model = dict(
 
 # What a KD run needs from ORION's runner (mmcv/runner/hooks/kd_hooks.py).
 custom_hooks = [
-    # ORION's train.py ignores a --resume-from path that does not exist: stop instead of starting over (keep it
-    # first: --cfg-options custom_hooks.0.allow_fresh_start=True starts over anyway)
-    dict(type='ResumeCheckHook', allow_fresh_start=False),
     dict(type='KDCheckHook', priority='VERY_HIGH'),
     dict(type='KDAlphaScheduleHook', iters_per_epoch={{_base_.num_iters_per_epoch}}),
     # skip a step with a non-finite loss or gradient norm; stop after 3 in a row (before any save)
     dict(type='NonFiniteGuardHook', priority='ABOVE_NORMAL', max_consecutive_skips=3),
     dict(type='KDExportStudentHook', filename='student_pruned.pth'),
+    # ORION's train.py ignores a --resume-from path that is not a file: stop instead of starting over
+    # (--cfg-options allow_fresh_start=True starts over anyway)
+    dict(type='ResumeCheckHook', priority='VERY_HIGH', allow_fresh_start=False),
 ]

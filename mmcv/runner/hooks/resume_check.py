@@ -16,25 +16,36 @@ from typing import Any, Optional, Sequence
 
 from mmcv.runner.hooks import HOOKS, Hook
 
-#: The ``--cfg-options`` item that lets a run start over although a resume was asked for; the stage-3 KD
-#: config lists this hook first in ``custom_hooks``.
-CONTINUE_OPTION = "custom_hooks.0.allow_fresh_start=True"
+#: The ``--cfg-options`` item that lets a run start over although a resume was asked for. ORION's ``Config``
+#: adds it as a top-level key that nothing else reads; the hook reads it from the command line, as it reads
+#: ``--resume-from``, so it works wherever the hook stands in ``custom_hooks``.
+CONTINUE_OPTION = "allow_fresh_start=True"
 
 
 def requested_resume(argv: Sequence[str]) -> Optional[str]:
     """The ``--resume-from`` path in ``argv`` (``--resume-from X``, ``--resume-from=X`` or a prefix), or None."""
+    return _parse(argv).resume_from
+
+
+def fresh_start_allowed(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` holds ``--cfg-options ... allow_fresh_start=True ...``."""
+    options = _parse(argv).cfg_options or []
+    return any(item.replace(" ", "").lower() in ("allow_fresh_start=true", "allow_fresh_start=1") for item in options)
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--resume-from", default=None)
-    known, _ = parser.parse_known_args(list(argv))
-    return known.resume_from
+    parser.add_argument("--cfg-options", nargs="+", default=None)
+    return parser.parse_known_args(list(argv))[0]
 
 
 @HOOKS.register_module()
 class ResumeCheckHook(Hook):
     """Before the run: a ``--resume-from`` that did not resume (iteration 0, no such file) stops it in one line.
 
-    ``allow_fresh_start=True`` logs the same line and trains from iteration 0. ``argv`` defaults to the
-    process's arguments (``sys.argv[1:]``).
+    ``allow_fresh_start=True`` (or ``--cfg-options allow_fresh_start=True`` on the command line) logs the
+    same line and trains from iteration 0. ``argv`` defaults to the process's arguments (``sys.argv[1:]``).
     """
 
     def __init__(self, allow_fresh_start: bool = False, argv: Optional[Sequence[str]] = None) -> None:
@@ -42,14 +53,15 @@ class ResumeCheckHook(Hook):
         self.argv = None if argv is None else list(argv)
 
     def before_run(self, runner: Any) -> None:
-        asked = requested_resume(sys.argv[1:] if self.argv is None else self.argv)
+        argv = sys.argv[1:] if self.argv is None else self.argv
+        asked = requested_resume(argv)
         if asked is None or getattr(runner, "iter", 0) > 0 or os.path.isfile(asked):
             return
         message = ("ResumeCheckHook: --resume-from {} is not a file ({}), so ORION's train.py ignored it and this run "
                    "starts at iteration 0 with the lr and alpha schedules from the start".format(
                        asked, os.path.abspath(asked)))
         logger = getattr(runner, "logger", None)
-        if self.allow_fresh_start:
+        if self.allow_fresh_start or fresh_start_allowed(argv):
             if logger is not None:
                 logger.warning(message + "; allow_fresh_start=True: training from iteration 0")
             return
@@ -58,4 +70,4 @@ class ResumeCheckHook(Hook):
         raise SystemExit(message if getattr(runner, "rank", 0) == 0 else 1)
 
 
-__all__ = ["CONTINUE_OPTION", "ResumeCheckHook", "requested_resume"]
+__all__ = ["CONTINUE_OPTION", "ResumeCheckHook", "fresh_start_allowed", "requested_resume"]
