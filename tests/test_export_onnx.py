@@ -29,7 +29,8 @@ from tools.tiny_teacher_asset import read_shipped_teacher  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BACKBONE = dict(Config.fromfile(str(ROOT / "adzoo/orion/configs/orion_tiny_train.py")).model.img_backbone)
 #: Teacher heads and SwiGLU channels kept by the students (unsorted choices, not the first units).
-HEADS = [[0, 2, 3, 5, 8, 11, 12, 15], [1, 4, 6, 7, 9, 10, 13, 14], [0, 1, 2, 3, 12, 13, 14, 15], [3, 4, 5, 6, 7, 8, 9, 10]]
+HEADS = [[0, 2, 3, 5, 8, 11, 12, 15], [1, 4, 6, 7, 9, 10, 13, 14], [0, 1, 2, 3, 12, 13, 14, 15],
+         [3, 4, 5, 6, 7, 8, 9, 10]]
 HIDDEN = 341  # the tiny teacher's SwiGLU width: int(128 * 8 / 3)
 
 
@@ -185,3 +186,23 @@ def test_export_hook_writes_the_onnx_next_to_the_checkpoint(teacher_ckpt, tmp_pa
     assert sidecar["img_backbone"] == student.student_backbone_cfg
     with pytest.raises(KDRunError, match="opset 3"):
         KDExportStudentHook(onnx=True, onnx_opset=3)
+
+
+def test_onnx_benchmark_keeps_every_round_and_both_runtimes(tmp_path) -> None:
+    from tools import benchmark_onnx
+
+    out = tmp_path / "bench.json"
+    result = benchmark_onnx.main(["--depth", "1", "--image-size", "32", "--repeats", "2", "--warmup", "0",
+                                  "--student", "8:1536", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert set(result["times_s"]) == {f"{m}/{r}" for m in ("teacher", "8h_mlp1536") for r in ("onnxruntime", "pytorch")}
+    assert all(len(times) == 2 for times in result["times_s"].values())
+    student = result["students"]["8h_mlp1536"]
+    for runtime in ("onnxruntime", "pytorch"):
+        rounds = student[runtime]["ratio_per_round"]
+        assert rounds == [t / s for t, s in zip(result["times_s"][f"teacher/{runtime}"],
+                                                 result["times_s"][f"8h_mlp1536/{runtime}"])]
+        spread = student[runtime]["ratio"]
+        assert spread["min"] <= spread["median"] <= spread["max"]
+    assert student["ceiling"] > 1 and max(result["parity_max_abs_diff"].values()) <= 1e-4
+    assert result["load_average_before"] is not None and result["cpu"] and result["versions"]["onnxruntime"]
