@@ -120,11 +120,10 @@ def test_cli_exports_a_checkpoint_with_its_own_config_and_records_the_source(tea
     assert out.is_file() and "wrote" in capsys.readouterr().out
     assert sidecar["source"] == dict(path=ckpt, sha256=export_onnx.sha256_of_file(ckpt))
     assert sidecar["img_backbone"] == cfg and sidecar["opset"] == export_onnx.DEFAULT_OPSET
-    teacher_json = tmp_path / "teacher.json"
-    teacher_json.write_text(json.dumps(dict(img_backbone=dict(TINY_BACKBONE, type="EVAViT"))))
+    teacher_config = str(ROOT / "adzoo/orion/configs/orion_tiny_train.py")  # an ORION config: its img_backbone
     teacher_ckpt_path = tmp_path / "teacher.pth"
     torch.save(dict(state_dict={"img_backbone." + k: v for k, v in teacher.state_dict().items()}), teacher_ckpt_path)
-    got = export_onnx.main([str(teacher_ckpt_path), "--backbone-config", str(teacher_json), "--opset", "18"])
+    got = export_onnx.main([str(teacher_ckpt_path), "--backbone-config", teacher_config, "--opset", "18"])
     assert got["opset"] == 18 and got["backbone"]["num_heads"] == [16] * 4
     assert (tmp_path / "teacher_backbone.onnx").is_file()
 
@@ -150,11 +149,15 @@ def test_a_checkpoint_whose_selection_differs_from_its_config_is_refused(teacher
     wider.write_text(json.dumps(student_cfg(mlp_hidden=150)))
     assert_refused([good, "--backbone-config", str(wider)], capsys, tmp_path, "good.pth", "wider.json",
                    "channel_index")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{'img_backbone': ")
+    assert_refused([good, "--backbone-config", str(broken)], capsys, tmp_path, "broken.json", "not valid JSON")
 
 
 def test_an_opset_that_cannot_be_written_or_run_is_refused(teacher, tmp_path, capsys, monkeypatch) -> None:
     ckpt = write_student_checkpoint(tmp_path / "student.pth", pruned(teacher, student_cfg()), student_cfg())
     assert_refused([ckpt, "--opset", "40"], capsys, tmp_path, "opset 40", "writes opsets 14..")
+    assert_refused([ckpt, "--out", str(tmp_path / "student.pth" / "b.onnx")], capsys, tmp_path, "student.pth")
     real_export = export_onnx._torchscript_export
 
     def export_then_stamp_a_future_opset(*args: Any) -> None:  # what a runtime older than the opset meets

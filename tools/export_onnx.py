@@ -51,6 +51,7 @@ from torch import nn
 from mmcv.models.backbones.eva_vit_student import EVAViTStudent
 from mmcv.models.utils.checkpoint_io import atomic_write_json, load_checkpoint_file, state_dict_of, temp_path_for
 from mmcv.models.utils.eva_surgery import BACKBONE_PREFIX, backbone_subdict
+from mmcv.models.utils.user_errors import describe_os_error, load_config
 
 DEFAULT_OPSET = 17
 #: ``scaled_dot_product_attention`` has an ONNX translation from opset 14 on.
@@ -303,16 +304,18 @@ def read_backbone_config(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise OnnxExportError("backbone config not found: {}".format(path))
     if path.endswith(".json"):
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except ValueError as err:
+            raise OnnxExportError("{}: not valid JSON ({})".format(path, err)) from None
         config = data.get("img_backbone", data) if isinstance(data, dict) else None
     else:
         from mmcv import Config
-        from mmcv.models.utils.user_errors import load_config
         model = load_config(path, Config.fromfile).get("model") or {}
         config = model.get("img_backbone") if hasattr(model, "get") else None
     if not isinstance(config, Mapping) or config.get("type") not in BACKBONE_TYPES:
-        raise OnnxExportError("{}: expected an img_backbone dict with type {} , got {!r}".format(
+        raise OnnxExportError("{}: expected an img_backbone dict of type {}, got {!r}".format(
             path, " or ".join(BACKBONE_TYPES), config if not isinstance(config, Mapping) else config.get("type")))
     return dict(config)
 
@@ -392,6 +395,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         sidecar = export_checkpoint_onnx(args.checkpoint, args.out, args.backbone_config, args.opset, args.atol)
     except (OnnxExportError, FileNotFoundError, ValueError, pickle.UnpicklingError) as err:
         print("error: {}".format(str(err).splitlines()[0] if str(err) else type(err).__name__), file=sys.stderr)
+        raise SystemExit(2)
+    except OSError as err:  # an output folder that cannot be made or written
+        print("error: {}".format(describe_os_error(err)), file=sys.stderr)
         raise SystemExit(2)
     out = args.out or default_output(args.checkpoint)
     worst = max(result["max_abs_diff"] for result in sidecar["parity"]["inputs"].values())
