@@ -170,6 +170,12 @@ def test_an_opset_that_cannot_be_written_or_run_is_refused(teacher, tmp_path, ca
     assert_refused([ckpt], capsys, tmp_path, "ONNX Runtime", "cannot run this model (opset 99)", "--opset")
 
 
+def test_a_parity_miss_is_refused(teacher, tmp_path, capsys) -> None:
+    ckpt = write_student_checkpoint(tmp_path / "student.pth", pruned(teacher, student_cfg()), student_cfg())
+    assert_refused([ckpt, "--atol", "1e-9"], capsys, tmp_path, "ONNX Runtime differs from PyTorch by",
+                   "--atol 1e-09", "nothing was written")
+
+
 def test_missing_onnxruntime_is_one_line_and_writes_nothing(teacher, tmp_path, capsys, monkeypatch) -> None:
     ckpt = write_student_checkpoint(tmp_path / "student.pth", pruned(teacher, student_cfg()), student_cfg())
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError

@@ -245,8 +245,9 @@ def export_backbone_onnx(backbone: EVAViTStudent, path: str, opset: int = DEFAUL
         checked = parity(model, session, inputs)
         worst = max(checked.items(), key=lambda item: item[1]["max_abs_diff"])
         if not worst[1]["max_abs_diff"] <= atol:
-            raise OnnxExportError("{}: ONNX Runtime differs from PyTorch by {:.3g} on {} (allowed {:g}); not "
-                                  "written".format(path, worst[1]["max_abs_diff"], worst[0], atol))
+            raise OnnxExportError("{}: ONNX Runtime differs from PyTorch by {:.3g} on {}, where the features reach "
+                                  "{:.3g} (allowed: --atol {:g}); nothing was written".format(
+                                      path, worst[1]["max_abs_diff"], worst[0], worst[1]["max_abs_value"], atol))
         sidecar = _sidecar(model, path, tmp, opset, atol, checked, config, source, weights_sha256,
                            _versions(onnx_module, ort))
         atomic_write_json(path + ".json", sidecar)
