@@ -340,8 +340,10 @@ def stage_benchmark(run: DemoRun) -> None:
     if not run.args.skip_benchmark:
         medians = time_backbones(dict(teacher=teacher, student=student), image)
         hw = tuple(image.shape[-2:])
+        from tools.bench_record import environment
         speed = dict(median_s=medians, speedup=medians["teacher"] / medians["student"],
-                     ceiling=teacher.analytic_macs(hw) / student.analytic_macs(hw), batch=int(image.shape[0]))
+                     ceiling=teacher.analytic_macs(hw) / student.analytic_macs(hw), batch=int(image.shape[0]),
+                     environment=environment())
         print(f"  tiny backbone: teacher {medians['teacher'] * 1e3:.1f} ms, student {medians['student'] * 1e3:.1f}"
               f" ms per {image.shape[0]} images, speedup {speed['speedup']:.3f}x (analytic ceiling "
               f"{speed['ceiling']:.3f}x)")
