@@ -181,12 +181,15 @@ def describe_comparison(comparison: Mapping[str, Any]) -> str:
     """One line: per quantity, the verdict with the mean paired difference ± 2 standard errors."""
     parts = []
     for key, stat in comparison["by_quantity"].items():
-        unit = "" if key == "backbone_cosine" else " pp"
-        scale = 1.0 if key == "backbone_cosine" else 100.0
-        spread = "" if stat["n"] < 2 else f" ± {VERDICT_SE * stat['standard_error'] * scale:.{4 if unit == '' else 2}f}"
-        spread = ", the same in every seed" if stat.get("same_in_every_seed") else spread
-        parts.append(f"{key} {stat['verdict']} ({stat['mean_difference'] * scale:+.{4 if unit == '' else 2}f}"
-                     f"{spread}{unit})")
+        scale, digits, unit = (1.0, 4, "") if key == "backbone_cosine" else (100.0, 2, " pp")
+        value = f"{stat['mean_difference'] * scale:+.{digits}f}"
+        if stat.get("same_in_every_seed"):
+            value += f"{unit}, the same in every seed"
+        elif stat["n"] > 1:
+            value += f" ± {VERDICT_SE * stat['standard_error'] * scale:.{digits}f}{unit}"
+        else:
+            value += unit
+        parts.append(f"{key} {stat['verdict']} ({value})")
     return (f"- {comparison['name']}, {len(comparison['seeds'])} paired seeds (mean difference ± 2 standard "
             f"errors): " + "; ".join(parts) + ".")
 
