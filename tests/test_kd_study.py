@@ -171,3 +171,19 @@ def test_importance_is_scored_on_training_frames_and_students_judged_on_validati
     study.teacher, study.loader, study.importance_loader, study._importance = None, "validation", loader, {}
     study.importance("heads", "gradient", seed=0)
     assert seen == [loader]
+
+
+def test_compare_cells_reports_every_difference_and_refuses_different_cells(tmp_path):
+    from tools.compare_cells import differences, main
+
+    a = dict(name="c", metrics=dict(det_f1=0.5, plan_l2=1.5, note="x"), retained=dict(det_f1=1.0), backbone_cosine=0.9)
+    b = dict(name="c", metrics=dict(det_f1=0.5, plan_l2=1.25), retained=dict(det_f1=0.75), backbone_cosine=0.9)
+    result = differences(a, b)
+    assert result["metrics"] == dict(det_f1=0.0, plan_l2=-0.25) and result["retained"] == dict(det_f1=-0.25)
+    assert result["largest_abs_difference"] == 0.25 and not result["identical"]
+    assert differences(a, a)["identical"]
+    paths = []
+    for name, record in (("a", a), ("b", dict(b, name="other"))):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(record))
+    assert main([str(p) for p in paths]) == 2
