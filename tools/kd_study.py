@@ -9,7 +9,8 @@ A cell is one (seed, pruning ratio, head selection, training, alpha, label fract
 student is pruned from the shipped teacher (``ckpt/orion_tiny/orion_tiny_teacher.safetensors``) and, unless
 ``training='none'``, trained through the launcher's entry point (``adzoo/orion/train_kd.py``, the tiny KD
 config with the cell's pruning configuration, written per cell), then its exported student is evaluated on
-the validation scenes. ``kd``: the config's alpha schedule (0.8 for the first epoch, then 0.6), or a
+the validation scenes; data-driven importance (gradient) is scored on the first 8 training scenes, never on the
+frames the students are judged on. ``kd``: the config's alpha schedule (0.8 for the first epoch, then 0.6), or a
 constant alpha with ``--alphas``; ``task_only``: alpha = 0 (no distillation); ``none``: the pruned student
 as is. ``--label-fractions f``: the task loss trains through a fixed fraction f of the frames
 (``kd_config.label_fraction``); distillation sees them all. ``--modes joint`` also removes 43.75% of the
@@ -17,7 +18,8 @@ SwiGLU channels by the same selection (``heads_at_joint_speed``: the heads-only 
 whose measured speed reaches the joint one's, ``tools/demo_joint.py``). Finished cells are skipped on a rerun
 (their JSON under ``<out>/cells``); the outputs cover every cell in ``<out>`` with the same epochs and frames, so
 a study can be grown by several invocations (``commands.json`` lists them). Writes ``study.json``, ``study.md``
-(mean +- std over seeds) and plots (``tools/kd_study_report.py``).
+(mean +- std over seeds; the headline comparisons as paired per-seed differences: ahead, behind or not
+separable) and plots (``tools/kd_study_report.py``).
 """
 from __future__ import annotations
 
