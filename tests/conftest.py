@@ -18,7 +18,7 @@ from tests.orion_tree.tree import orion_root_setting
 # The files that take a minute or more on one thread (the demo, the fault table's 50 subprocess rows, the
 # launcher loop and the study), longest first. Only the order changes; every test still runs.
 LONG_FILES = ("test_demo_and_benchmarks.py", "test_fault_table.py", "test_train_kd.py", "test_kd_study.py",
-              "test_orion_mmcv1x.py", "test_install_into_orion.py", "test_tiny_orion.py")
+              "test_orion_mmcv1x.py", "test_install_into_orion.py", "test_tiny_orion.py", "test_orion_tree.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:

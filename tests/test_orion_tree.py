@@ -18,15 +18,20 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict
 
 import pytest
 
-from tests.orion_tree import boot
+from tests.orion_tree import boot, tree
 from tests.orion_tree.tree import REPO, installed_copy, run_scenarios, scenario_result
 from tools import plugin_manifest as manifest
+
+if tree.orion_root_setting()[0] is None and not os.environ.get("ORION_ROOT"):
+    pytest.skip(tree.orion_root_setting()[1], allow_module_level=True)  # one line for the whole tier
 
 KD_CONFIG = "adzoo/orion/configs/orion_stage3_kd_train.py"
 SCENARIOS = ("config", "train", "load", "ddp", "fp16")  # load reads what train exported
@@ -179,3 +184,20 @@ def test_orions_non_strict_load_takes_the_exported_student_and_refuses_another_s
 def test_the_orion_tree_itself_is_never_written(tier) -> None:
     assert tree_digest(tier["root"]) == tier["digest"]
     assert all((tier["copy"] / rel).is_file() for rel in manifest.PLUGIN_FILES)
+
+
+def test_install_adds_only_plugin_files_to_orions_tree_and_uninstall_restores_it(orion_root: Path,
+                                                                                   tmp_path: Path) -> None:
+    copy = tmp_path / "Orion"
+    shutil.copytree(str(orion_root), str(copy), symlinks=True)
+    before = {p.relative_to(copy).as_posix(): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    install = [sys.executable, "-B", str(REPO / "tools/install_into_orion.py"), str(copy), "--skip-import-check"]
+    proc = subprocess.run(install, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    assert proc.returncode == 0, proc.stderr
+    after = {p.relative_to(copy).as_posix(): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert {rel: after[rel] for rel in before} == before  # none of ORION's files changed
+    assert sorted(set(after) - set(before)) == sorted([manifest.RECORD_NAME] + list(manifest.PLUGIN_FILES))
+    proc = subprocess.run(install + ["--uninstall"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True)
+    assert proc.returncode == 0, proc.stderr
+    assert {p.relative_to(copy).as_posix(): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
