@@ -77,10 +77,8 @@ def test_orions_config_resolves_the_plugins_custom_imports_and_custom_hooks(tier
         assert path == os.path.join(copy, *name.split(".")) + ".py", (name, path)
     assert result["model_type"] == "OrionStudent" and result["student_file"].startswith(copy)
     hooks = {h["type"]: h for h in result["hooks"]}
-    assert sorted(hooks) == sorted(t for types in manifest.REGISTERED_TYPES.values() for t in types
-                                   if t.endswith("Hook")) + ["NonFiniteGuardHook"] or set(hooks) >= {
-        "KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook", "KDExportStudentHook"}
-    assert all(h["file"].startswith(copy) for h in hooks.values())
+    assert {"KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook", "KDExportStudentHook"} <= set(hooks)
+    assert all(h["file"].startswith(copy) for h in hooks.values())  # built from ORION's HOOKS, installed files
     assert set(result["stubs"]) <= set(boot.STUBS) | {"torchvision.utils", "pycocotools.mask"}
     assert {"peft", "mmcv.utils.llava_llama"} <= set(result["stubs"])  # the LLM stack never runs here
 

@@ -47,7 +47,11 @@ class _Unavailable(object):
 
     def __call__(self, *args, **kwargs):
         raise RuntimeError("ORION-tree tier stub: {} is not available here ({})".format(
-            self._name, STUBS[self._name.split(":")[0]]))
+            self._name, _why(self._name.split(":")[0])))
+
+
+def _why(module: str) -> str:
+    return STUBS.get(module) or STUBS[module.split(".")[0]]
 
 
 def _stub(name: str, **attrs) -> types.ModuleType:
@@ -131,5 +135,4 @@ def boot(root: str) -> None:
 
 def installed_stubs() -> Dict[str, str]:
     """The stubs this process installed, with why."""
-    return {name: STUBS[name.split(".")[0] if name.split(".")[0] in STUBS else name] for name in _INSTALLED
-            if name in STUBS or name.split(".")[0] in STUBS}
+    return {name: _why(name) for name in _INSTALLED}
