@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,14 +37,11 @@ SCENARIOS = ("config", "train", "load", "ddp", "fp16")  # load reads what train 
 
 
 def tree_digest(root: Path) -> str:
+    """sha256 over ORION's code files (names, modes, contents)."""
     digest = hashlib.sha256()
-    for dirpath, dirs, files in sorted(os.walk(str(root))):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(dirpath, name)
-            digest.update(os.path.relpath(path, str(root)).encode())
-            with open(path, "rb") as handle:
-                digest.update(handle.read())
+    for rel in tree.code_files(root):
+        digest.update("{} {:o}\n".format(rel, os.stat(str(root / rel)).st_mode).encode())
+        digest.update((root / rel).read_bytes())
     return digest.hexdigest()
 
 
@@ -152,6 +148,8 @@ def test_ddp_forward_and_the_evaluation_hook_that_validate_builds(tier) -> None:
     result = scenario(tier, "ddp")
     runner = result["runner"]
     assert runner["ddp"], runner  # ORION's runner calls DDP(model)(data, return_loss=True)
+    assert all(path.startswith(str(tier["copy"])) for path in runner["files"]), runner["files"]  # ORION's code
+    assert os.path.join(str(tier["copy"]), "mmcv", "runner", "iter_based_runner.py") in runner["files"]
     assert "CustomDistEvalHook" in runner["hooks"] and runner["eval_by_epoch"] == [False]
     assert [r["iter"] for r in result["records"]] == [2, 4] and all("alpha" in r for r in result["records"])
     assert [r["tier_eval_samples"] for r in result["evaluations"]] == [12.0]  # every val sample, once
@@ -186,8 +184,7 @@ def test_the_orion_tree_itself_is_never_written(tier) -> None:
 
 def test_install_adds_only_plugin_files_to_orions_tree_and_uninstall_restores_it(orion_root: Path,
                                                                                    tmp_path: Path) -> None:
-    copy = tmp_path / "Orion"
-    shutil.copytree(str(orion_root), str(copy), symlinks=True)
+    copy = tree.code_copy(orion_root, tmp_path / "Orion")
     before = {p.relative_to(copy).as_posix(): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     install = [sys.executable, "-B", str(REPO / "tools/install_into_orion.py"), str(copy), "--skip-import-check"]
     proc = subprocess.run(install, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)

@@ -298,6 +298,7 @@ def scenario_ddp(root: str, out: str) -> Dict[str, Any]:
     def record_run(self: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append(dict(model=type(self.model).__name__, ddp=isinstance(self.model, DistributedDataParallel),
                           hooks=[type(h).__name__ for h in self.hooks],
+                          files=sorted({sys.modules[type(obj).__module__].__file__ for obj in [self] + self.hooks}),
                           eval_by_epoch=[getattr(h, "by_epoch", None) for h in self.hooks
                                          if type(h).__name__.endswith("EvalHook")]))
         return run(self, *args, **kwargs)

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -21,6 +21,9 @@ DEFAULT_ROOT = REPO.parent / "shared" / "orion"
 #: What makes a folder an ORION tree for the tier.
 ORION_MARKERS = ("mmcv/runner/iter_based_runner.py", "adzoo/orion/apis/mmdet_train.py",
                  "adzoo/orion/configs/orion_stage3_train.py", "adzoo/orion/orion_dist_train.sh")
+CODE_FOLDERS = ("mmcv", "adzoo")
+SKIPPED_FOLDERS = {".git", "__pycache__", "work_dirs", "logs"}
+SKIPPED_SUFFIXES = (".pyc", ".pth", ".pt", ".safetensors", ".pkl")
 
 
 def orion_root_setting() -> Tuple[Optional[Path], str]:
@@ -35,9 +38,32 @@ def orion_root_setting() -> Tuple[Optional[Path], str]:
     return root, ""
 
 
+def code_files(root: Path) -> List[str]:
+    """ORION's code (``CODE_FOLDERS``, the top-level files), relative to ``root``, without run outputs.
+
+    A user's checkout also holds ``data/``, ``ckpts/`` (tens of GB) and work dirs: the tier copies and
+    checks only the code it imports.
+    """
+    files = sorted(p.name for p in root.iterdir() if p.is_file())
+    for folder in CODE_FOLDERS:
+        for dirpath, dirs, names in os.walk(str(root / folder)):
+            dirs[:] = sorted(d for d in dirs if d not in SKIPPED_FOLDERS)
+            files += sorted(os.path.relpath(os.path.join(dirpath, n), str(root)) for n in names
+                            if not n.endswith(SKIPPED_SUFFIXES))
+    return files
+
+
+def code_copy(root: Path, dest: Path) -> Path:
+    """A copy of ORION's code (``code_files``) at ``dest``; modes are kept."""
+    for rel in code_files(root):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(str(root / rel), str(dest / rel))
+    return dest
+
+
 def installed_copy(root: Path, dest: Path) -> Path:
-    """Copy the tree to ``dest`` and install the plugin there (ORION's own import runs in the scenarios)."""
-    shutil.copytree(str(root), str(dest), symlinks=True, ignore=shutil.ignore_patterns(".git", "__pycache__"))
+    """Copy ORION's code to ``dest`` and install the plugin there (ORION's own import runs in the scenarios)."""
+    code_copy(root, dest)
     proc = subprocess.run([sys.executable, "-B", str(REPO / "tools/install_into_orion.py"), str(dest),
                            "--skip-import-check"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=120)
