@@ -1,7 +1,7 @@
 """The plugin in ORION's own code: the ORION-tree tier (``ORION_ROOT``, default ``../shared/orion``).
 
-The plugin is installed with ``tools/install_into_orion.py`` into a copy of the tree, and each scenario of
-``tests/orion_tree/scenarios.py`` runs ORION's files from that copy in its own process: ORION's ``Config``,
+The plugin is installed with ``tools/install_into_orion.py`` into a copy of the tree's code, and the scenarios
+of ``tests/orion_tree/scenarios.py`` run ORION's files from that copy in a process of their own: ``Config``,
 registries, ``build_model``, ``custom_train_model`` (adzoo/orion/apis/mmdet_train.py), optimizer
 constructor, ``IterBasedRunner``, ``Fp16OptimizerHook``, ``CheckpointHook``, text logger, evaluation hook,
 ``runner.resume`` and ``load_checkpoint``. What cannot run on a CPU is stubbed or substituted, and every
@@ -29,8 +29,9 @@ from tests.orion_tree import boot, tree
 from tests.orion_tree.tree import REPO, installed_copy, run_scenarios, scenario_result
 from tools import plugin_manifest as manifest
 
-if tree.orion_root_setting()[0] is None and not os.environ.get("ORION_ROOT"):
-    pytest.skip(tree.orion_root_setting()[1], allow_module_level=True)  # one line for the whole tier
+_ROOT, _WHY_NOT = tree.orion_root_setting()
+if _ROOT is None and not os.environ.get("ORION_ROOT"):
+    pytest.skip(_WHY_NOT, allow_module_level=True)  # one line for the whole tier; a wrong ORION_ROOT fails
 
 KD_CONFIG = "adzoo/orion/configs/orion_stage3_kd_train.py"
 SCENARIOS = ("config", "train", "load", "ddp", "fp16")  # load reads what train exported
