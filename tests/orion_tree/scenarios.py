@@ -1,9 +1,9 @@
 """The tier's runs in ORION's own code: ``python scenarios.py ORION_COPY OUT_DIR SCENARIO...``.
 
 Each scenario writes OUT_DIR/SCENARIO.json (or SCENARIO.error). They run in a process of their own, never
-in pytest's (this repository has its own ``mmcv``): ``boot.py`` makes ORION's
-files importable, ``tier_models.py`` registers a small base detector and dataset in ORION's registries,
-and the scenario calls ORION's code. What a CPU forces, besides boot.py's stubs (all listed in the JSON):
+in pytest's (this repository has its own ``mmcv``): ``boot.py`` makes ORION's files importable,
+``tier_models.py`` registers a small base detector and dataset in ORION's registries, and the scenario
+calls ORION's code. What a CPU forces, besides boot.py's stubs (all listed in the JSON):
 
 * ``CPU_SUBSTITUTES``: ``Module.cuda()`` is the identity and ``torch.cuda.current_device()`` is 0
   (adzoo/orion/apis/mmdet_train.py moves the model to a GPU); the DDP it builds gets no ``device_ids``
@@ -172,7 +172,7 @@ def scenario_config(root: str, out: str) -> Dict[str, Any]:
         kd_config=dict(cfg.model.kd_config), num_gpus=cfg.num_gpus, batch_size=cfg.batch_size,
         num_iters_per_epoch=cfg.num_iters_per_epoch, num_epochs=cfg.num_epochs, runner=dict(cfg.runner),
         checkpoint_config=dict(cfg.checkpoint_config), optimizer_config=dict(cfg.optimizer_config),
-        num_iters_to_seq=cfg.data.shuffler_sampler.num_iters_to_seq, samples_per_gpu=cfg.data.samples_per_gpu)
+        num_iters_to_seq=cfg.data.shuffler_sampler.num_iters_to_seq)
 
 
 def scenario_train(root: str, out: str) -> Dict[str, Any]:
@@ -194,7 +194,7 @@ def scenario_train(root: str, out: str) -> Dict[str, Any]:
         return result
 
     with patched(IterBasedRunner, "resume", record_resume):
-        resumed_model = train(cfg)
+        train(cfg)
     saved = torch.load(cfg.resume_from, map_location="cpu", weights_only=True)
     saved_backbone = {k: v for k, v in saved["state_dict"].items() if k.startswith("img_backbone.")}
     differing = sorted(set(seen["backbone"]) ^ set(saved_backbone)) + [
@@ -209,7 +209,6 @@ def scenario_train(root: str, out: str) -> Dict[str, Any]:
                 resumed_optimizer_steps=steps, saved_optimizer_steps=saved_steps, final_optimizer_steps=final_steps,
                 saved_keys=sorted(first_final["state_dict"]), model_keys=sorted(model.state_dict()),
                 non_persistent_buffers=sorted(set(dict(model.named_buffers())) - set(model.state_dict())),
-                resumed_model_alpha=resumed_model.distillation_alpha,
                 files=sorted(os.listdir(first)), loss_scaler=first_final["meta"].get("fp16", {}).get("loss_scaler"))
 
 
