@@ -241,6 +241,87 @@ def test_exported_student_loads_strictly_into_the_kd_inference_config(orion, kd_
     assert "infer ok 2 [2, 2]" in proc.stdout
 
 
+# mmcv 1.7.2's IterBasedRunner with its Fp16OptimizerHook around a linear model whose gradients overflow
+# (turn infinite) while they exceed a limit, as fp16 gradients do while the loss scale is too large.
+FP16_GUARD_SCRIPT = """
+import functools, json, logging, sys, tempfile
+import torch
+from torch import nn
+import mmcv.runner.hooks.optimizer as optimizer_hooks
+# The hook creates torch.cuda.amp.GradScaler, which turns itself off on a CPU (it then steps every time);
+# ORION trains on GPUs, where it is on. Substitute the CPU scaler where the hook creates the CUDA one.
+optimizer_hooks.GradScaler = functools.partial(torch.amp.GradScaler, 'cpu')
+from mmcv.runner import IterBasedRunner
+from mmcv.runner.hooks.nonfinite_guard import NonFiniteGuardHook, NonFiniteTrainingError
+
+loss_scale, limit, max_iters = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+loss_scale = loss_scale if loss_scale == 'dynamic' else float(loss_scale)
+
+
+class Overflow(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float('inf') if bool(grad.abs().max() > limit) else grad
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+
+    def train_step(self, data, optimizer):
+        loss = Overflow.apply((self.fc(data[0]) - 1).pow(2).mean())
+        return dict(loss=loss, log_vars=dict(loss=float(loss)), num_samples=len(data[0]))
+
+
+torch.manual_seed(0)
+model = Toy()
+start = model.fc.weight.detach().clone()
+loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=2)
+runner = IterBasedRunner(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                         work_dir=tempfile.mkdtemp(), logger=logging.getLogger('guard'), meta={},
+                         max_iters=max_iters)
+runner.register_optimizer_hook(dict(type='Fp16OptimizerHook', loss_scale=loss_scale,
+                                    grad_clip=dict(max_norm=35, norm_type=2)))
+guard = NonFiniteGuardHook(max_consecutive_skips=3)
+runner.register_hook(guard, priority='ABOVE_NORMAL')  # after the optimizer hook, as ORION's custom_hooks
+error = None
+try:
+    runner.run([loader], [('train', 1)])
+except NonFiniteTrainingError as exc:
+    error = str(exc)
+print(json.dumps(dict(error=error, iters=runner.iter, skipped=guard.skipped_total,
+                      scale=runner.meta['fp16']['loss_scaler']['scale'],
+                      trained=not torch.equal(start, model.fc.weight.detach()))))
+"""
+
+
+@pytest.mark.parametrize("loss_scale, limit, expected", [
+    ("dynamic", 1024.0, dict(error=None, iters=24, skipped=6, scale=1024.0, trained=True)),
+    ("dynamic", 0.0, dict(iters=19, skipped=20, trained=False)),
+    ("512.", 0.0, dict(iters=3, skipped=4, scale=512.0, trained=False))])
+def test_the_guard_sees_fp16_optimizer_hook_skips_in_mmcv_1x_runner(orion, tmp_path: Path, loss_scale: str,
+                                                                    limit: float, expected: Dict) -> None:
+    """An enabled GradScaler: a dynamic scale's warm-up (2**16 down to 2**10) trains on; overflow at every scale
+    stops once the scale is below 1 (iteration 20); a static scale stops after max_consecutive_skips=3."""
+    script = tmp_path / "fp16_guard.py"
+    script.write_text(FP16_GUARD_SCRIPT)
+    proc = run_orion(orion["root"], orion["deps"], str(script), loss_scale, str(limit), "24")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {k: result[k] for k in expected} == expected, result
+    if limit == 0.0:
+        stop = 20 if loss_scale == "dynamic" else 4
+        assert result["error"].startswith("non-finite training at iteration {}: loss terms finite on this rank, "
+                                          "gradient norm ".format(stop)), result["error"]
+        assert "optimizer.step() not reached, loss scale" in result["error"]
+        assert "4 consecutive step(s) skipped" in result["error"]
+
+
 def test_a_diverging_run_in_orions_runner_stops_with_finite_checkpoints_and_no_export(orion) -> None:
     """NonFiniteGuardHook in mmcv 1.7.2's runner (Fp16OptimizerHook, CheckpointHook): skip, then stop."""
     work_dir = orion["base"] / "wd_nan"
