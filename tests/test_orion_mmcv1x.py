@@ -322,6 +322,27 @@ def test_the_guard_sees_fp16_optimizer_hook_skips_in_mmcv_1x_runner(orion, tmp_p
         assert "4 consecutive step(s) skipped" in result["error"]
 
 
+def test_orions_non_strict_test_py_refuses_a_student_that_keeps_other_heads(orion, kd_run, tmp_path: Path) -> None:
+    """ORION's test.py loads through mmcv's load_checkpoint(strict=False), which only prints mismatches:
+    a checkpoint whose kept heads differ from the model's must still stop the load, in one line."""
+    infer, exported = kd_run["first"] / "student_pruned_infer.py", kd_run["first"] / "student_pruned.pth"
+    proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/test.py", str(infer), str(exported))
+    assert proc.returncode == 0 and "evaluated 6 samples" in proc.stdout, proc.stderr[-3000:]
+    state = torch.load(str(exported), map_location="cpu", weights_only=True)["state_dict"]
+    kept = [state["img_backbone.blocks.{}.attn.head_index".format(i)].tolist() for i in range(2)]
+    other = [sorted(set(range(4)) - set(heads)) for heads in kept]
+    config = tmp_path / "other_heads_infer.py"
+    config.write_text("_base_ = [{!r}]\nmodel = dict(img_backbone=dict(selected_heads_per_layer={!r}))\n".format(
+        str(infer), other))
+    proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/test.py", str(config), str(exported))
+    assert proc.returncode != 0 and "evaluated" not in proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == ("mmcv.models.backbones.eva_layers.SelectionMismatchError: img_backbone.blocks.0.attn.head_index: "
+                    "checkpoint keeps teacher heads {}, this model keeps {}; build the model with the checkpoint's "
+                    "selection (its meta['img_backbone']; the exported *_infer.py config does)".format(
+                        kept[0], other[0])), last
+
+
 def test_a_diverging_run_in_orions_runner_stops_with_finite_checkpoints_and_no_export(orion) -> None:
     """NonFiniteGuardHook in mmcv 1.7.2's runner (Fp16OptimizerHook, CheckpointHook): skip, then stop."""
     work_dir = orion["base"] / "wd_nan"
