@@ -552,7 +552,8 @@ python -m torch.distributed.run --nproc_per_node=${GPUS} --master_port=${MASTER_
 STANDIN_FILES["adzoo/orion/configs/orion_stage3_train.py"] = '''
 num_gpus = 1
 batch_size = 2
-num_iters_per_epoch = 3
+num_frames = 2 * 3  # data.train: 2 scenes of 3 frames
+num_iters_per_epoch = num_frames // (num_gpus * batch_size)  # as ORION's: computed once, for num_gpus
 num_epochs = 2
 model = dict(
     type="Orion",
@@ -566,7 +567,7 @@ dataset_type = "SceneFramesDataset"
 data = dict(
     samples_per_gpu=batch_size,
     workers_per_gpu=0,
-    train=dict(type=dataset_type, num_scenes=4, frames_per_scene=6, seq_mode=True),
+    train=dict(type=dataset_type, num_scenes=2, frames_per_scene=3, seq_mode=True),
     val=dict(type=dataset_type, num_scenes=2, frames_per_scene=3, test_mode=True),
     shuffler_sampler=dict(type="InfiniteGroupEachSampleInBatchSampler", seq_split_num=1, warmup_split_num=2,
                           num_iters_to_seq=num_iters_per_epoch),

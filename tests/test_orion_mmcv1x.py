@@ -343,6 +343,26 @@ def test_orions_non_strict_test_py_refuses_a_student_that_keeps_other_heads(orio
                         kept[0], other[0])), last
 
 
+def test_an_epoch_computed_for_other_gpus_stops_orions_run_with_the_cfg_options_that_fix_it(orion) -> None:
+    """The stand-in config computes its epoch when the file runs, as ORION's (for num_gpus x batch_size); a run
+    with another batch (as with another number of GPUs) has another epoch: one line gives the options."""
+    work_dir = orion["base"] / "wd_epoch"
+    proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/train.py", str(orion["config"]), "--work-dir",
+                     str(work_dir), "--cfg-options", "data.samples_per_gpu=1")
+    assert proc.returncode != 0 and not list(work_dir.glob("iter_*.pth"))
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mmcv.runner.hooks.kd_hooks.KDRunError: KDAlphaScheduleHook: an epoch of this run is 6 "
+                           "iterations (6 samples / (1 per GPU x 1 processes)) but the config counts 3 "), last
+    options = last.split("start again with --cfg-options ")[1].split(" (")[0].split()
+    assert options == ["num_iters_per_epoch=6", "runner.max_iters=12", "checkpoint_config.interval=6",
+                       "data.shuffler_sampler.num_iters_to_seq=6", "evaluation.interval=18",
+                       "custom_hooks.1.iters_per_epoch=6"]
+    proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/train.py", str(orion["config"]), "--work-dir",
+                     str(work_dir), "--cfg-options", "data.samples_per_gpu=1", *options, "runner.max_iters=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "KDAlphaScheduleHook: an epoch is 6 iterations" in proc.stdout + proc.stderr
+
+
 def test_a_diverging_run_in_orions_runner_stops_with_finite_checkpoints_and_no_export(orion) -> None:
     """NonFiniteGuardHook in mmcv 1.7.2's runner (Fp16OptimizerHook, CheckpointHook): skip, then stop."""
     work_dir = orion["base"] / "wd_nan"

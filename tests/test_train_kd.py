@@ -208,12 +208,12 @@ def test_hook_priorities_follow_mmcv_and_keep_registration_order_within_a_level(
 
 def test_the_runner_hooks_see_offers_exactly_the_contract_attributes() -> None:
     contract = {"iter", "max_iters", "epoch", "inner_iter", "model", "optimizer", "work_dir", "logger", "rank",
-                "world_size", "meta", "outputs", "log_buffer"}
+                "world_size", "meta", "outputs", "data_loader", "log_buffer"}
     runner = LoopRunner(torch.nn.Linear(1, 1), None, "/tmp", None, 0, 1, 10, meta={})
     public = {name for name in dir(runner) if not name.startswith("_")}
     assert public == contract
     with pytest.raises(AttributeError):
-        runner.data_loader = None  # nothing outside the contract can be attached
+        runner.hooks = []  # nothing outside the contract can be attached
     runner.log_buffer.update(dict(a=1.0), 3)
     runner.log_buffer.update(dict(a=3.0), 1)
     assert runner.log_buffer.average() == dict(a=1.5)  # weighted by count, as mmcv's LogBuffer

@@ -157,6 +157,7 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
         hooks = build_custom_hooks(cfg_get(cfg, "custom_hooks"))
         runner = LoopRunner(model, optimizer, work_dir, logger, rank, world_size, schedule.max_iters,
                             meta=dict(to_plain(meta or {}), seed=seed, hook_msgs=hook_msgs))
+        runner.data_loader = loader
         logger.info("start: %s, %d iterations (%d per epoch), from iteration %d, world size %d, device %s, "
                     "precision %s, sampler %s, hooks %s, work_dir %s", schedule.runner_type, schedule.max_iters,
                     schedule.iters_per_epoch, start_iter, world_size, device,

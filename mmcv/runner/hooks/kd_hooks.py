@@ -24,7 +24,7 @@ Plugin module: Python 3.8, torch 2.0-2.4, registries from ``mmcv`` (ORION's, mmc
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -65,14 +65,56 @@ def _log(runner: Any, message: str) -> None:
         logger.info(message)
 
 
+def run_epoch_length(runner: Any) -> Optional[Dict[str, int]]:
+    """This run's epoch, from its training data loader and world size, or None where the runner has no loader.
+
+    ``iters`` is ``samples // (per_gpu * world_size)``, as ORION's configs count an epoch
+    (``num_iters_per_epoch``); ``iters_ceil`` also counts a last, partial batch. ORION's runner
+    (and mmcv's) sets ``runner.data_loader`` before the first ``before_train_iter``; the standalone
+    loop before ``before_run``.
+    """
+    loader = getattr(runner, "data_loader", None)
+    loader = getattr(loader, "_dataloader", loader)  # mmcv's IterLoader wraps the DataLoader
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None:
+        return None
+    per_gpu = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    if not per_gpu:
+        return None
+    world = int(getattr(runner, "world_size", 1) or 1)
+    samples = len(dataset)
+    return dict(samples=samples, per_gpu=int(per_gpu), world_size=world, iters=samples // (per_gpu * world),
+                iters_ceil=-(-samples // (per_gpu * world)))
+
+
+def epoch_mismatch_message(configured: int, run: Mapping[str, int], max_iters: Optional[int]) -> str:
+    """One line: the config's epoch differs from the run's, with the ``--cfg-options`` that make them agree."""
+    iters = max(1, run["iters"])
+    options = ["num_iters_per_epoch={}".format(iters)]
+    epochs = max_iters // configured if max_iters and max_iters % configured == 0 else None
+    if epochs:
+        options.append("runner.max_iters={}".format(epochs * iters))
+    options += ["checkpoint_config.interval={}".format(iters), "data.shuffler_sampler.num_iters_to_seq={}".format(iters)]
+    if epochs:  # ORION's stage 3: after the last epoch, i.e. no evaluation during the run
+        options.append("evaluation.interval={}".format((epochs + 1) * iters))
+    options.append("custom_hooks.1.iters_per_epoch={}".format(iters))
+    return ("KDAlphaScheduleHook: an epoch of this run is {} iterations ({} samples / ({} per GPU x {} processes)) "
+            "but the config counts {} (num_iters_per_epoch, computed when the config file ran, for another number "
+            "of GPUs), so the alpha warm-up, the run length and the checkpoint interval would count other epochs; "
+            "start again with --cfg-options {} (custom_hooks.1: KDAlphaScheduleHook's place in the list)".format(
+                iters, run["samples"], run["per_gpu"], run["world_size"], configured, " ".join(options)))
+
+
 @HOOKS.register_module()
 class KDAlphaScheduleHook(Hook):
     """Sets ``model.set_distillation_alpha(alpha(runner.iter))`` before every training iteration.
 
     Args:
-        iters_per_epoch: iterations in one epoch, needed when ``kd_config.warmup_epochs`` gives the
-            warm-up in epochs (ORION: the config's ``num_iters_per_epoch``); not needed with
-            ``kd_config.warmup_iters`` or a constant alpha.
+        iters_per_epoch: the config's epoch in iterations (ORION: ``num_iters_per_epoch``, which its
+            run length, checkpoint interval and sampler count too). Before the first step it must
+            agree with the run's epoch (:func:`run_epoch_length`: data loader and world size), else the
+            run stops with one line giving the ``--cfg-options`` that fix it. None: the run's epoch
+            is used (``kd_config.warmup_epochs`` then follows the real run).
     """
 
     def __init__(self, iters_per_epoch: Optional[int] = None) -> None:
@@ -80,21 +122,41 @@ class KDAlphaScheduleHook(Hook):
                                             or iters_per_epoch < 1):
             raise KDRunError("KDAlphaScheduleHook: iters_per_epoch must be a positive integer or None, got {!r}"
                              .format(iters_per_epoch))
+        self.configured = iters_per_epoch
         self.iters_per_epoch = iters_per_epoch
         self.alpha: Optional[float] = None
+        self._checked = False
 
     def alpha_at(self, runner: Any) -> float:
         """Alpha for the runner's current iteration."""
         student = student_of(runner, type(self).__name__)
         return resolve_distillation_alpha(student.kd_config, int(runner.iter), self.iters_per_epoch)
 
+    def _check_epoch(self, runner: Any) -> None:
+        """Take the run's epoch (or check the config's against it) once the data loader is known."""
+        run = run_epoch_length(runner)
+        if self._checked or run is None:
+            return
+        self._checked = True
+        if self.configured is None:
+            self.iters_per_epoch = max(1, run["iters"])
+        elif self.configured not in (run["iters"], run["iters_ceil"]):
+            raise KDRunError(epoch_mismatch_message(self.configured, run, getattr(runner, "max_iters", None)))
+        _log(runner, "KDAlphaScheduleHook: an epoch is {} iterations ({} samples / ({} per GPU x {} processes))"
+                     .format(self.iters_per_epoch, run["samples"], run["per_gpu"], run["world_size"]))
+
     def before_run(self, runner: Any) -> None:
+        self._check_epoch(runner)
+        student = student_of(runner, type(self).__name__)
+        kd = {k: v for k, v in student.kd_config.items() if "alpha" in k or k.startswith("warmup")}
+        if self.iters_per_epoch is None and kd.get("warmup_epochs") and run_epoch_length(runner) is None:
+            _log(runner, "KD alpha schedule: {} (epochs: from the data loader at the first iteration)".format(kd))
+            return
         alpha = self.alpha_at(runner)  # a schedule that cannot be resolved fails here, before any step
-        _log(runner, "KD alpha schedule: {} (iteration {}: alpha {})".format(
-            {k: v for k, v in student_of(runner, type(self).__name__).kd_config.items()
-             if "alpha" in k or k.startswith("warmup")}, runner.iter, alpha))
+        _log(runner, "KD alpha schedule: {} (iteration {}: alpha {})".format(kd, runner.iter, alpha))
 
     def before_train_iter(self, runner: Any) -> None:
+        self._check_epoch(runner)
         self.alpha = self.alpha_at(runner)
         student_of(runner, type(self).__name__).set_distillation_alpha(self.alpha)
 
@@ -235,5 +297,5 @@ def write_inference_config(path: str, base_config: str, backbone_cfg: Dict[str, 
     return atomic_write_text(path, text)
 
 
-__all__: List[str] = ["KDAlphaScheduleHook", "KDCheckHook", "KDExportStudentHook", "KDRunError", "unwrap_model",
+__all__: List[str] = ["run_epoch_length", "epoch_mismatch_message", "KDAlphaScheduleHook", "KDCheckHook", "KDExportStudentHook", "KDRunError", "unwrap_model",
                       "student_of", "write_inference_config"]
