@@ -159,6 +159,17 @@ def test_an_epoch_computed_for_other_gpus_stops_with_the_cfg_options(teacher_ckp
         "(custom_hooks.1: KDAlphaScheduleHook's place in the list)")
 
 
+def test_lr_log_hook_logs_the_top_layers_lr_and_the_base_lr_beside_orions_first_group() -> None:
+    layers = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    scales = [0.9 ** 25, 0.9 ** 2, 0.9]  # ORION's order: the lowest layer (patch embedding) first
+    optimizer = torch.optim.AdamW([dict(params=[p], lr=1e-4 * s, lr_scale=s) for p, s in zip(layers, scales)])
+    runner = SimpleNamespace(optimizer=optimizer, log_buffer=LogBuffer())
+    HOOKS.build(dict(type="KDLrLogHook")).after_train_iter(runner)
+    values = runner.log_buffer.updates[-1]
+    assert values["lr_top"] == pytest.approx(0.9e-4) and values["lr_base"] == pytest.approx(1e-4)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.9 ** 25)  # what ORION logs as lr: 0.072x
+
+
 def test_check_hook_accepts_backbone_only_kd_and_checks_modes_at_the_first_iteration(teacher_ckpt) -> None:  # noqa: F811
     student = make_student(teacher_ckpt)
     runner = make_runner(Wrapper(student))
@@ -277,7 +288,8 @@ def test_stage3_kd_config_changes_only_the_model_and_extension_points(tmp_path: 
     assert list(bb.window_block_indexes) == [i for i in range(24) if i % 3 != 2]
     assert kd.frozen_parts_mode == "train"
     hooks = {h["type"]: h for h in cfg.custom_hooks}
-    assert list(hooks) == ["KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook", "KDExportStudentHook"]
+    assert list(hooks) == ["KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook", "KDExportStudentHook",
+                           "KDLrLogHook"]
     assert hooks["KDAlphaScheduleHook"]["iters_per_epoch"] == base.num_iters_per_epoch == 1834
     alphas = [resolve_distillation_alpha(kd, i, 1834) for i in (0, 1833, 1834, cfg.runner.max_iters - 1)]
     assert alphas == [0.8, 0.8, 0.6, 0.6]
@@ -289,7 +301,7 @@ def test_tiny_kd_config_lists_the_same_hooks() -> None:
     cfg = Config.fromfile(str(ROOT / "adzoo/orion/configs/orion_tiny_kd_train.py"), import_custom_modules=False)
     assert tuple(cfg.custom_imports.imports) == CUSTOM_IMPORTS
     assert [h["type"] for h in cfg.custom_hooks] == ["KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook",
-                                                     "KDExportStudentHook"]
+                                                     "KDExportStudentHook", "KDLrLogHook"]
     for hook_cfg in cfg.custom_hooks:
         hook_cfg = dict(hook_cfg)
         hook_cfg.pop("priority", None)

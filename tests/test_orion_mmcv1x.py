@@ -187,6 +187,14 @@ def test_alpha_follows_the_iteration_and_a_resumed_run_continues_it(kd_run) -> N
                                                      + record["alpha"] * record["backbone_distill_loss"], abs=1e-3)
 
 
+def test_the_log_shows_the_top_layers_and_the_base_lr_beside_orions_first_group(kd_run) -> None:
+    """ORION's lr is the first parameter group's: the lowest layer's under layer-wise decay (0.9**3 here)."""
+    records = log_lines(kd_run["first"])  # mmcv's JSON log rounds to 5 decimals
+    assert records and all(r["lr_top"] == pytest.approx(0.9 * r["lr_base"], abs=1e-5) for r in records)
+    assert all(r["lr"] == pytest.approx(0.9 ** 3 * r["lr_base"], abs=1e-5) and r["lr"] < r["lr_top"]
+               for r in records)
+
+
 def test_frozen_heads_train_in_orions_mode_on_streamed_scenes(kd_run) -> None:
     first = log_lines(kd_run["first"])
     assert all("dn_loss_cls" in r for r in first)  # denoising exists only in training mode

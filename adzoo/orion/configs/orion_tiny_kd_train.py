@@ -56,6 +56,7 @@ custom_hooks = [
     # skip a step with a non-finite loss or gradient norm; stop after 3 in a row (before any save)
     dict(type='NonFiniteGuardHook', priority='ABOVE_NORMAL', max_consecutive_skips=3),
     dict(type='KDExportStudentHook', filename='student_pruned.pth'),
+    dict(type='KDLrLogHook'),  # lr_top / lr_base in the log
 ]
 
 optimizer = dict(

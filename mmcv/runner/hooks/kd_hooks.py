@@ -14,6 +14,8 @@ The KD configs list:
   where it stopped) and logs it.
 * ``NonFiniteGuardHook`` (``mmcv/runner/hooks/nonfinite_guard.py``, registered with these): skips a
   step whose loss or gradient norm is non-finite and stops the run after a few in a row.
+* ``KDLrLogHook``: logs ``lr_top`` and ``lr_base`` beside ORION's ``lr`` (its first parameter
+  group's, the lowest layer's under layer-wise decay).
 * ``KDExportStudentHook``: after the run, rank 0 writes the exported student (ORION checkpoint,
   backbone safetensors, and an inference config for ORION's test.py) into ``work_dir``, atomically.
 
@@ -167,6 +169,28 @@ class KDAlphaScheduleHook(Hook):
 
 
 @HOOKS.register_module()
+class KDLrLogHook(Hook):
+    """Logs the lr the trained layers get, beside ORION's ``lr`` (the first parameter group's).
+
+    With layer-wise decay and only the backbone trainable, ORION's first group is the lowest layer
+    (about 0.07x the base lr). This hook adds ``lr_top``: the highest lr of any group (the top trained
+    block's), and ``lr_base``: that lr divided by its group's ``lr_scale`` (the layer-decay
+    constructors store it), i.e. ``optimizer.lr`` as the schedule has it now. Means over the log interval.
+    """
+
+    def after_train_iter(self, runner: Any) -> None:
+        optimizers = runner.optimizer.values() if isinstance(runner.optimizer, dict) else [runner.optimizer]
+        groups = [g for opt in optimizers if opt is not None for g in opt.param_groups if g["params"]]
+        if not groups:
+            return
+        top = max(groups, key=lambda group: group["lr"])
+        values = {"lr_top": float(top["lr"])}
+        if top.get("lr_scale"):
+            values["lr_base"] = float(top["lr"]) / float(top["lr_scale"])
+        runner.log_buffer.update(values)
+
+
+@HOOKS.register_module()
 class KDCheckHook(Hook):
     """Fails before training starts when the run would not be backbone-only KD from a hidden teacher."""
 
@@ -297,5 +321,5 @@ def write_inference_config(path: str, base_config: str, backbone_cfg: Dict[str, 
     return atomic_write_text(path, text)
 
 
-__all__: List[str] = ["run_epoch_length", "epoch_mismatch_message", "KDAlphaScheduleHook", "KDCheckHook", "KDExportStudentHook", "KDRunError", "unwrap_model",
+__all__: List[str] = ["run_epoch_length", "epoch_mismatch_message", "KDAlphaScheduleHook", "KDLrLogHook", "KDCheckHook", "KDExportStudentHook", "KDRunError", "unwrap_model",
                       "student_of", "write_inference_config"]
