@@ -278,8 +278,9 @@ class KDExportStudentHook(Hook):
     ``state_dict``), with ``backbone_safetensors`` also ``<stem>_backbone.safetensors``, and, when
     ``inference_config`` exists (a path relative to where training runs: ORION's root), the
     inference config ``<stem>_infer.py``: it inherits ``inference_config`` and sets ``img_backbone``
-    to the trained student's exact configuration (kept heads included), so that ORION's test.py
-    loads the checkpoint strictly. Every file is written atomically.
+    to the trained student's exact configuration (kept heads included), so that the checkpoint
+    matches the model ORION's test.py builds key for key (its loader is non-strict; a backbone that
+    keeps other heads still stops the load). Every file is written atomically.
     """
 
     def __init__(self, filename: str = "student_pruned.pth", backbone_safetensors: bool = True,
