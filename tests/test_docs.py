@@ -27,17 +27,20 @@ def test_reference_matches_the_code() -> None:
 
 
 def test_check_mode_sees_a_changed_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    report = json.loads((ROOT / "docs/demo/report.json").read_text())
-    report["teacher_metrics"]["det_f1"] += 0.5
-    changed = tmp_path / "report.json"
-    changed.write_text(json.dumps(report))
-    monkeypatch.setattr(render_results, "DEMO_REPORT", changed)
-    readme = tmp_path / "README.md"
-    shutil.copy(ROOT / "README.md", readme)
-    targets = {str(readme): render_results.renderers()["README.md"]}
-    before = readme.read_text()
+    docs = tmp_path / "docs"
+    shutil.copytree(ROOT / "docs", docs)
+    monkeypatch.setattr(render_results, "DOCS", docs)
+    results = docs / "results.md"
+    targets = {str(results): render_results.renderers()["docs/results.md"]}
+    assert run(check=True, targets=targets) == []  # the copy is up to date
+    curve = json.loads((docs / "tiny_teacher_curve.json").read_text())
+    curve["chance"]["det_f1"] += 0.5
+    (docs / "tiny_teacher_curve.json").write_text(json.dumps(curve))
+    before = results.read_text()
     assert run(check=True, targets=targets) == list(targets)
-    assert readme.read_text() == before  # --check writes nothing
+    assert results.read_text() == before  # --check writes nothing
+    assert run(check=False, targets=targets) == list(targets)
+    assert "| image-blind chance | 0.517 |" in results.read_text()
 
 
 def test_blocks_and_renderers_must_pair() -> None:
@@ -59,10 +62,10 @@ def test_a_new_kd_config_key_needs_its_meaning(monkeypatch: pytest.MonkeyPatch) 
 
 def test_render_results_reports_a_missing_json_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(render_results, "DEMO_REPORT", ROOT / "docs/demo/absent.json")
+    monkeypatch.setattr(render_results, "DOCS", ROOT / "docs/absent")
     assert render_results.main(["--check"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "docs/demo/absent.json: missing" in err
+    assert err.count("\n") == 0 and "tiny_teacher_curve.json: missing" in err
 
 
 def test_the_guide_is_short_with_contents_and_links() -> None:

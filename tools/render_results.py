@@ -33,14 +33,21 @@ class RenderError(ValueError):
     """A generated block that cannot be rendered (missing block, missing or malformed JSON)."""
 
 
+def _rel(path: Path) -> str:
+    """The path as the docs name it: ``docs/...`` for a source under DOCS, else relative to the checkout."""
+    if path.is_relative_to(DOCS):
+        return "docs/" + path.relative_to(DOCS).as_posix()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+
+
 def load_json(path: Path) -> Any:
     """Read one JSON source; a missing or broken file is one clear error naming it."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise RenderError(f"{path.relative_to(ROOT)}: missing; it is written by the command named in docs/results.md")
+        raise RenderError(f"{_rel(path)}: missing; it is written by the command named in docs/results.md")
     except json.JSONDecodeError as err:
-        raise RenderError(f"{path.relative_to(ROOT)}: not valid JSON ({err})")
+        raise RenderError(f"{_rel(path)}: not valid JSON ({err})")
 
 
 def replace_blocks(text: str, blocks: Mapping[str, str], where: str) -> str:
@@ -114,7 +121,7 @@ def study_block(folder: Path) -> str:
     """A study's tables and findings as ``tools/kd_study.py`` wrote them into study.json, and its commands."""
     study = load_json(folder / "study.json")
     commands = load_json(folder / "commands.json")
-    rel = folder.relative_to(ROOT)
+    rel = _rel(folder)
     cmd = "\n".join(commands)
     findings = "\n".join(f"- {line}" for line in study["findings"])
     return (f"Commands (`{rel}/commands.json`; they grow one study folder, whose study.json, study.md, plots and "
@@ -144,7 +151,7 @@ def bench_block(folder: Path) -> str:
 
 
 def _bench_table(path: Path, result: Mapping[str, Any]) -> str:
-    rel = path.relative_to(ROOT)
+    rel = _rel(path)
     if "speedup" in result and "median_s" in result:
         median = result["median_s"]
         rows = [f"`{rel}`: depth {result['depth']}, {result['image_size']}x{result['image_size']}, "
@@ -188,13 +195,21 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+NO_DEMO = ("No demo report is committed yet: run `python demo_kd_50_pruning.py`, copy "
+           "`work_dirs/demo_kd_50_pruning/report.json` to `docs/demo/report.json`, then `python tools/render_results.py`.\n")
+
+
+def _demo(render: Callable[[Mapping[str, Any]], str]) -> Callable[[], str]:
+    """A demo block: the table from docs/demo/report.json, or where to get it when no report is committed."""
+    return lambda: render(load_json(DEMO_REPORT)) if DEMO_REPORT.exists() else NO_DEMO
+
+
 def renderers() -> Dict[str, Dict[str, Callable[[], str]]]:
     """Which blocks each generated file holds, and how each is rendered."""
-    demo = lambda: demo_block(load_json(DEMO_REPORT))  # noqa: E731
     return {
-        "README.md": {"demo": lambda: "```\n" + demo_table(load_json(DEMO_REPORT)) + "\n```\n"},
+        "README.md": {"demo": _demo(lambda report: "```\n" + demo_table(report) + "\n```\n")},
         "docs/results.md": {
-            "demo": demo,
+            "demo": _demo(demo_block),
             "teacher": lambda: teacher_block(load_json(DOCS / "tiny_teacher_curve.json")),
             "analytic": analytic_block,
             "bench": lambda: bench_block(DOCS / "bench"),
@@ -207,8 +222,7 @@ def renderers() -> Dict[str, Dict[str, Callable[[], str]]]:
 
 def render_file(path: Path, blocks: Mapping[str, Callable[[], str]]) -> str:
     """The file's text with every generated block rendered anew."""
-    where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-    return replace_blocks(path.read_text(), {name: make() for name, make in blocks.items()}, str(where))
+    return replace_blocks(path.read_text(), {name: make() for name, make in blocks.items()}, _rel(path))
 
 
 def run(check: bool, targets: Optional[Mapping[str, Mapping[str, Callable[[], str]]]] = None) -> List[str]:
