@@ -25,7 +25,8 @@ from tools.render_results import RenderError, run  # noqa: E402
 #: The command-line entry points the docs show, in the order a user meets them.
 SCRIPTS = ("demo_kd_50_pruning.py", "tools/head_pruning_utils.py", "adzoo/orion/train_kd.py",
            "tools/install_into_orion.py", "tools/kd_study.py", "tools/train_tiny_teacher.py",
-           "tools/benchmark_backbone.py", "tools/benchmark_kd_step.py", "tools/render_results.py",
+           "tools/benchmark_backbone.py", "tools/benchmark_kd_step.py", "tools/export_onnx.py",
+           "tools/benchmark_onnx.py", "tools/gpu_check_summary.py", "tools/render_results.py",
            "tools/render_reference.py")
 
 KD_KEY_DOCS = {

@@ -175,6 +175,17 @@ def _bench_table(path: Path, result: Mapping[str, Any]) -> str:
             rows.append(f"| {entry['label']} | {m['kd'] * 1e3:.1f} ms | {m['student_only'] * 1e3:.1f} ms | "
                         f"{entry['time_ratio']:.3f}x | {entry['memory_ratio']:.3f} |")
         return "\n".join(rows) + "\n"
+    if "students" in result and isinstance(result["students"], Mapping):
+        rows = [f"`{rel}`: {result['what']}; depth {result['depth']}, {result['image_size']}x{result['image_size']}, "
+                f"{result['dtype']}, opset {result['opset']}, {result['repeats']} rounds:", "",
+                "| student | analytic ceiling | ONNX Runtime speedup, median of rounds (min-max) | PyTorch speedup |",
+                "|---|---|---|---|"]
+        for student in result["students"].values():
+            ort, pt = student["onnxruntime"]["ratio"], student["pytorch"]["ratio"]
+            rows.append(f"| {student['heads']} heads, MLP {student['mlp_hidden']} | {student['ceiling']:.3f}x | "
+                        f"{ort['median']:.3f}x ({ort['min']:.2f}-{ort['max']:.2f}) | "
+                        f"{pt['median']:.3f}x ({pt['min']:.2f}-{pt['max']:.2f}) |")
+        return "\n".join(rows) + "\n"
     scalars = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}
     return f"`{rel}`:\n\n| key | value |\n|---|---|\n" + "\n".join(f"| {k} | {_fmt(v)} |" for k, v in scalars.items()) + "\n"
 
