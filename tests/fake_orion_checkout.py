@@ -300,6 +300,19 @@ FAKE_PLUGIN_SOURCES: Dict[str, str] = {
         @HOOKS.register_module()
         class KDExportStudentHook(Hook):
             pass
+
+
+        @HOOKS.register_module()
+        class KDLrLogHook(Hook):
+            pass
+        ''',
+    "mmcv/runner/hooks/resume_check.py": '''
+        from mmcv.runner.hooks import HOOKS, Hook
+
+
+        @HOOKS.register_module()
+        class ResumeCheckHook(Hook):
+            pass
         ''',
 }
 

@@ -1,8 +1,14 @@
 # ORION stage 3 with a head-pruned EVA-02-L backbone (16 -> 8 heads) trained by knowledge
 # distillation from the frozen original; everything but the student backbone stays frozen.
 #
-#   python tools/install_into_orion.py PATH/TO/Orion      # once, from the ORION-KD repository
-#   ./adzoo/orion/orion_dist_train.sh adzoo/orion/configs/orion_stage3_kd_train.py 8
+#   python tools/install_into_orion.py PATH/TO/Orion --python PATH/TO/ORION/ENV/bin/python   # once, from ORION-KD
+#   python demo_kd_50_pruning.py --check-setup --config adzoo/orion/configs/orion_stage3_kd_train.py  # in ORION
+#   bash adzoo/orion/orion_dist_train.sh adzoo/orion/configs/orion_stage3_kd_train.py 8
+#
+# ORION's launcher appends --work-dir adzoo/orion/work_dirs/orion_stage3_kd_train/ (after any of yours):
+# checkpoints, student_pruned.pth and its _infer.py land there, its console log in that folder's logs/.
+# Data and checkpoints read (ORION's layout): data/bench2drive/ (and maps/), data/infos/b2d_infos_{train,val}.pkl,
+# data/infos/b2d_map_infos.pkl, data/chat-B2D/, ckpts/pretrain_qformer/, and the teacher ckpts/Orion.pth.
 #
 # ORION trains: its launcher, train.py, custom_train_model and IterBasedRunner run unchanged, and
 # everything below that is not written here comes from ORION's own stage-3 config: data with
@@ -11,8 +17,14 @@
 # schedule, the run length (num_epochs * num_iters_per_epoch iterations), checkpoint_config,
 # log_config, load_from / resume_from. This file changes only the model (OrionStudent with an
 # EVAViTStudent backbone) and ORION's extension points: custom_imports and custom_hooks.
-# For the guide's 3 epochs instead of ORION's 6, append to the command
-#   --cfg-options runner.max_iters=N     with N = 3 * num_iters_per_epoch of ORION's config.
+# An epoch: ORION's config computes num_iters_per_epoch when the file runs, for its num_gpus x
+# batch_size (32 x 4); --cfg-options num_gpus=N recomputes nothing. Before the first step,
+# KDAlphaScheduleHook compares it with this run's epoch (data loader and world size) and, on any
+# other number of GPUs, stops with one line giving the --cfg-options for the epoch, the run length,
+# the checkpoint interval, the sampler and the hook (num_iters_per_epoch=E runner.max_iters=6*E
+# checkpoint_config.interval=E data.shuffler_sampler.num_iters_to_seq=E evaluation.interval=7*E
+# custom_hooks.1.iters_per_epoch=E). For the guide's 3 epochs instead of ORION's 6, use
+# runner.max_iters=3*E there.
 #
 # Alpha weights the distillation loss: total = (1 - alpha) * task + alpha * distill. It follows
 # the iteration (KDAlphaScheduleHook): alpha_schedule='step' uses warmup_alpha for warmup_epochs
@@ -45,6 +57,7 @@ custom_imports = dict(
         'mmcv.models.detectors.orion_student',
         'mmcv.models.losses.kd_losses',
         'mmcv.runner.hooks.kd_hooks',
+        'mmcv.runner.hooks.resume_check',
     ],
     allow_failed_imports=False)
 
@@ -76,7 +89,7 @@ model = dict(
     type='OrionStudent',
     base_detector='Orion',
     kd_config=dict(
-        teacher_backbone_path='ckpt/orion/orion.pth',  # the full ORION checkpoint (backbone is sliced from it)
+        teacher_backbone_path='ckpts/Orion.pth',  # ORION's released checkpoint (the backbone is sliced from it)
         alpha_schedule='step',
         warmup_alpha=0.8,
         finetune_alpha=0.6,
@@ -116,8 +129,14 @@ model = dict(
 # What a KD run needs from ORION's runner (mmcv/runner/hooks/kd_hooks.py).
 custom_hooks = [
     dict(type='KDCheckHook', priority='VERY_HIGH'),
+    # custom_hooks.1: its iters_per_epoch is checked against the run before the first step
     dict(type='KDAlphaScheduleHook', iters_per_epoch={{_base_.num_iters_per_epoch}}),
     # skip a step with a non-finite loss or gradient norm; stop after 3 in a row (before any save)
     dict(type='NonFiniteGuardHook', priority='ABOVE_NORMAL', max_consecutive_skips=3),
     dict(type='KDExportStudentHook', filename='student_pruned.pth'),
+    # lr_top / lr_base in the log: ORION's lr is the first parameter group's (the lowest layer's)
+    dict(type='KDLrLogHook'),
+    # ORION's train.py ignores a --resume-from path that is not a file: stop instead of starting over
+    # (--cfg-options allow_fresh_start=True starts over anyway)
+    dict(type='ResumeCheckHook', priority='VERY_HIGH', allow_fresh_start=False),
 ]
