@@ -34,7 +34,7 @@ if _ROOT is None and not os.environ.get("ORION_ROOT"):
     pytest.skip(_WHY_NOT, allow_module_level=True)  # one line for the whole tier; a wrong ORION_ROOT fails
 
 KD_CONFIG = "adzoo/orion/configs/orion_stage3_kd_train.py"
-SCENARIOS = ("config", "train", "load", "ddp", "fp16")  # load reads what train exported
+SCENARIOS = ("config", "epoch", "train", "load", "ddp", "fp16")  # load reads what train exported
 
 
 def tree_digest(root: Path) -> str:
@@ -107,6 +107,25 @@ def test_epoch_arithmetic_and_work_dir_of_orions_config_and_launcher_agree_with_
     wrong = [(p.name, line) for p in docs for line in p.read_text().splitlines()
              if name in line and work_dir not in line and "--work-dir" not in line]
     assert not wrong, "these lines name a work dir ORION's launcher does not use ({}): {}".format(work_dir, wrong)
+
+
+def test_orions_epoch_for_other_gpus_stops_in_one_line_whose_cfg_options_make_the_run_agree(tier) -> None:
+    """ORION's num_iters_per_epoch counts 32 GPUs; a run on other GPUs must not count other epochs silently."""
+    config = scenario(tier, "config")
+    result = scenario(tier, "epoch")
+    stop = result["stop"]
+    assert stop is not None and stop["type"] == "KDRunError" and "\n" not in stop["message"], stop
+    per_epoch = result["options"]["num_iters_per_epoch"]  # this run's: 12 samples / (2 per GPU x 1 process)
+    assert per_epoch == 6 and "config counts {}".format(config["num_iters_per_epoch"]) in stop["message"]
+    # the options, parsed by ORION's DictAction and merged by its Config, give a run of ORION's epochs
+    epochs, kd = config["num_epochs"], config["kd_config"]
+    assert result["max_iters"] == epochs * per_epoch
+    warm = kd["warmup_epochs"] * per_epoch
+    assert [(r["iter"], r["alpha"]) for r in result["records"]] == \
+        [(i, kd["warmup_alpha"] if i <= warm else kd["finetune_alpha"]) for i in range(1, epochs * per_epoch + 1)]
+    keep = config["checkpoint_config"]["max_keep_ckpts"]
+    assert result["checkpoints"] == sorted("iter_{}.pth".format(per_epoch * e) for e in range(epochs - keep + 1,
+                                                                                               epochs + 1))
 
 
 # --------------------------------------------------------------------------- training in ORION's runner

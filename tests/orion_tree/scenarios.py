@@ -20,6 +20,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -36,6 +37,7 @@ CPU_SUBSTITUTES = {
 }
 KD_CONFIG = "adzoo/orion/configs/orion_stage3_kd_train.py"
 INFER_CONFIG = "adzoo/orion/configs/orion_stage3_kd_infer.py"
+SAMPLES_PER_GPU = 2
 
 
 def substitute_cpu() -> None:
@@ -92,28 +94,40 @@ def teacher_checkpoint(path: str) -> str:
     return path
 
 
-def kd_config(root: str, out: str, work_dir: str, max_iters: int, **model_kwargs: Any) -> Any:
-    """ORION's Config of the installed KD config, made tiny: its model and hooks, the tier's data."""
+def tiny_config(root: str, out: str, work_dir: str, **model_kwargs: Any) -> Any:
+    """ORION's Config of the installed KD config with the tier's model and data; ORION's run settings kept."""
     from mmcv import Config
     from tier_models import TINY_BACKBONE
 
     cfg = Config.fromfile(os.path.join(root, KD_CONFIG))
     teacher = teacher_checkpoint(os.path.join(out, "teacher.pth"))
-    kd = dict(cfg.model.kd_config, teacher_backbone_path=teacher, warmup_iters=2)  # alpha moves within 4 steps
-    kd.pop("warmup_epochs", None)
+    kd = dict(cfg.model.kd_config, teacher_backbone_path=teacher)
     backbone = dict(cfg.model.img_backbone, num_heads=2, teacher_num_heads=4, **TINY_BACKBONE)
     cfg.model = dict(type=cfg.model.type, base_detector="OrionTierDetector", kd_config=kd,
                      distillation_loss=cfg.model.distillation_loss, img_backbone=backbone, **model_kwargs)
-    cfg.data.samples_per_gpu, cfg.data.workers_per_gpu = 2, 0
+    cfg.data.samples_per_gpu, cfg.data.workers_per_gpu = SAMPLES_PER_GPU, 0
     cfg.data.train = dict(type="OrionTierDataset")
     cfg.data.val = dict(type="OrionTierDataset", test_mode=True, samples_per_gpu=1)
-    cfg.runner.max_iters = max_iters
-    cfg.checkpoint_config.interval = 2
     cfg.log_config.interval = 1
     if importlib.util.find_spec("tensorboard") is None:
         cfg.log_config.hooks = [h for h in cfg.log_config.hooks if h["type"] != "TensorboardLoggerHook"]
     cfg.work_dir, cfg.gpu_ids, cfg.seed = work_dir, [0], 0
     cfg.resume_from = cfg.load_from = None
+    return cfg
+
+
+def kd_config(root: str, out: str, work_dir: str, max_iters: int, **model_kwargs: Any) -> Any:
+    """``tiny_config`` for a short run: an epoch of the tier's data, alpha's warm-up 2 iterations."""
+    from tier_models import OrionTierDataset
+
+    cfg = tiny_config(root, out, work_dir, **model_kwargs)
+    cfg.model.kd_config.pop("warmup_epochs", None)
+    cfg.model.kd_config.warmup_iters = 2  # alpha moves within 4 steps
+    for hook in cfg.custom_hooks:
+        if hook["type"] == "KDAlphaScheduleHook":
+            hook["iters_per_epoch"] = len(OrionTierDataset()) // SAMPLES_PER_GPU  # one process
+    cfg.runner.max_iters = max_iters
+    cfg.checkpoint_config.interval = 2
     return cfg
 
 
@@ -314,8 +328,32 @@ def scenario_ddp(root: str, out: str) -> Dict[str, Any]:
                 distillation_alpha=model.distillation_alpha, files=sorted(os.listdir(work_dir)))
 
 
+def scenario_epoch(root: str, out: str) -> Dict[str, Any]:
+    """ORION's stage-3 epoch (computed for its num_gpus) on a run with another: the KD hook's one line; the
+    ``--cfg-options`` it gives, parsed and merged as ORION's train.py does, make the run agree."""
+    import argparse
+
+    from mmcv.utils import DictAction
+
+    stop = None
+    try:
+        train(tiny_config(root, out, os.path.join(out, "wd_epoch_as_configured")))
+    except Exception as exc:
+        stop = dict(type=type(exc).__name__, message=str(exc))
+    given = re.search(r"--cfg-options (.*?) \(", stop["message"]).group(1).split() if stop else []
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction)  # adzoo/orion/train.py's option
+    options = parser.parse_args(["--cfg-options"] + given).cfg_options if given else {}
+    work_dir = os.path.join(out, "wd_epoch")
+    cfg = tiny_config(root, out, work_dir)
+    cfg.merge_from_dict(options)
+    train(cfg)
+    return dict(stop=stop, options=options, max_iters=cfg.runner.max_iters, records=train_records(work_dir),
+                checkpoints=sorted(n for n in os.listdir(work_dir) if n.startswith("iter_")))
+
+
 SCENARIOS: Dict[str, Callable[[str, str], Dict[str, Any]]] = dict(
-    config=scenario_config, train=scenario_train, fp16=scenario_fp16, load=scenario_load, ddp=scenario_ddp)
+    config=scenario_config, epoch=scenario_epoch, train=scenario_train, fp16=scenario_fp16, load=scenario_load, ddp=scenario_ddp)
 
 
 def main(argv: List[str]) -> int:
