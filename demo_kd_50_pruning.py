@@ -134,7 +134,7 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
 
     import mmcv.models  # noqa: F401  (registers the standalone world)
     from mmcv import Config
-    from tools.demo_joint import stage_equal_speed
+    from tools.demo_joint import joint_report_section, joint_targets, stage_equal_speed
 
     started = time.time()
     work = Path(args.work_dir)
@@ -162,8 +162,8 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
     report["retained_before_kd"] = retained(report["before_kd_metrics"], report["teacher_metrics"])
     report["stage_seconds"] = dict(Stage.timings)
     report["total_seconds"] = time.time() - started
-    report["targets"] = evaluate_targets(report)
-    write_report(report, work)
+    report["targets"] = {**evaluate_targets(report), **joint_targets(report)}
+    write_report(report, work, joint_report_section(report))
     return report
 
 

@@ -2,7 +2,7 @@
 
 The fake ``mmcv`` has a registry that refuses duplicate names, ``build_model`` and
 ``mmcv.utils``; the ``Orion`` detector honours ORION's contract in miniature. Written
-from the facts in ORION_CONTRACT.md, not from ORION's code.
+from what ORION's files do, without copying ORION's code.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 ORION keeps a fork of mmcv 1.x as its top-level ``mmcv`` package and adds ``mmcv/models``,
 ``mmcv/datasets`` and ``adzoo/orion``. This module writes such a tree: mmcv 1.7.2's package
-copied as ``mmcv`` plus stand-ins, written here from the facts in ORION_CONTRACT.md (none of
-ORION's code), for
+copied as ``mmcv`` plus stand-ins, written here from what ORION's own files do (none of
+ORION's code is copied), for
 
 * ``mmcv/models``: one registry under ORION's aliases and builders; ``Orion`` with ORION's
   calling convention (``forward(data, return_loss)``, ``_parse_losses`` summing every key with

@@ -38,11 +38,6 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def build_tiny(device: torch.device, teacher_ckpt: str) -> Tuple[Callable[[], None], Callable[[], None]]:
     """KD and student-only step closures for OrionStudent on TinyOrion."""
     import mmcv.models  # noqa: F401

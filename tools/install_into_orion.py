@@ -192,7 +192,7 @@ def _dirs_to_create(root: Path, rels: Sequence[str]) -> List[str]:
 def plan_install(root: Path, source_root: Path, files: Sequence[str],
                  record: Optional[dict]) -> Tuple[List[Action], List[str], List[str]]:
     """Plan an install: (actions, folders to create, conflicts: paths the overlay may not write)."""
-    missing = [rel for rel in files if not (source_root / rel).is_file()]
+    missing = manifest.missing_sources(source_root, files)
     if missing:
         raise InstallError("plugin source files missing under {} (expected every manifest file): {}".format(
             source_root, ", ".join(missing)))

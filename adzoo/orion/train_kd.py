@@ -6,7 +6,7 @@
 
 Several processes: ``./adzoo/orion/orion_dist_train.sh CONFIG GPUS [args]``. It builds the
 model and ``data.train`` from the config and runs the standalone loop
-(``adzoo.orion.apis.train_kd``); in an ORION checkout ORION's own launcher, ``train.py``
+(``adzoo.orion.apis.kd_loop``); in an ORION checkout ORION's own launcher, ``train.py``
 and runner train instead. User errors (missing files, bad config values, a teacher
 checkpoint that does not fit) are printed as one ``error: ...`` line with exit status 2;
 set ``ORION_KD_DEBUG=1`` for the full traceback.
@@ -177,7 +177,7 @@ def prepare_config(args: argparse.Namespace) -> Any:
             raise UserError("--load-from: checkpoint not found: {}".format(args.load_from))
         cfg.load_from = args.load_from
     cfg.auto_resume = bool(args.auto_resume or cfg.get("auto_resume", False))
-    from adzoo.orion.apis.train_kd import check_settings
+    from adzoo.orion.apis.kd_loop import check_settings
     check_settings(cfg)
     work_dir = check_writable_dir(cfg.work_dir, "work dir", "pass --work-dir to a writable folder with free space")
     for path in remove_stale_temp_files(work_dir):  # before anything is loaded: a killed save may fill the disk
@@ -208,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         timestamp = holder[0]
 
     from mmcv.models.builder import build_model
-    from adzoo.orion.apis.train_kd import train_kd
+    from adzoo.orion.apis.kd_loop import train_kd
 
     model = build_model(cfg.model, train_cfg=cfg.get("train_cfg", None), test_cfg=cfg.get("test_cfg", None))
     if callable(getattr(model, "init_weights", None)):  # as ORION's train.py; OrionStudent's is a no-op
@@ -221,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _user_error_types() -> tuple:
     types: List[type] = [UserError, OSError, ValueError, KeyError, ImportError, pickle.UnpicklingError]
-    from adzoo.orion.apis.train_kd import ConfigError
+    from adzoo.orion.apis.kd_loop import ConfigError
     from mmcv.runner.hooks.kd_hooks import KDRunError
     types.extend([ConfigError, KDRunError])
     return tuple(types)
