@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tools.dependency_check import require_dependencies  # noqa: E402  (standard library only)
 from tools.demo_support import (HIGHER_IS_BETTER, backbone_similarity, evaluate_targets,  # noqa: E402
                                  load_exported_student, plot_loss_curves, retained, spearman, time_backbones,
                                  train_kd, val_loader, write_kd_config, write_report)
@@ -346,6 +347,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               "ORION checkout run `python demo_kd_50_pruning.py --check-setup --config "
               "adzoo/orion/configs/orion_stage3_kd_train.py`", file=sys.stderr)
         return 2
+    require_dependencies(__file__)  # one line with the fix when torch / mmengine is missing
     from tools.tiny_teacher_asset import TeacherAssetError
 
     try:

@@ -51,6 +51,7 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "tools/head_pruning/plots.py",
     "tools/head_pruning/cli.py",
     "tools/kd_setup_check.py",
+    "tools/dependency_check.py",
     "demo_kd_50_pruning.py",
     "tools/metric_direction.py",
     "tools/demo_support.py",

@@ -33,11 +33,14 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
-import torch
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+if __name__ == "__main__":
+    from tools.dependency_check import require_dependencies  # standard library only
+    require_dependencies(__file__)  # one line with the fix when torch / mmengine is missing
+
+import torch  # noqa: E402
 
 from adzoo.orion.apis.optim import build_kd_optimizer, build_lr_scheduler  # noqa: E402
 from adzoo.orion.apis.step import forward_train, optimizer_step  # noqa: E402
@@ -48,8 +51,9 @@ from mmcv.models.utils.checkpoint_io import (atomic_torch_save, atomic_write_jso
                                             state_dict_of)
 from mmcv.utils import set_random_seed  # noqa: E402
 from tools.metric_direction import HEADLINE_METRICS, higher_is_better  # noqa: E402
-from tools.tiny_teacher_asset import (MATERIALIZED_CHECKPOINT, check_materialized, compare_with_shipped,  # noqa: E402
-                                      materialize_teacher_checkpoint, plot_curve, write_shipped_teacher)
+from tools.tiny_teacher_asset import (MATERIALIZED_CHECKPOINT, TeacherAssetError, check_materialized,  # noqa: E402
+                                      compare_with_shipped, materialize_teacher_checkpoint, plot_curve,
+                                      write_shipped_teacher)
 
 DEFAULT_CONFIG = REPO_ROOT / "adzoo" / "orion" / "configs" / "orion_tiny_train.py"
 DEFAULT_CHECKPOINT = MATERIALIZED_CHECKPOINT
@@ -335,7 +339,17 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list] = None) -> int:
+    """The command line; a damaged, missing or stale teacher file ends in one line with the fix (exit 2)."""
     args = parse_args(argv)
+    try:
+        return run(args)
+    except TeacherAssetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Materialise, measure the memory benefit, or train (and maybe ship) a teacher, as ``args`` asks."""
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)

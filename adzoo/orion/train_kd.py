@@ -26,10 +26,13 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+    from tools.dependency_check import require_dependencies  # standard library only
+    require_dependencies(__file__)  # one line with the fix when torch / mmengine is missing
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from mmcv.models.utils.kd_config import KD_CONFIG_KEYS  # noqa: E402
 from mmcv.models.utils.checkpoint_io import load_checkpoint_file, remove_stale_temp_files, state_dict_of  # noqa: E402
 from mmcv.models.utils.user_errors import (UserError, check_writable_dir, describe_os_error,  # noqa: E402
                                            is_file_system_error, load_config)
@@ -81,8 +84,15 @@ def _compatible(old: Any, new: Any) -> bool:
     return isinstance(new, type(old))
 
 
+#: Mappings that accept documented keys their config file need not list: path -> {key: default}.
+ACCEPTED_KEYS = {"model.kd_config": KD_CONFIG_KEYS}
+
+
 def merge_cfg_options(cfg: Any, options: Optional[Mapping[str, Any]]) -> None:
-    """Apply ``--cfg-options``; every key must exist and keep its value's type (int may widen to float)."""
+    """Apply ``--cfg-options``; every key must exist and keep its value's type (int may widen to float).
+
+    A key of ``ACCEPTED_KEYS`` (e.g. any ``kd_config`` key) may be set where the file leaves it at its default.
+    """
     if not options:
         return
     for key, value in options.items():
@@ -90,13 +100,14 @@ def merge_cfg_options(cfg: Any, options: Optional[Mapping[str, Any]]) -> None:
         path: List[str] = []
         for part in key.split("."):
             if isinstance(node, Mapping) or (hasattr(node, "keys") and hasattr(node, "__getitem__")):
-                if part not in list(node.keys()):
-                    known = ", ".join(sorted(str(k) for k in node.keys())[:20])
+                accepted = ACCEPTED_KEYS.get(".".join(path), {})
+                if part not in list(node.keys()) and part not in accepted:
+                    known = ", ".join(sorted({str(k) for k in node.keys()} | set(accepted))[:20])
                     hint = "; KD settings live in model.kd_config: --cfg-options model.{}=...".format(key) \
                         if key.startswith("kd_config.") else ""
                     raise UserError("--cfg-options {}: unknown key '{}'{} (known keys there: {}){}".format(
                         key, part, " under '{}'".format(".".join(path)) if path else "", known, hint))
-                node = node[part]
+                node = node[part] if part in list(node.keys()) else accepted[part]  # a default is type-checked too
             elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
                 node = node[int(part)]
             else:
