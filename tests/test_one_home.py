@@ -90,7 +90,8 @@ def test_the_loop_module_and_the_entry_point_have_different_names():
 
 def test_sources_cite_no_file_outside_the_repository():
     # the background notes (split so that this file does not name them); ../shared/orion in test set-up is allowed
-    words = ("ORION_" + "CONTRACT", "shared/" + "ORION_", "shared/" + "DESIGN", "shared/" + "STYLE", "ORIGINAL_KD_" + "GUIDE")
+    words = ("ORION_" + "CONTRACT", "shared/" + "ORION_", "shared/" + "DESIGN", "shared/" + "STYLE",
+             "ORIGINAL_KD_" + "GUIDE")
     offenders = [str(p.relative_to(ROOT)) for p in _sources() + sorted((ROOT / "tests").glob("*.py"))
                  if any(word in p.read_text() for word in words)]
     assert offenders == []

@@ -67,7 +67,8 @@ done
 mkdir -p "$LOG_DIR" || fail "cannot create $LOG_DIR"
 LOG_FILE="$LOG_DIR/dist_train_$(date +%Y%m%d_%H%M%S)_node${NODE_RANK}.log"
 
-echo "orion_dist_train: $GPUS process(es) x $NNODES node(s), node_rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT, python $PYTHON, log $LOG_FILE"
+echo "orion_dist_train: $GPUS process(es) x $NNODES node(s), node_rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT," \
+     "python $PYTHON, log $LOG_FILE"
 # launch.py checks the config, the arguments and (node 0) the port before torchrun starts anything,
 # and exits with the children's status: 2 after a user error (printed as one "error:" line).
 "$PYTHON" "$ROOT/adzoo/orion/launch.py" \

@@ -32,8 +32,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from mmcv.models.utils.kd_config import KD_CONFIG_KEYS  # noqa: E402
 from mmcv.models.utils.checkpoint_io import load_checkpoint_file, remove_stale_temp_files, state_dict_of  # noqa: E402
+from mmcv.models.utils.kd_config import KD_CONFIG_KEYS  # noqa: E402
 from mmcv.models.utils.user_errors import (UserError, check_writable_dir, describe_os_error,  # noqa: E402
                                            is_file_system_error, load_config)
 from mmcv.utils import Config, DictAction, get_dist_info, import_modules_from_strings, set_random_seed  # noqa: E402
