@@ -38,6 +38,14 @@ def test_the_overlay_picture_lists_every_manifest_file():
     assert listed == set(plugin_manifest.PLUGIN_FILES)
 
 
+def test_the_shipped_overlay_picture_shows_the_current_manifest():
+    import json
+
+    drawn = json.loads((ROOT / "docs" / "figures" / "orion_overlay.json").read_text())["files"]
+    assert drawn == sorted(plugin_manifest.PLUGIN_FILES), \
+        "the plugin manifest changed: redraw with `python tools/draw_doc_figures.py --only orion_overlay`"
+
+
 def test_the_kd_step_and_overlay_figures_are_drawn_small(tmp_path):
     assert draw_doc_figures.main(["--only", "kd_step", "--only", "orion_overlay", "--out-dir", str(tmp_path)]) == 0
     for name in ("kd_step", "orion_overlay"):

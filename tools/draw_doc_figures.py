@@ -8,7 +8,7 @@
   give the task loss, and ``CombinedKDLoss`` (``mmcv/models/losses/kd_losses.py``) compares the backbones'
   taps; the weights are the defaults of ``mmcv/models/utils/kd_config.py``.
 * ``orion_overlay.png``: an ORION checkout with the files ``tools/install_into_orion.py`` adds, listed from
-  the plugin manifest (``tools/plugin_manifest.py``), so the picture cannot drift from what is copied.
+  the plugin manifest (``tools/plugin_manifest.py``); ``orion_overlay.json`` records which files were drawn.
 * ``head_importance_heatmap.png``: the guide's importance commands on the shipped tiny teacher: gradient
   importance on 8 batches of training frames, a uniform 50% configuration, the heat map with the removed
   heads crossed out (``tools/head_pruning_utils.py importance / prune-config / plot``).
@@ -167,7 +167,11 @@ def _tree_lines(groups: Dict[str, List[str]]) -> List[Tuple[str, str]]:
 
 
 def draw_orion_overlay(path: Path) -> str:
-    """The ORION checkout with the files the overlay adds (green), next to some of ORION's own (grey)."""
+    """The ORION checkout with the files the overlay adds (green), next to some of ORION's own (grey).
+
+    The files drawn are also written to ``<path>.json``, so a test can tell when the picture is stale.
+    """
+    from mmcv.models.utils.checkpoint_io import atomic_write_json
     from tools.head_pruning.plots import save_figure
 
     groups = overlay_tree()
@@ -191,6 +195,7 @@ def draw_orion_overlay(path: Path) -> str:
                         fontweight="bold" if kind.endswith("folder") else "normal", va="center")
         ax.text(0, 1.0, f"python tools/install_into_orion.py PATH/TO/Orion adds {len(plugin_manifest.PLUGIN_FILES)} "
                 "files (green, +) and never overwrites ORION's own (grey)", fontsize=9.5, fontweight="bold")
+        atomic_write_json(Path(path).with_suffix(".json"), dict(files=sorted(plugin_manifest.PLUGIN_FILES)))
         return save_figure(fig, path, dpi=100)
     finally:
         plt.close(fig)
