@@ -300,6 +300,11 @@ FAKE_PLUGIN_SOURCES: Dict[str, str] = {
         @HOOKS.register_module()
         class KDExportStudentHook(Hook):
             pass
+
+
+        @HOOKS.register_module()
+        class KDLrLogHook(Hook):
+            pass
         ''',
     "mmcv/runner/hooks/resume_check.py": '''
         from mmcv.runner.hooks import HOOKS, Hook
