@@ -1,9 +1,12 @@
 """An ORION-shaped checkout in a temporary folder, on top of the real mmcv 1.7.2 (tests only).
 
+Where ORION's own code runs on a CPU, tests/test_orion_tree.py runs it from an ORION tree instead; this
+tree keeps what needs ORION's CUDA heads and LLM (the streaming heads, ORION's train.py end to end).
+
 ORION keeps a fork of mmcv 1.x as its top-level ``mmcv`` package and adds ``mmcv/models``,
 ``mmcv/datasets`` and ``adzoo/orion``. This module writes such a tree: mmcv 1.7.2's package
-copied as ``mmcv`` plus stand-ins, written here from what ORION's own files do (none of
-ORION's code is copied), for
+copied as ``mmcv`` plus stand-ins, each at the path of the ORION file it imitates and written from
+ORION's files (none of ORION's code is copied), for
 
 * ``mmcv/models``: one registry under ORION's aliases and builders; ``Orion`` with ORION's
   calling convention (``forward(data, return_loss)``, ``_parse_losses`` summing every key with
