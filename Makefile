@@ -31,7 +31,7 @@ $(MMCV1X_STAMP): $(STAMP) tests/mmcv1x_env.py
 	-$(PY) tests/mmcv1x_env.py
 
 test: $(STAMP) $(MMCV1X_STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
 
 # After rerunning the shipped numbers in a new environment: pin what it holds (this package itself left out).
 constraints: $(STAMP)

@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from tools.metric_direction import directions
+
 ROOT = Path(__file__).resolve().parents[1]
-HIGHER_IS_BETTER = {"det_f1": True, "lane_iou": True, "qa_acc": True, "plan_l2": False}
+HIGHER_IS_BETTER = directions()
 
 
 #: Training frames the data-driven importance is scored on: the first 8 scenes of the training split,
@@ -226,8 +228,6 @@ def evaluate_targets(report: Dict[str, Any]) -> Dict[str, Any]:
             value=dict(kd_ahead_on=f"{len(kd_ahead)} of {len(HIGHER_IS_BETTER)} ({', '.join(kd_ahead) or 'none'})",
                        cosine_kd=after_cos, cosine_task_only=report["task_only_backbone"]["cosine"]),
             met=len(kd_ahead) > len(HIGHER_IS_BETTER) / 2)
-    from tools.demo_joint import joint_targets
-    targets.update(joint_targets(report))
     return targets
 
 
@@ -254,7 +254,8 @@ def shipped_study_lines(report: Dict[str, Any], study_paths: Any = SHIPPED_STUDI
     return lines
 
 
-def write_report(report: Dict[str, Any], work: Path) -> None:
+def write_report(report: Dict[str, Any], work: Path, extra_section: str = "") -> None:
+    """report.md (the table, the targets, ``extra_section`` appended) and report.json, atomically."""
     from mmcv.models.utils.checkpoint_io import atomic_write_json, atomic_write_text
 
     rows = []
@@ -289,7 +290,6 @@ def write_report(report: Dict[str, Any], work: Path) -> None:
     mlp = (f" and {1 - sum(pruning['mlp_hidden']) / (len(pruning['mlp_hidden']) * pruning['teacher_mlp_hidden']):.1%}"
            f" of the SwiGLU hidden channels ({pruning['channel_method']} channel importance)"
            if pruning.get("selected_channels_per_layer") else "")
-    from tools.demo_joint import joint_report_section
     shipped = "\n".join(report.get("shipped_study", [])) or "- no shipped study covers this ratio and mode"
     text = f"""# ORION-KD demo report
 
@@ -305,7 +305,7 @@ plan L2). Metrics on {report['teacher_metrics'].get('num_samples', 'the')} valid
 Backbone fidelity right after pruning (cosine of the output feature map to the full backbone, before KD):
 {', '.join(f"{m} {v:.4f}" for m, v in fid['by_method'].items())}; random {'heads and channels' if mlp else 'heads'}
 {fid['random_mean']:.4f} (mean of {len(fid['random_draws'])} draws).
-{joint_report_section(report)}
+{extra_section}
 ## Targets (what this run measured)
 {targets}
 
