@@ -226,6 +226,19 @@ def fidelity_block(path: Path) -> str:
             f"{result['table']}\n")
 
 
+def reproducibility_block(folder: Path) -> str:
+    """How far the same study cell moved between two runs, per comparison under ``folder`` (tools/compare_cells.py)."""
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not files:
+        raise RenderError(f"{_rel(folder)}: no comparison; write one with tools/compare_cells.py")
+    rows = ["| runs of one study cell | largest difference of any metric, retention or cosine |", "|---|---|"]
+    for path in files:
+        result = load_json(path)
+        value = "0 (identical)" if result["identical"] else f"{result['largest_abs_difference']:.1e}"
+        rows.append(f"| {result['what']} (`{_rel(path)}`) | {value} |")
+    return "\n".join(rows) + "\n"
+
+
 def analytic_block() -> str:
     """Analytic speedup ceilings of ORION-L (24 blocks, 640x640) for head and MLP-width choices, from the code."""
     from tools.benchmark_backbone import TEACHER_HIDDEN, orion_l_ceiling
@@ -254,7 +267,8 @@ def _demo(render: Callable[[Mapping[str, Any]], str]) -> Callable[[], str]:
 def renderers() -> Dict[str, Dict[str, Callable[[], str]]]:
     """Which blocks each generated file holds, and how each is rendered."""
     return {
-        "README.md": {"demo": _demo(lambda report: "```\n" + demo_table(report) + "\n```\n")},
+        "README.md": {"demo": _demo(lambda report: "```\n" + demo_table(report) + "\n```\n"),
+                      "reproducibility": lambda: reproducibility_block(DOCS / "reproducibility")},
         "README_KD.md": {"fidelity": lambda: fidelity_block(DOCS / "head_importance" / "fidelity.json")},
         "docs/results.md": {
             "demo": _demo(demo_block),
