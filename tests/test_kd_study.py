@@ -187,3 +187,18 @@ def test_compare_cells_reports_every_difference_and_refuses_different_cells(tmp_
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(record))
     assert main([str(p) for p in paths]) == 2
+
+
+def test_compare_cells_reads_a_demo_report_as_one_record():
+    from tools.compare_cells import as_record, differences
+
+    stage = dict(det_f1=0.8, plan_l2=1.5)
+    report = dict(targets={}, teacher_metrics=stage, before_kd_metrics=stage, after_kd_metrics=stage,
+                  task_only_metrics=stage, retained_after_kd=dict(det_f1=1.0), after_kd_backbone=dict(cosine=0.99),
+                  before_kd_backbone=dict(cosine=0.98), task_only_backbone=dict(cosine=0.96), total_seconds=1.0,
+                  fidelity_before_kd=dict(by_method=dict(magnitude=0.98), random_draws=[0.9, 0.91]))
+    record = as_record(report)
+    assert record["metrics"]["after_kd_metrics.plan_l2"] == 1.5 and record["metrics"]["fidelity.random_1"] == 0.91
+    moved = dict(report, task_only_metrics=dict(stage, plan_l2=1.25))
+    result = differences(record, as_record(moved))
+    assert result["largest_abs_difference"] == 0.25 and result["metrics"]["task_only_metrics.plan_l2"] == -0.25

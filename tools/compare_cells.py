@@ -1,4 +1,4 @@
-"""How far two runs of the same study cell differ: every metric, the retention and the backbone cosine.
+"""How far two runs of the same study cell (or of the demo) differ: every metric, the retention and the cosine.
 
 Used to state what may vary between runs of the same command (e.g. 1 vs 2 torch threads, whose float
 reductions add in a different order):
@@ -34,16 +34,32 @@ def differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> Dict[str, Any]:
                 largest_abs_difference=max(abs(v) for v in every), identical=all(v == 0 for v in every))
 
 
+def as_record(loaded: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A study cell as is; a demo report.json as a cell: every metric of every stage, fidelity, cosines."""
+    if "targets" not in loaded:
+        return loaded
+    metrics: Dict[str, Any] = {}
+    for stage in ("teacher_metrics", "before_kd_metrics", "after_kd_metrics", "task_only_metrics"):
+        metrics.update({f"{stage}.{k}": v for k, v in loaded.get(stage, {}).items()})
+    fidelity = loaded["fidelity_before_kd"]
+    metrics.update({f"fidelity.{k}": v for k, v in fidelity["by_method"].items()})
+    metrics.update({f"fidelity.random_{i}": v for i, v in enumerate(fidelity["random_draws"])})
+    for stage in ("before_kd_backbone", "task_only_backbone"):
+        metrics.update({f"{stage}.{k}": v for k, v in loaded.get(stage, {}).items()})
+    return dict(name="demo", metrics=metrics, retained=loaded["retained_after_kd"],
+                backbone_cosine=loaded["after_kd_backbone"]["cosine"], seconds=loaded.get("total_seconds"))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from mmcv.models.utils.checkpoint_io import atomic_write_json
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("a", help="a cell record (<study>/cells/<name>.json)")
+    parser.add_argument("a", help="a cell record (<study>/cells/<name>.json) or a demo report.json")
     parser.add_argument("b", help="the same cell from another run")
     parser.add_argument("--out", help="write the comparison as JSON")
     args = parser.parse_args(argv)
     try:
-        records = [json.loads(Path(p).read_text()) for p in (args.a, args.b)]
+        records = [as_record(json.loads(Path(p).read_text())) for p in (args.a, args.b)]
         result = differences(*records)
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -92,7 +92,16 @@ def demo_block(report: Mapping[str, Any]) -> str:
     return (f"Seed {report['seed']}, {report['pruning_ratio']:.0%} of the heads removed ({report['method']} "
             f"importance, {report['strategy']} allocation), torch {report['torch']}, {report['threads']} threads, "
             f"pipeline {report['total_seconds']:.0f} s (`docs/demo/report.json`):\n\n```\n{demo_table(report)}\n```\n\n"
-            f"Targets as the demo reports them:\n\n{targets}\n")
+            f"Targets as the demo reports them (what its own run measured):\n\n{targets}\n" + _shipped(report))
+
+
+def _shipped(report: Mapping[str, Any]) -> str:
+    """The shipped studies' comparisons the demo's report quotes (not measured by the demo), if any."""
+    lines = report.get("shipped_study") or []
+    if not lines:
+        return ""
+    return "\nFrom the shipped studies, quoted by the demo's report (not measured by its run):\n\n" + \
+        "\n".join(lines) + "\n"
 
 
 def teacher_block(curve: Mapping[str, Any], every: int = 400) -> str:
