@@ -1,6 +1,6 @@
 """The ablation study of the miniature world: does distillation recover what pruning removes?
 
-    python tools/kd_study.py --quick                      # 3 seeds, 50% only, 18 cells (3.5 min on 2 idle cores)
+    python tools/kd_study.py --quick                      # 3 seeds, 50% only, 18 cells (under 5 min on 2 idle cores)
     python tools/kd_study.py                              # the default grid (README_KD.md "Miniature world results")
     python tools/kd_study.py --seeds 0 1 2 --ratios 0.5 0.75 --selections magnitude gradient random \\
         --trainings none kd task_only --label-fractions 1.0 0.1 --alphas 1.0 --modes heads joint
@@ -323,7 +323,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="work_dirs/kd_study", help="study folder (rerun: finished cells skipped)")
     parser.add_argument("--quick", action="store_true",
-                        help="3 seeds, 50%%, magnitude vs random, 1 epoch of 256 frames (18 cells, 3.5 min on 2 "
+                        help="3 seeds, 50%%, magnitude vs random, 1 epoch of 256 frames (18 cells, under 5 min on 2 "
                              "idle cores)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75], help="fractions of heads REMOVED")
