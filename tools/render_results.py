@@ -276,9 +276,6 @@ def _demo(render: Callable[[Mapping[str, Any]], str]) -> Callable[[], str]:
 def renderers() -> Dict[str, Dict[str, Callable[[], str]]]:
     """Which blocks each generated file holds, and how each is rendered."""
     return {
-        "README.md": {"demo": _demo(lambda report: "```\n" + demo_table(report) + "\n```\n"),
-                      "reproducibility": lambda: reproducibility_block(DOCS / "reproducibility")},
-        "README_KD.md": {"fidelity": lambda: fidelity_block(DOCS / "head_importance" / "fidelity.json")},
         "docs/results.md": {
             "demo": _demo(demo_block),
             "teacher": lambda: teacher_block(load_json(DOCS / "tiny_teacher_curve.json")),
@@ -288,6 +285,9 @@ def renderers() -> Dict[str, Dict[str, Callable[[], str]]]:
             "study-joint": lambda: study_block(DOCS / "kd_study_joint"),
             "joint-speed": lambda: joint_speed_block(DOCS / "kd_study_joint" / "joint_speed_r0.5.json"),
         },
+        "README.md": {"demo": _demo(lambda report: "```\n" + demo_table(report) + "\n```\n"),
+                      "reproducibility": lambda: reproducibility_block(DOCS / "reproducibility")},
+        "README_KD.md": {"fidelity": lambda: fidelity_block(DOCS / "head_importance" / "fidelity.json")},
     }
 
 
