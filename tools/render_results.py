@@ -240,7 +240,7 @@ def reproducibility_block(folder: Path) -> str:
     files = sorted(folder.glob("*.json")) if folder.is_dir() else []
     if not files:
         raise RenderError(f"{_rel(folder)}: no comparison; write one with tools/compare_cells.py")
-    rows = ["| runs of one study cell | largest difference of any metric, retention or cosine |", "|---|---|"]
+    rows = ["| runs compared | largest difference of any metric, retention or cosine |", "|---|---|"]
     for path in files:
         result = load_json(path)
         value = "0 (identical)" if result["identical"] else f"{result['largest_abs_difference']:.1e}"
