@@ -44,7 +44,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "vermin>=1.6"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "vermin>=1.6", "nbclient>=0.7", "nbformat>=5", "ipykernel>=6"],
         "tensorboard": ["tensorboard"],
     },
 )
