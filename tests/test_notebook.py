@@ -35,6 +35,17 @@ def test_committed_notebook_shows_every_output_without_machine_paths():
     assert "from tools.head_pruning_utils import" in sources
 
 
+def test_text_outputs_join_stdout_chunks_and_leave_out_figures_and_stderr():
+    new = nbformat.v4.new_output
+    cell = nbformat.v4.new_code_cell("...", outputs=[
+        new("stream", name="stdout", text="cos 0.98"), new("stream", name="stderr", text="a warning\n"),
+        new("display_data", data={"image/png": "iVBORw0KGgo=", "text/plain": "<IPython.core.display.Image object>"}),
+        new("stream", name="stdout", text="05\nnext line\n"), new("execute_result", data={"text/plain": "42"},
+                                                                   execution_count=1)])
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("text"), cell])
+    assert text_outputs(nb) == [["cos 0.9805", "next line", "42"]]
+
+
 def test_lines_agree_allows_only_a_rounding_flip_in_a_decimal():
     assert lines_agree("cos 0.9805 | 15.8%", "cos 0.9805 | 15.8%")
     assert lines_agree("cos 0.9805", "cos 0.9806")  # a value on a rounding boundary

@@ -75,19 +75,22 @@ def execute_notebook(path: Path = NOTEBOOK, timeout: int = 300) -> Execution:
 
 
 def text_outputs(nb: Any) -> List[List[str]]:
-    """Per code cell, the lines it printed (stdout) and its displayed text results; no figures, no stderr."""
+    """Per code cell, the lines it printed (stdout) and its displayed text results; no figures, no stderr.
+
+    The kernel cuts stdout into chunks wherever it happens to flush, so a cell's chunks are joined first.
+    """
     cells = []
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
-        lines: List[str] = []
+        printed, shown = [], []
         for output in cell.get("outputs", []):
             if output.output_type == "stream" and output.name == "stdout":
-                lines.extend(output.text.splitlines())
+                printed.append(output.text)
             elif output.output_type in ("execute_result", "display_data") and "text/plain" in output.data \
                     and not any(key.startswith("image/") for key in output.data):
-                lines.extend(output.data["text/plain"].splitlines())
-        cells.append(lines)
+                shown.extend(output.data["text/plain"].splitlines())
+        cells.append("".join(printed).splitlines() + shown)
     return cells
 
 
