@@ -81,7 +81,7 @@ def test_check_fails_on_stale_outputs_with_the_command_and_regenerating_fixes_th
                               f"0.2000 {tmp_path}\n")
     assert main(["--notebook", str(notebook), "--check"]) == 1
     err = capsys.readouterr().err
-    assert "code cell 1: committed '0.2000" in err and f"`{REGENERATE}`" in err
+    assert "code cell 1: committed '0.2000" in err and f"`{REGENERATE} --notebook {notebook}`" in err
     assert main(["--notebook", str(notebook)]) == 0
     assert text_outputs(nbformat.read(str(notebook), as_version=4)) == [[f"0.2500 {tmp_path}"]]  # ran in its folder
     assert main(["--notebook", str(notebook), "--check"]) == 0
@@ -92,5 +92,5 @@ def test_walkthrough_runs_from_its_folder_within_its_time_and_matches_its_commit
     if run.cpu_seconds is not None:
         assert run.cpu_seconds < CPU_LIMIT_S, f"the walkthrough took {run.cpu_seconds:.0f} s of CPU time"
     problems = stale_outputs(text_outputs(committed()), text_outputs(run.notebook))
-    assert not problems, ("\n".join(problems[:10]) + f"\n{NOTEBOOK.relative_to(ROOT)}: the committed outputs are stale; "
-                          f"regenerate them with `{REGENERATE}` (or `make notebook`)")
+    assert not problems, ("\n".join(problems[:10]) + f"\n{NOTEBOOK.relative_to(ROOT)}: the committed outputs are "
+                          f"stale; regenerate them with `{REGENERATE}` (or `make notebook`)")

@@ -166,7 +166,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for line in problems:
             print(line, file=sys.stderr)
         if problems:
-            print(f"error: {args.notebook}: the committed outputs are stale; regenerate them with `{REGENERATE}`",
+            command = REGENERATE if args.notebook.resolve() == NOTEBOOK else f"{REGENERATE} --notebook {args.notebook}"
+            print(f"error: {args.notebook}: the committed outputs are stale; regenerate them with `{command}`",
                   file=sys.stderr)
             return 1
         print(f"{args.notebook}: outputs up to date ({_took(run)})")
