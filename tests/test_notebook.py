@@ -87,6 +87,20 @@ def test_check_fails_on_stale_outputs_with_the_command_and_regenerating_fixes_th
     assert main(["--notebook", str(notebook), "--check"]) == 0
 
 
+@pytest.mark.parametrize("content, expected", [
+    (None, "No such file or directory"),
+    ("{not json", "expected a Jupyter notebook (nbformat 4), got: "),
+    ('{"cells": 3}', "expected a Jupyter notebook (nbformat 4), got: "),
+])
+def test_bad_notebook_file_is_one_error_line_with_status_2(tmp_path, capsys, content, expected):
+    path = tmp_path / "given.ipynb"
+    if content is not None:
+        path.write_text(content)
+    assert main(["--notebook", str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: ") and expected in err and err.count("\n") == 1
+
+
 def test_walkthrough_runs_from_its_folder_within_its_time_and_matches_its_committed_outputs():
     run = execute_notebook(NOTEBOOK, timeout=300)
     if run.cpu_seconds is not None:

@@ -154,10 +154,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         committed = nbformat.read(str(args.notebook), as_version=4)
-        run = execute_notebook(args.notebook, args.timeout)
-    except (OSError, nbformat.ValidationError) as err:
-        print(f"error: {args.notebook}: {err}", file=sys.stderr)
+        nbformat.validate(committed)
+    except OSError as err:
+        print(f"error: {args.notebook}: {err.strerror or err}", file=sys.stderr)
         return 2
+    except (ValueError, TypeError, nbformat.ValidationError) as err:  # not JSON, or not a notebook's JSON
+        got = " ".join(str(err).split())[:200]
+        print(f"error: {args.notebook}: expected a Jupyter notebook (nbformat 4), got: {got}", file=sys.stderr)
+        return 2
+    try:
+        run = execute_notebook(args.notebook, args.timeout)
     except CellExecutionError as err:
         print(f"error: {args.notebook}: a cell failed:\n{err}", file=sys.stderr)
         return 1
