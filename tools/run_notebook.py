@@ -54,16 +54,20 @@ def execute_notebook(path: Path = NOTEBOOK, timeout: int = 300) -> Execution:
     The kernel's CPU time is read when it has exited (a busy shared machine stretches wall time, not CPU time).
     """
     import nbformat
+    from jupyter_client import KernelManager
+    from jupyter_client.kernelspec import KernelSpecManager
     from nbclient import NotebookClient
 
     nb = nbformat.read(str(path), as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+    # This interpreter's own kernel (ipykernel's spec), never another "python3" spec installed elsewhere.
+    kernel = KernelManager(kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[]))
+    client = NotebookClient(nb, km=kernel, timeout=timeout, record_timing=False,
                             resources={"metadata": {"path": str(Path(path).parent)}})
     previous = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # the kernel inherits it: one thread before torch starts
     cpu_before, start = _children_cpu_seconds(), time.perf_counter()
     try:
-        client.execute()  # shuts the kernel down and reaps it
+        client.execute(cleanup_kc=True)  # shuts the kernel down and reaps it
     finally:
         if previous is None:
             os.environ.pop("OMP_NUM_THREADS", None)
