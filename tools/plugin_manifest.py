@@ -50,6 +50,7 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "tools/head_pruning/plots.py",
     "tools/head_pruning/cli.py",
     "tools/kd_setup_check.py",
+    "tools/export_onnx.py",
     "demo_kd_50_pruning.py",
     "tools/demo_support.py",
     "tools/demo_joint.py",

@@ -23,6 +23,7 @@ Plugin module: Python 3.8, torch 2.0-2.4, registries from ``mmcv`` (ORION's, mmc
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -193,11 +194,14 @@ class KDExportStudentHook(Hook):
     ``inference_config`` exists (a path relative to where training runs: ORION's root), the
     inference config ``<stem>_infer.py``: it inherits ``inference_config`` and sets ``img_backbone``
     to the trained student's exact configuration (kept heads included), so that ORION's test.py
-    loads the checkpoint strictly. Every file is written atomically.
+    loads the checkpoint strictly. With ``onnx`` the backbone also goes to ``<stem>_backbone.onnx`` (opset
+    ``onnx_opset``, checked in ONNX Runtime, with a sidecar JSON; ``tools/export_onnx.py``), whose
+    dependencies are checked when the hook is built, before training. Every file is written atomically.
     """
 
     def __init__(self, filename: str = "student_pruned.pth", backbone_safetensors: bool = True,
-                 inference_config: Optional[str] = "adzoo/orion/configs/orion_stage3_kd_infer.py") -> None:
+                 inference_config: Optional[str] = "adzoo/orion/configs/orion_stage3_kd_infer.py",
+                 onnx: bool = False, onnx_opset: Optional[int] = None) -> None:
         if not isinstance(filename, str) or not filename.endswith(".pth") or os.path.isabs(filename) \
                 or ".." in filename.replace("\\", "/").split("/"):
             raise KDRunError("KDExportStudentHook: filename must be a relative *.pth path inside work_dir, got {!r}"
@@ -205,6 +209,7 @@ class KDExportStudentHook(Hook):
         self.filename = filename
         self.backbone_safetensors = bool(backbone_safetensors)
         self.inference_config = inference_config
+        self.onnx_export = _onnx_exporter(onnx_opset) if onnx else None
         self.written: Dict[str, str] = {}
 
     def after_run(self, runner: Any) -> None:
@@ -219,8 +224,32 @@ class KDExportStudentHook(Hook):
                 dict(student.student_backbone_cfg), path)
         elif self.inference_config:
             _log(runner, "KDExportStudentHook: no {} here: no inference config written".format(self.inference_config))
+        if self.onnx_export is not None:
+            target = os.path.splitext(path)[0] + "_backbone.onnx"
+            try:
+                self.onnx_export(student.img_backbone, target, config=dict(student.student_backbone_cfg), source=path)
+            except ValueError as err:
+                raise KDRunError("KDExportStudentHook: {} (the checkpoint {} is written; export it again with "
+                                 "tools/export_onnx.py)".format(err, path)) from None
+            self.written["onnx"] = target
         _log(runner, "KDExportStudentHook: exported the student to {}".format(
             ", ".join(self.written[k] for k in sorted(self.written))))
+
+
+def _onnx_exporter(opset: Optional[int]) -> Any:
+    """``tools/export_onnx.export_backbone_onnx`` at ``opset``, once its dependencies and the opset are checked."""
+    try:
+        from tools import export_onnx
+    except ImportError as err:
+        raise KDRunError("KDExportStudentHook(onnx=True): tools/export_onnx.py cannot be imported ({}); train from "
+                         "the ORION-KD checkout or the ORION root it was installed into".format(err)) from None
+    opset = export_onnx.DEFAULT_OPSET if opset is None else opset
+    try:
+        export_onnx.require_onnx_runtime()
+        export_onnx.check_opset(opset)
+    except export_onnx.OnnxExportError as err:
+        raise KDRunError("KDExportStudentHook(onnx=True): {}".format(err)) from None
+    return functools.partial(export_onnx.export_backbone_onnx, opset=opset)
 
 
 def write_inference_config(path: str, base_config: str, backbone_cfg: Dict[str, Any], checkpoint: str) -> str:

@@ -1,0 +1,184 @@
+"""Speed of the pruned student against the teacher in ONNX Runtime, next to the same models in PyTorch.
+
+The models are those of ``tools/benchmark_backbone.py`` (ORION-L width, ORION's window/global pattern
+at ``--depth`` blocks, random weights: timing depends on the kept counts, not on the values), each
+exported with ``tools/export_onnx.py`` (so checked against PyTorch first). One loop then times every
+model in ONNX Runtime (CPU) and in PyTorch, alternating, ``--repeats`` rounds on the same image, so
+load and drift hit all of them alike. Per round the teacher/student time ratio is taken in each
+runtime; the JSON keeps every round, min/median/max, the analytic ceiling (MACs ratio), threads,
+versions, the CPU model and the load average before and after.
+
+    python tools/benchmark_onnx.py --depth 6 --repeats 5 --out docs/bench/onnx_orion_l_depth6.json
+    python tools/benchmark_onnx.py --depth 3 --student 8 --student 8:1536 --student 12:2048
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from mmcv.models.utils.checkpoint_io import atomic_write_json
+from tools.benchmark_backbone import TEACHER_HIDDEN, build, time_alternating
+from tools.export_onnx import OnnxExportError, export_backbone_onnx, onnx_runtime_session, require_onnx_runtime
+
+DEFAULT_STUDENTS = ("8", "8:1536")
+
+
+def parse_student(text: str) -> Tuple[int, int]:
+    """``HEADS`` or ``HEADS:MLP_HIDDEN`` (kept per block) -> (heads, hidden)."""
+    heads, _, hidden = text.partition(":")
+    try:
+        counts = int(heads), int(hidden) if hidden else TEACHER_HIDDEN
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--student: expected HEADS or HEADS:MLP_HIDDEN, got {text!r}") from None
+    if not 1 <= counts[0] <= 16 or not 1 <= counts[1] <= TEACHER_HIDDEN:
+        raise argparse.ArgumentTypeError(f"--student {text}: heads must lie in 1..16 and MLP width in "
+                                         f"1..{TEACHER_HIDDEN}")
+    return counts
+
+
+def label(heads: int, hidden: int) -> str:
+    return f"{heads}h" + (f"_mlp{hidden}" if hidden != TEACHER_HIDDEN else "")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` says."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> Optional[List[float]]:
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def spread(values: Sequence[float]) -> Dict[str, float]:
+    return dict(min=min(values), median=statistics.median(values), max=max(values))
+
+
+def export_models(args: argparse.Namespace, folder: str) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
+    """Build teacher and students, export each (parity-checked); returns models, ONNX sessions, sidecars."""
+    specs = {"teacher": (16, TEACHER_HIDDEN)}
+    specs.update({label(h, m): (h, m) for h, m in args.student})
+    models, sessions, sidecars = {}, {}, {}
+    for name, (heads, hidden) in specs.items():
+        models[name] = build(args.depth, heads, "sdpa", torch.device("cpu"), torch.float32, args.image_size,
+                             hidden if hidden != TEACHER_HIDDEN else None)
+        path = os.path.join(folder, f"{name}.onnx")
+        sidecars[name] = export_backbone_onnx(models[name], path, opset=args.opset)
+        sessions[name] = onnx_runtime_session(path, threads=torch.get_num_threads())
+        print(f"  exported {name}: {heads} heads, MLP {hidden}, ONNX Runtime vs PyTorch max |diff| "
+              f"{max(r['max_abs_diff'] for r in sidecars[name]['parity']['inputs'].values()):.1e}", flush=True)
+    return models, sessions, sidecars
+
+
+def runners_for(models: Dict[str, Any], sessions: Dict[str, Any], image: torch.Tensor) -> Dict[str, Callable]:
+    """One callable per (model, runtime): ``<name>/onnxruntime`` and ``<name>/pytorch``."""
+    feed = {"img": image.numpy()}
+    runners: Dict[str, Callable[[], Any]] = {}
+    for name in models:
+        runners[f"{name}/onnxruntime"] = lambda s=sessions[name]: s.run(None, feed)
+        runners[f"{name}/pytorch"] = lambda m=models[name]: m(image)
+    return runners
+
+
+def summarise(times: Dict[str, List[float]], models: Dict[str, Any], image_size: int) -> Dict[str, Any]:
+    """Per-round teacher/student ratios in each runtime, their spread, and the analytic ceilings."""
+    hw = (image_size, image_size)
+    teacher_macs = models["teacher"].analytic_macs(hw)
+    students = {}
+    for name, model in models.items():
+        if name == "teacher":
+            continue
+        entry: Dict[str, Any] = dict(heads=model.num_heads_per_layer[0], mlp_hidden=model.mlp_hidden_per_layer[0],
+                                     ceiling=teacher_macs / model.analytic_macs(hw))
+        for runtime in ("onnxruntime", "pytorch"):
+            rounds = [t / s for t, s in zip(times[f"teacher/{runtime}"], times[f"{name}/{runtime}"])]
+            entry[runtime] = dict(ratio_per_round=rounds, ratio=spread(rounds),
+                                  ratio_of_medians=statistics.median(times[f"teacher/{runtime}"]) /
+                                  statistics.median(times[f"{name}/{runtime}"]))
+        students[name] = entry
+    return dict(times_s=times, time_s={name: spread(values) for name, values in times.items()}, students=students)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--depth", type=int, default=6, help="blocks (a multiple of 3 keeps ORION's pattern; 24 = "
+                                                             "ORION-L)")
+    parser.add_argument("--student", type=parse_student, action="append", default=None,
+                        help=f"HEADS or HEADS:MLP_HIDDEN kept per block; repeatable "
+                             f"(default: {' and '.join(DEFAULT_STUDENTS)})")
+    parser.add_argument("--image-size", type=int, default=640)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--out", default="work_dirs/benchmark_onnx.json")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.student = args.student or [parse_student(s) for s in DEFAULT_STUDENTS]
+    if args.depth < 1 or args.image_size % 16 or args.repeats < 1:
+        parser.error(f"--depth and --repeats must be >= 1 and --image-size a multiple of 16, got {args.depth}, "
+                     f"{args.repeats}, {args.image_size}")
+    try:
+        onnx_module, ort = require_onnx_runtime()
+        load_before = load_average()
+        print(f"[benchmark_onnx] ORION-L width, depth {args.depth}, {args.image_size}x{args.image_size}, batch 1, fp32 "
+              f"on CPU, {torch.get_num_threads()} threads, {args.repeats} alternating rounds, load {load_before}",
+              flush=True)
+        with tempfile.TemporaryDirectory() as folder:
+            models, sessions, sidecars = export_models(args, folder)
+            image = torch.randn(1, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                times = time_alternating(runners_for(models, sessions, image), args.repeats, args.warmup,
+                                         torch.device("cpu"))
+    except OnnxExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    result = dict(
+        what="ONNX Runtime (CPU) and PyTorch, teacher vs students, alternating rounds in one process",
+        depth=args.depth, image_size=args.image_size, batch=1, dtype="fp32", opset=args.opset,
+        repeats=args.repeats, warmup=args.warmup, threads=torch.get_num_threads(),
+        onnxruntime_intra_op_threads=torch.get_num_threads(), cpu=cpu_model(), cpu_count=os.cpu_count(),
+        load_average_before=load_before, load_average_after=load_average(),
+        versions=dict(torch=torch.__version__, onnx=onnx_module.__version__, onnxruntime=ort.__version__,
+                      python=platform.python_version()),
+        parity_max_abs_diff={name: max(r["max_abs_diff"] for r in s["parity"]["inputs"].values())
+                             for name, s in sidecars.items()},
+        **summarise(times, models, args.image_size))
+    _print(result)
+    print(f"  wrote {atomic_write_json(args.out, result)}")
+    return result
+
+
+def _print(result: Dict[str, Any]) -> None:
+    for name, spread_s in result["time_s"].items():
+        print(f"  median {name:<28} {spread_s['median'] * 1e3:9.1f} ms")
+    for name, entry in result["students"].items():
+        ort_ratio, torch_ratio = entry["onnxruntime"]["ratio"], entry["pytorch"]["ratio"]
+        print(f"  {name:<12} speedup median {ort_ratio['median']:.3f}x in ONNX Runtime "
+              f"[{ort_ratio['min']:.3f}, {ort_ratio['max']:.3f}], {torch_ratio['median']:.3f}x in PyTorch "
+              f"[{torch_ratio['min']:.3f}, {torch_ratio['max']:.3f}], analytic ceiling {entry['ceiling']:.3f}x")
+    print(f"  load average before {result['load_average_before']}, after {result['load_average_after']}")
+
+
+if __name__ == "__main__":
+    main()
