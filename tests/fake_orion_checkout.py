@@ -301,6 +301,14 @@ FAKE_PLUGIN_SOURCES: Dict[str, str] = {
         class KDExportStudentHook(Hook):
             pass
         ''',
+    "mmcv/runner/hooks/resume_check.py": '''
+        from mmcv.runner.hooks import HOOKS, Hook
+
+
+        @HOOKS.register_module()
+        class ResumeCheckHook(Hook):
+            pass
+        ''',
 }
 
 

@@ -348,3 +348,36 @@ def test_cli_rejects_a_missing_interpreter_before_copying(orion: Path, source: P
     proc = run_cli([str(orion), "--source", str(source), "--python", str(orion / "no-such-python")])
     assert proc.returncode == 2 and "expected an executable Python interpreter" in proc.stderr
     assert tree_snapshot(orion) == before
+
+
+def _outside_tree(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_install_refuses_a_symlinked_folder_leading_outside_the_root(orion: Path, source: Path,
+                                                                     tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "keep.py").write_text("# not ORION's\n")
+    backbones = orion / "mmcv/models/backbones"
+    moved = tmp_path / "backbones_real"
+    backbones.rename(moved)
+    backbones.symlink_to(outside, target_is_directory=True)
+    before, outside_before = tree_snapshot(orion), _outside_tree(outside)
+    with pytest.raises(inst.InstallError, match="refusing to write mmcv/models/backbones/.*outside the ORION root"):
+        inst.install(orion, source_root=source)
+    assert tree_snapshot(orion) == before and _outside_tree(outside) == outside_before
+    proc = run_cli([str(orion), "--skip-import-check", "--source", str(source)])
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "outside the ORION root" in proc.stderr
+
+
+def test_uninstall_refuses_to_delete_through_a_symlinked_folder(orion: Path, source: Path, tmp_path: Path) -> None:
+    inst.install(orion, source_root=source)
+    hooks = orion / "mmcv/runner/hooks"
+    outside = tmp_path / "hooks_elsewhere"
+    hooks.rename(outside)  # the same bytes, now reached through a link that leaves the tree
+    hooks.symlink_to(outside, target_is_directory=True)
+    before, outside_before = tree_snapshot(orion), _outside_tree(outside)
+    with pytest.raises(inst.InstallError, match="refusing to remove mmcv/runner/hooks/.*outside the ORION root"):
+        inst.uninstall(orion)
+    assert tree_snapshot(orion) == before and _outside_tree(outside) == outside_before

@@ -223,7 +223,7 @@ def test_stage3_kd_config_changes_only_the_model_and_extension_points(tmp_path: 
     m, b = cfg.model, base.model
     kd = m.kd_config
     assert (m.type, m.base_detector, kd.teacher_backbone_path, kd.freeze_non_backbone) == \
-        ("OrionStudent", "Orion", "ckpt/orion/orion.pth", True)
+        ("OrionStudent", "Orion", "ckpts/Orion.pth", True)
     assert dict(m.distillation_loss) == dict(type="CombinedKDLoss")  # temperature and weights: kd_config
     assert all(m[k] == b[k] for k in b if k not in ("type", "img_backbone"))  # the rest of ORION's model
     bb = m.img_backbone
@@ -231,7 +231,8 @@ def test_stage3_kd_config_changes_only_the_model_and_extension_points(tmp_path: 
     assert list(bb.window_block_indexes) == [i for i in range(24) if i % 3 != 2]
     assert kd.frozen_parts_mode == "train"
     hooks = {h["type"]: h for h in cfg.custom_hooks}
-    assert list(hooks) == ["KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook", "KDExportStudentHook"]
+    assert list(hooks) == ["KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook", "KDExportStudentHook",
+                           "ResumeCheckHook"]
     assert hooks["KDAlphaScheduleHook"]["iters_per_epoch"] == base.num_iters_per_epoch == 1834
     alphas = [resolve_distillation_alpha(kd, i, 1834) for i in (0, 1833, 1834, cfg.runner.max_iters - 1)]
     assert alphas == [0.8, 0.8, 0.6, 0.6]

@@ -255,3 +255,25 @@ def test_a_diverging_run_in_orions_runner_stops_with_finite_checkpoints_and_no_e
         state = torch.load(str(path), map_location="cpu", weights_only=True)["state_dict"]
         assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()), path.name
     assert not (work_dir / "student_pruned.pth").exists()  # after_run (the export) never ran
+
+
+def test_a_resume_path_that_orion_ignores_stops_the_run_in_one_line(orion, tmp_path: Path) -> None:
+    work, missing = tmp_path / "wd", tmp_path / "no_such_dir/iter_4.pth"
+    proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/train.py", str(orion["config"]),
+                     "--work-dir", str(work), "--resume-from", str(missing))
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ResumeCheckHook: --resume-from {} is not a file".format(missing)), proc.stderr[-2000:]
+    assert "starts at iteration 0" in last and "--cfg-options allow_fresh_start=True" in last
+    assert "Traceback" not in proc.stderr and not list(work.glob("iter_*.pth"))
+    launcher_work = "adzoo/orion/work_dirs/kd_resume_check/"  # relative, as ORION's launcher passes it
+    proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/train.py", str(orion["config"]),
+                     "--work-dir", launcher_work, "--resume-from", str(missing), "--cfg-options",
+                     "allow_fresh_start=True", "runner.max_iters=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    work = orion["root"] / launcher_work
+    log = "".join(path.read_text() for path in work.glob("*.log"))  # mmcv's runner logs into work_dir
+    assert "allow_fresh_start=True: training from iteration 0" in log
+    assert (work / "student_pruned.pth").is_file() and str(work / "student_pruned.pth") in log
+    assert "evaluate it with: bash adzoo/orion/orion_dist_eval.sh {0}/student_pruned_infer.py " \
+        "{0}/student_pruned.pth GPUS".format(work) in log

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Add the ORION-KD plugin files to an ORION checkout, or remove them again.
 
-    python tools/install_into_orion.py PATH/TO/Orion [--dry-run]
+    python tools/install_into_orion.py PATH/TO/Orion --python PATH/TO/ORION/ENV/bin/python [--dry-run]
     python tools/install_into_orion.py PATH/TO/Orion --uninstall [--dry-run]
 
 Copies the files of the plugin manifest (``tools/plugin_manifest.py``) to the
@@ -96,6 +96,19 @@ def check_relpath(rel: str, what: str) -> PurePosixPath:
     if not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel:
         raise InstallError("{}: expected a relative path inside the ORION root, got {!r}".format(what, rel))
     return pure
+
+
+def inside_root(root: Path, rel: str, action: str) -> Path:
+    """``root / rel`` after resolving every symlink on the way; refuses a path that leaves ``root``.
+
+    ``root`` is already resolved. A symlinked folder anywhere on the way (``mmcv/models/backbones`` ->
+    elsewhere) would make the overlay write or delete outside the ORION checkout.
+    """
+    target = (root / rel).resolve()
+    if target != root and not str(target).startswith(str(root) + os.sep):
+        raise InstallError("refusing to {} {}: it resolves to {}, outside the ORION root {} (a symlinked folder on "
+                           "the way); expected every plugin path inside the checkout".format(action, rel, target, root))
+    return target
 
 
 def check_orion_root(path: Path) -> Path:
@@ -201,6 +214,7 @@ def plan_install(root: Path, source_root: Path, files: Sequence[str],
     conflicts = []  # type: List[str]
     for rel in files:
         check_relpath(rel, "manifest entry")
+        inside_root(root, rel, "write")
         src, dst = source_root / rel, root / rel
         if dst.is_symlink() or (dst.exists() and not dst.is_file()):
             conflicts.append("{} (exists and is not a regular file)".format(rel))
@@ -227,6 +241,7 @@ def install(orion_root: Path, source_root: Path = manifest.REPO_ROOT,
     source_root = Path(source_root).resolve()
     if root == source_root:
         raise InstallError("target {} is the ORION-KD checkout itself; expected an ORION checkout".format(root))
+    inside_root(root, manifest.RECORD_NAME, "write")
     record = load_record(root)
     actions, new_dirs, conflicts = plan_install(root, source_root, files, record)
     if conflicts:
@@ -285,10 +300,13 @@ def uninstall(orion_root: Path, dry_run: bool = False) -> List[str]:
     returns their relative paths.
     """
     root = check_orion_root(orion_root)
+    inside_root(root, manifest.RECORD_NAME, "remove")
     record = load_record(root)
     if record is None:
         raise InstallError("no install record {}: ORION-KD is not installed in {} (nothing to uninstall)".format(
             record_path(root), root))
+    for rel in list(record["files"]) + list(record["created_dirs"]):
+        inside_root(root, rel, "remove")
     info("{}ORION-KD uninstall from {}".format("[dry run] " if dry_run else "", root))
     kept = []  # type: List[str]
     files = record["files"]  # type: Dict[str, dict]

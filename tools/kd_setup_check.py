@@ -44,11 +44,33 @@ def check_python() -> Check:
     return Check("python", PASS, version)
 
 
-def check_torch() -> List[Check]:
-    try:
-        import torch
-    except ImportError:
-        return [Check("torch", FAIL, "not importable", "install PyTorch (ORION: the CUDA 11.8 build, 2.0-2.4)")]
+def check_environment(root: str, orion_mode: bool) -> Optional[Check]:
+    """One FAIL line when this interpreter lacks what every other check needs (torch; mmengine standalone)."""
+    missing = []
+    for name in ("torch",) if orion_mode else ("torch", "mmengine"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if not missing:
+        return None
+    detail = "{} (Python {}) cannot import {}".format(sys.executable, platform.python_version(), ", ".join(missing))
+    if orion_mode:
+        fix = "activate ORION's environment (conda activate orion, as ORION's README sets it up), then rerun"
+    else:
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        venv = os.path.relpath(os.path.join(repo, ".venv"))
+        if os.path.isfile(os.path.join(venv, "bin", "python")):
+            fix = "use the repository's environment: source {0}/bin/activate (or run {0}/bin/python)".format(venv)
+        else:
+            fix = "run make setup in {} (creates .venv with torch and mmengine), then source {}/bin/activate".format(
+                os.path.relpath(repo), venv)
+    return Check("environment", FAIL, detail, fix)
+
+
+def check_torch(include_cuda: bool = True) -> List[Check]:
+    import torch
+
     checks = []
     version = _version_tuple(torch.__version__)
     if version < (2, 0):
@@ -58,6 +80,8 @@ def check_torch() -> List[Check]:
                             "torch >= 2.1 loads the teacher checkpoint with mmap=True"))
     else:
         checks.append(Check("torch", PASS, torch.__version__))
+    if not include_cuda:
+        return checks
     if torch.cuda.is_available():
         names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
         checks.append(Check("cuda", PASS, f"{torch.cuda.device_count()} GPU(s): {', '.join(names)}"))
@@ -128,7 +152,7 @@ def check_teacher(cfg: Any, fix_hint: str) -> Check:
     if not path:
         return Check("teacher", FAIL, "the config names no teacher_backbone_path", "set model.kd_config.teacher_backbone_path")
     if not os.path.isfile(path):
-        return Check("teacher", FAIL, f"Teacher model not found at {path}", fix_hint)
+        return unmaterialized_teacher(path) or Check("teacher", FAIL, f"Teacher model not found at {path}", fix_hint)
     try:
         from mmcv.models.backbones.eva_vit_student import EVAViTStudent
         from mmcv.models.utils.eva_surgery import extract_backbone_state_dict, is_selection_index_key
@@ -155,6 +179,25 @@ def check_teacher(cfg: Any, fix_hint: str) -> Check:
                      f"infinite values (e.g. {bad[:2]})", "use the trained, finite ORION checkpoint")
     size_gb = os.path.getsize(path) / 2 ** 30
     return Check("teacher", PASS, f"{path} ({size_gb:.2f} GB): {len(expected)} img_backbone tensors fit the config")
+
+
+def unmaterialized_teacher(path: str) -> Optional[Check]:
+    """A WARN line when ``path`` is the miniature teacher that the demo writes from the shipped one; else None."""
+    try:
+        from tools.tiny_teacher_asset import (MATERIALIZED_CHECKPOINT, SHIPPED_TEACHER, TeacherAssetError,
+                                              verify_shipped_teacher)
+    except ImportError:  # inside ORION: no shipped miniature teacher
+        return None
+    if os.path.abspath(path) != str(MATERIALIZED_CHECKPOINT) or not SHIPPED_TEACHER.is_file():
+        return None
+    try:
+        verify_shipped_teacher()
+    except TeacherAssetError as exc:
+        return Check("teacher", FAIL, f"{path} is not written yet and the shipped teacher is damaged: {exc}",
+                     "restore it: git checkout -- ckpt/orion_tiny/")
+    return Check("teacher", WARN, f"{path} is not written yet: the demo writes it from the shipped teacher "
+                 f"({os.path.relpath(SHIPPED_TEACHER)}, sha256 checked)",
+                 "nothing for the demo; before other commands: python tools/train_tiny_teacher.py --materialize")
 
 
 def check_data(cfg: Any) -> Check:
@@ -206,14 +249,20 @@ def check_work_dir(work_dir: str, need_gb: float) -> List[Check]:
 
 
 def run_setup_checks(config_path: str, root: str = ".") -> List[Check]:
-    """All checks for ``config_path``; never raises for a finding (it becomes a FAIL line)."""
-    from mmcv.utils import Config
+    """All checks for ``config_path``; never raises for a finding (it becomes a FAIL line).
 
+    Without torch (or, standalone, mmengine) the report is one FAIL line with the fix: nothing else can
+    be checked. Inside an ORION checkout the config is loaded by ORION's own ``Config``.
+    """
     orion_mode = os.path.isfile(os.path.join(root, "mmcv", "models", "detectors", "orion.py"))
-    checks = [check_python()] + check_torch() + check_libraries(orion_mode)
+    missing = check_environment(root, orion_mode)
+    if missing is not None:
+        return [check_python(), missing]
+    checks = [check_python()] + check_torch(include_cuda=not orion_mode) + check_libraries(orion_mode)
     if not os.path.isfile(config_path):
         return checks + [Check("config", FAIL, f"not found: {config_path}", "pass --config PATH")]
     try:
+        from mmcv.utils import Config
         cfg = Config.fromfile(config_path)
     except Exception as exc:
         return checks + [Check("config", FAIL, f"{config_path}: {type(exc).__name__}: {exc}",
@@ -226,17 +275,40 @@ def run_setup_checks(config_path: str, root: str = ".") -> List[Check]:
                                "model.kd_config")]
     checks.append(Check("config", PASS, config_path))
     checks.append(check_plugin(cfg))
+    if orion_mode:
+        return checks + orion_checks(cfg, config_path, root)
     tiny = (cfg.model.get("base_detector") == "TinyOrion"
             or ((cfg.get("data") or {}).get("train") or {}).get("type") == "SyntheticChatB2D")
     fix = ("python tools/train_tiny_teacher.py --materialize (writes it from the shipped teacher; the demo does it "
-           "too)" if tiny else
-           "put the fully trained ORION checkpoint at that path (ckpt/orion/orion.pth) or set "
+           "too)" if tiny else "put the fully trained ORION checkpoint at that path or set "
            "model.kd_config.teacher_backbone_path")
     checks.append(check_teacher(cfg, fix))
     checks.append(check_data(cfg))
     checks.append(check_overlay(root))
     checks.extend(check_work_dir(cfg.get("work_dir") or "work_dirs", 1.0 if tiny else 20.0))
     return checks
+
+
+def orion_checks(cfg: Any, config_path: str, root: str) -> List[Check]:
+    """What stops a run in an ORION checkout: teacher, every input path, plugin files, GPUs, flash-attn, launcher."""
+    from tools import kd_setup_orion as orion
+
+    checks = [check_teacher(cfg, "put ORION's released checkpoint (Orion.pth) there (ORION's layout: "
+                                 "ckpts/Orion.pth) or set model.kd_config.teacher_backbone_path")]
+    checks += orion.check_input_paths(cfg)
+    checks.append(check_overlay(root))
+    if os.path.isfile(os.path.join(root, INSTALL_RECORD)):
+        checks.append(orion.check_installed_plugin(root))
+    checks.append(orion.check_gpus(cfg))
+    flash = orion.check_flash_attn(cfg)
+    checks += [flash] if flash is not None else []
+    checks += orion.check_launcher(root)
+    work_dir = orion.launcher_work_dir(config_path)
+    where = check_work_dir(work_dir, 20.0)
+    where[0] = Check(where[0].name, where[0].status, f"{where[0].detail}: ORION's launcher sets it (after any "
+                     "--work-dir of yours); checkpoints and student_pruned.pth land there, its console log in logs/",
+                     where[0].fix)
+    return checks + where
 
 
 def format_checks(checks: List[Check]) -> str:

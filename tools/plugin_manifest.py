@@ -37,6 +37,7 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "mmcv/models/losses/kd_losses.py",
     "mmcv/runner/hooks/nonfinite_guard.py",
     "mmcv/runner/hooks/kd_hooks.py",
+    "mmcv/runner/hooks/resume_check.py",
     "adzoo/orion/configs/orion_stage3_kd_train.py",
     "adzoo/orion/configs/orion_stage3_kd_infer.py",
     "tools/__init__.py",
@@ -50,6 +51,7 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "tools/head_pruning/plots.py",
     "tools/head_pruning/cli.py",
     "tools/kd_setup_check.py",
+    "tools/kd_setup_orion.py",
     "tools/export_onnx.py",
     "demo_kd_50_pruning.py",
     "tools/demo_support.py",
@@ -62,6 +64,7 @@ CUSTOM_IMPORTS: Tuple[str, ...] = (
     "mmcv.models.detectors.orion_student",
     "mmcv.models.losses.kd_losses",
     "mmcv.runner.hooks.kd_hooks",
+    "mmcv.runner.hooks.resume_check",
 )
 
 #: Registry type names each custom-import module must register.
@@ -70,12 +73,14 @@ REGISTERED_TYPES: Dict[str, Tuple[str, ...]] = {
     "mmcv.models.detectors.orion_student": ("OrionStudent",),
     "mmcv.models.losses.kd_losses": ("CombinedKDLoss",),
     "mmcv.runner.hooks.kd_hooks": ("KDAlphaScheduleHook", "KDCheckHook", "KDExportStudentHook"),
+    "mmcv.runner.hooks.resume_check": ("ResumeCheckHook",),
 }
 
 #: The registry (``module:NAME``) a module's types land in; ORION's model registry by default.
 MODEL_REGISTRY = "mmcv.models.builder:MODELS"
 REGISTRIES: Dict[str, str] = {
     "mmcv.runner.hooks.kd_hooks": "mmcv.runner.hooks:HOOKS",
+    "mmcv.runner.hooks.resume_check": "mmcv.runner.hooks:HOOKS",
 }
 
 #: Files that must exist in a checkout for it to count as ORION.

@@ -2,10 +2,12 @@
 #
 # A KD run ends with KDExportStudentHook writing, into its work_dir, the student checkpoint and
 # an inference config that inherits THIS file with the trained backbone's exact settings (which
-# teacher heads each block kept); evaluate with ORION's own launcher:
+# teacher heads each block kept). ORION's launcher sets that work_dir itself (the config path with
+# "configs" replaced by "work_dirs"; a --work-dir of the user's is overridden), so from ORION's root,
+# with ORION's own launcher (stored without the executable bit, hence "bash"):
 #
-#   ./adzoo/orion/orion_dist_eval.sh work_dirs/orion_stage3_kd_train/student_pruned_infer.py \
-#       work_dirs/orion_stage3_kd_train/student_pruned.pth 8
+#   bash adzoo/orion/orion_dist_eval.sh adzoo/orion/work_dirs/orion_stage3_kd_train/student_pruned_infer.py \
+#       adzoo/orion/work_dirs/orion_stage3_kd_train/student_pruned.pth 8
 #
 # Everything but img_backbone comes from ORION's own inference config. The img_backbone below is
 # the template for a uniform 8-of-16 student; a checkpoint loads strictly only into a backbone

@@ -1,8 +1,14 @@
 # ORION stage 3 with a head-pruned EVA-02-L backbone (16 -> 8 heads) trained by knowledge
 # distillation from the frozen original; everything but the student backbone stays frozen.
 #
-#   python tools/install_into_orion.py PATH/TO/Orion      # once, from the ORION-KD repository
-#   ./adzoo/orion/orion_dist_train.sh adzoo/orion/configs/orion_stage3_kd_train.py 8
+#   python tools/install_into_orion.py PATH/TO/Orion --python PATH/TO/ORION/ENV/bin/python   # once, from ORION-KD
+#   python demo_kd_50_pruning.py --check-setup --config adzoo/orion/configs/orion_stage3_kd_train.py  # in ORION
+#   bash adzoo/orion/orion_dist_train.sh adzoo/orion/configs/orion_stage3_kd_train.py 8
+#
+# ORION's launcher appends --work-dir adzoo/orion/work_dirs/orion_stage3_kd_train/ (after any of yours):
+# checkpoints, student_pruned.pth and its _infer.py land there, its console log in that folder's logs/.
+# Data and checkpoints read (ORION's layout): data/bench2drive/ (and maps/), data/infos/b2d_infos_{train,val}.pkl,
+# data/infos/b2d_map_infos.pkl, data/chat-B2D/, ckpts/pretrain_qformer/, and the teacher ckpts/Orion.pth.
 #
 # ORION trains: its launcher, train.py, custom_train_model and IterBasedRunner run unchanged, and
 # everything below that is not written here comes from ORION's own stage-3 config: data with
@@ -45,6 +51,7 @@ custom_imports = dict(
         'mmcv.models.detectors.orion_student',
         'mmcv.models.losses.kd_losses',
         'mmcv.runner.hooks.kd_hooks',
+        'mmcv.runner.hooks.resume_check',
     ],
     allow_failed_imports=False)
 
@@ -76,7 +83,7 @@ model = dict(
     type='OrionStudent',
     base_detector='Orion',
     kd_config=dict(
-        teacher_backbone_path='ckpt/orion/orion.pth',  # the full ORION checkpoint (backbone is sliced from it)
+        teacher_backbone_path='ckpts/Orion.pth',  # ORION's released checkpoint (the backbone is sliced from it)
         alpha_schedule='step',
         warmup_alpha=0.8,
         finetune_alpha=0.6,
@@ -120,4 +127,7 @@ custom_hooks = [
     # skip a step with a non-finite loss or gradient norm; stop after 3 in a row (before any save)
     dict(type='NonFiniteGuardHook', priority='ABOVE_NORMAL', max_consecutive_skips=3),
     dict(type='KDExportStudentHook', filename='student_pruned.pth'),
+    # ORION's train.py ignores a --resume-from path that is not a file: stop instead of starting over
+    # (--cfg-options allow_fresh_start=True starts over anyway)
+    dict(type='ResumeCheckHook', priority='VERY_HIGH', allow_fresh_start=False),
 ]

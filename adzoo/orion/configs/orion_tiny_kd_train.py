@@ -16,6 +16,7 @@ custom_imports = dict(
         'mmcv.models.detectors.orion_student',
         'mmcv.models.losses.kd_losses',
         'mmcv.runner.hooks.kd_hooks',
+        'mmcv.runner.hooks.resume_check',
     ],
     allow_failed_imports=False)
 

@@ -134,7 +134,7 @@ class OrionStudent(nn.Module):
         teacher_path = kd.get("teacher_backbone_path")
         if not teacher_path:
             raise ValueError("OrionStudent: teacher_backbone_path is required (the unpruned ORION checkpoint, "
-                             "e.g. ckpt/orion/orion.pth)")
+                             "e.g. ckpts/Orion.pth)")
         if not os.path.isfile(teacher_path):
             raise FileNotFoundError(f"Teacher model not found at {teacher_path}: put the fully trained ORION "
                                     f"checkpoint there or set model.kd_config.teacher_backbone_path (miniature world: "

@@ -233,7 +233,10 @@ class KDExportStudentHook(Hook):
                                  "tools/export_onnx.py)".format(err, path)) from None
             self.written["onnx"] = target
         _log(runner, "KDExportStudentHook: exported the student to {}".format(
-            ", ".join(self.written[k] for k in sorted(self.written))))
+            ", ".join(os.path.abspath(self.written[k]) for k in sorted(self.written))))
+        if "inference_config" in self.written:
+            _log(runner, "KDExportStudentHook: evaluate it with: bash adzoo/orion/orion_dist_eval.sh {} {} GPUS"
+                 .format(self.written["inference_config"], path))
 
 
 def _onnx_exporter(opset: Optional[int]) -> Any:
@@ -257,7 +260,7 @@ def write_inference_config(path: str, base_config: str, backbone_cfg: Dict[str, 
     backbone = dict(_delete_=True)
     backbone.update(backbone_cfg)
     text = ("# Written by KDExportStudentHook: ORION's inference with the KD student's pruned backbone.\n"
-            "#   ./adzoo/orion/orion_dist_eval.sh {config} {checkpoint} GPUS\n"
+            "#   bash adzoo/orion/orion_dist_eval.sh {config} {checkpoint} GPUS\n"
             "_base_ = [{base!r}]\n"
             "model = dict(img_backbone={backbone!r})\n").format(config=path, checkpoint=checkpoint,
                                                                 base=base_config, backbone=backbone)
