@@ -33,7 +33,7 @@ $(MMCV1X_STAMP): $(STAMP) tests/mmcv1x_env.py
 	-$(PY) tests/mmcv1x_env.py
 
 test: $(STAMP) $(MMCV1X_STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) work_dirs

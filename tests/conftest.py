@@ -8,14 +8,17 @@ collected first so that no worker starts one of them while the other is about to
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import List
 
 import pytest
 
+from tests.orion_tree.tree import orion_root_setting
+
 # The files that take a minute or more on one thread (the demo, the fault table's 50 subprocess rows, the
 # launcher loop and the study), longest first. Only the order changes; every test still runs.
 LONG_FILES = ("test_demo_and_benchmarks.py", "test_fault_table.py", "test_train_kd.py", "test_kd_study.py",
-              "test_orion_mmcv1x.py", "test_install_into_orion.py", "test_tiny_orion.py")
+              "test_orion_mmcv1x.py", "test_install_into_orion.py", "test_tiny_orion.py", "test_orion_tree.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -32,3 +35,17 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
 
     items.sort(key=rank)  # stable: the order inside a file and among the other files is kept
+
+
+@pytest.fixture(scope="session")
+def orion_root() -> Path:
+    """The ORION tree the ORION-tree tier runs against: ``ORION_ROOT``, else ``../shared/orion`` if present.
+
+    Without a tree the tier skips with one line; an ``ORION_ROOT`` that is not an ORION tree fails.
+    """
+    root, why = orion_root_setting()
+    if root is None:
+        if os.environ.get("ORION_ROOT"):
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+    return root

@@ -1,8 +1,9 @@
 """A fake ORION checkout for the installer tests: its own mmcv-1.x-like package and ``Orion`` detector.
 
 The fake ``mmcv`` has a registry that refuses duplicate names, ``build_model`` and
-``mmcv.utils``; the ``Orion`` detector honours ORION's contract in miniature. Written
-from the facts in ORION_CONTRACT.md, not from ORION's code.
+``mmcv.utils``; the ``Orion`` detector honours ORION's contract in miniature
+(mmcv/models/detectors/orion.py). Written from ORION's files, none of ORION's code copied; the
+installer on ORION's real tree is tested in tests/test_orion_tree.py.
 """
 from __future__ import annotations
 
@@ -299,6 +300,11 @@ FAKE_PLUGIN_SOURCES: Dict[str, str] = {
 
         @HOOKS.register_module()
         class KDExportStudentHook(Hook):
+            pass
+
+
+        @HOOKS.register_module()
+        class KDLrLogHook(Hook):
             pass
         ''',
     "mmcv/runner/hooks/resume_check.py": '''

@@ -5,7 +5,8 @@
 ``img_backbone.blocks.N`` path (layer-wise decay), a frozen teacher held outside the
 module tree, frozen heads, GridMask-like and dropout randomness and
 ``set_distillation_alpha``. It records the alpha and the autocast dtype of every
-forward, can sleep per step (kill tests) and raise on one rank (failure tests).
+forward, can sleep per step (kill tests), raise on one rank (failure tests), make the loss NaN
+at chosen forwards and imitate fp16 gradient overflow (non-finite step tests).
 ``OrionKDTestToyDataset`` has scenes of two samples (``flag``) for the streaming sampler.
 The ``OrionKDTest*Hook`` classes are small ``custom_hooks`` that record what the loop does.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -66,11 +67,26 @@ class ToyGridMask(nn.Module):
         return x * keep
 
 
+class _OverflowAbove(torch.autograd.Function):
+    """Identity whose backward turns the gradient infinite when it exceeds ``limit`` in magnitude:
+    fp16 overflow as a loss scaler meets it (a scaled loss's gradient is the scale)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, limit: float) -> torch.Tensor:
+        ctx.limit = limit
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        return (grad * float("inf") if bool(grad.abs().max() > ctx.limit) else grad), None
+
+
 class OrionKDTestToyDetector(nn.Module):
     """Student backbone (trained) + frozen teacher backbone (outside the module tree) + frozen heads."""
 
     def __init__(self, embed_dim: int = 16, depth: int = 3, drop: float = 0.1, sleep: float = 0.0,
                  fail_rank: Optional[int] = None, fail_iter: Optional[int] = None,
+                 nan_calls: Sequence[int] = (), overflow_above: Optional[float] = None,
                  train_cfg: Optional[dict] = None, test_cfg: Optional[dict] = None) -> None:
         super().__init__()
         self.img_backbone = ToyBackbone(embed_dim, depth, drop=drop)
@@ -85,6 +101,7 @@ class OrionKDTestToyDetector(nn.Module):
         self.head_output_dtypes: List[torch.dtype] = []
         self.sleep = sleep
         self.fail_rank, self.fail_iter = fail_rank, fail_iter
+        self.nan_calls, self.overflow_above = set(nan_calls), overflow_above
         self.calls = 0
         for name, p in self.named_parameters():
             p.requires_grad_(name.startswith("img_backbone."))
@@ -114,6 +131,10 @@ class OrionKDTestToyDetector(nn.Module):
         task_loss = F.mse_loss(pred.float(), data["gt"])
         distill_loss = F.mse_loss(feat.float(), teacher.float())
         loss = (1 - self.alpha) * task_loss + self.alpha * distill_loss
+        if self.calls in self.nan_calls:
+            loss = loss * float("nan")
+        if self.overflow_above is not None:
+            loss = _OverflowAbove.apply(loss, self.overflow_above)
         log_vars = dict(task_loss=float(task_loss.detach()), backbone_distill_loss=float(distill_loss.detach()),
                         total_loss=float(loss.detach()))
         return dict(loss=loss, log_vars=log_vars, num_samples=b)
@@ -226,6 +247,23 @@ class OrionKDTestDumpWeightsHook(Hook):
         self._dump(runner, "after")
 
 
+class OrionKDTestStepRecordHook(Hook):
+    """After every iteration, records the trainable weights, ``runner.outputs`` and the loss scale in ``meta``."""
+
+    instances: List["OrionKDTestStepRecordHook"] = []
+
+    def __init__(self) -> None:
+        self.weights: List[torch.Tensor] = []
+        self.scales: List[Optional[float]] = []
+        OrionKDTestStepRecordHook.instances.append(self)
+
+    def after_train_iter(self, runner: Any) -> None:
+        params = [p.detach().flatten() for p in _raw(runner.model).parameters() if p.requires_grad]
+        self.weights.append(torch.cat(params).clone())
+        scaler = (runner.meta.get("fp16") or {}).get("loss_scaler") or {}
+        self.scales.append(scaler.get("scale"))
+
+
 class OrionKDTestOrderHook(Hook):
     """Appends its name to ``ORDER`` at ``before_run`` (priority-order tests)."""
 
@@ -240,6 +278,7 @@ class OrionKDTestOrderHook(Hook):
 
 for _registry, _cls in ((MODELS, OrionKDTestToyDetector), (DATASETS, OrionKDTestToyDataset),
                         (HOOKS, OrionKDTestRecordHook), (HOOKS, OrionKDTestAlphaHook), (HOOKS, OrionKDTestLogHook),
-                        (HOOKS, OrionKDTestDumpWeightsHook), (HOOKS, OrionKDTestOrderHook)):
+                        (HOOKS, OrionKDTestDumpWeightsHook), (HOOKS, OrionKDTestOrderHook),
+                        (HOOKS, OrionKDTestStepRecordHook)):
     if _cls.__name__ not in _registry:
         _registry.register_module(name=_cls.__name__, module=_cls)

@@ -1,9 +1,12 @@
 """An ORION-shaped checkout in a temporary folder, on top of the real mmcv 1.7.2 (tests only).
 
+Where ORION's own code runs on a CPU, tests/test_orion_tree.py runs it from an ORION tree instead; this
+tree keeps what needs ORION's CUDA heads and LLM (the streaming heads, ORION's train.py end to end).
+
 ORION keeps a fork of mmcv 1.x as its top-level ``mmcv`` package and adds ``mmcv/models``,
 ``mmcv/datasets`` and ``adzoo/orion``. This module writes such a tree: mmcv 1.7.2's package
-copied as ``mmcv`` plus stand-ins, written here from the facts in ORION_CONTRACT.md (none of
-ORION's code), for
+copied as ``mmcv`` plus stand-ins, each at the path of the ORION file it imitates and written from
+ORION's files (none of ORION's code is copied), for
 
 * ``mmcv/models``: one registry under ORION's aliases and builders; ``Orion`` with ORION's
   calling convention (``forward(data, return_loss)``, ``_parse_losses`` summing every key with
@@ -16,10 +19,17 @@ ORION's code), for
   wrapper, optimizer, runner, fp16 / lr / checkpoint / log hooks, ``custom_hooks``, resume),
   ``orion_dist_train.sh`` (``CONFIG GPUS [args]``) and stage-3 train / inference configs.
 
+* ``adzoo/orion/test.py``: ORION's evaluation entry (``CONFIG CHECKPOINT``): the model from the config,
+  the checkpoint through mmcv's non-strict ``load_checkpoint`` (which only prints mismatches), then
+  inference on ``data.test``.
+
 Differences that the CPU forces: training runs with ``--launcher none`` in mmcv's
 ``MMDataParallel`` (its CPU path), whose ``train_step`` mmcv 1.7.2's runner calls where ORION's fork
 calls ``model(data, return_loss=True)``; ``runner.resume`` maps to the CPU; the launcher script is there because ORION has one (the
-overlay must leave it alone), not to be run on a CPU.
+overlay must leave it alone), not to be run on a CPU. mmcv's ``Fp16OptimizerHook`` creates
+``torch.cuda.amp.GradScaler``, which turns itself off on a CPU (then every step is applied and
+nothing is ever skipped); ORION trains on GPUs, where it is on, so the stand-in's
+``custom_train_model`` substitutes ``torch.amp.GradScaler('cpu')`` there when no GPU is visible.
 """
 from __future__ import annotations
 
@@ -393,6 +403,11 @@ STANDIN_FILES["adzoo/orion/apis/__init__.py"] = "from .train import custom_train
 
 STANDIN_FILES["adzoo/orion/apis/train.py"] = '''
 """ORION's custom_train_model: its dataloaders, wrapper, optimizer, runner, hooks and custom_hooks."""
+import functools
+
+import torch
+
+import mmcv.runner.hooks.optimizer as optimizer_hooks
 from mmcv.parallel import MMDataParallel, MMDistributedDataParallel
 from mmcv.runner import HOOKS, build_optimizer, build_runner
 from mmcv.utils import build_from_cfg, get_logger
@@ -402,6 +417,8 @@ from mmcv.datasets import build_dataloader
 
 def custom_train_model(model, dataset, cfg, distributed=False, validate=False, timestamp=None, meta=None):
     logger = get_logger("mmdet", log_level=cfg.log_level)
+    if not torch.cuda.is_available():  # an enabled loss scaler, as on ORION's GPUs (module docstring)
+        optimizer_hooks.GradScaler = functools.partial(torch.amp.GradScaler, "cpu")
     datasets = dataset if isinstance(dataset, (list, tuple)) else [dataset]
     loaders = [build_dataloader(ds, cfg.data.samples_per_gpu, cfg.data.workers_per_gpu, len(cfg.gpu_ids),
                                 dist=distributed, seed=cfg.seed, shuffler_sampler=cfg.data.shuffler_sampler,
@@ -489,6 +506,43 @@ if __name__ == "__main__":
     main()
 '''
 
+STANDIN_FILES["adzoo/orion/test.py"] = '''
+"""ORION's test.py (stand-in): CONFIG CHECKPOINT; ORION's non-strict load_checkpoint, then inference."""
+import argparse
+
+import torch
+from mmcv import Config
+from mmcv.parallel import collate, scatter
+from mmcv.runner import load_checkpoint  # ORION's fork exports it from mmcv.utils; same function
+from mmcv.utils import import_modules_from_strings
+
+from mmcv.datasets import build_dataset
+from mmcv.models import build_model
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Test a detector")
+    parser.add_argument("config")
+    parser.add_argument("checkpoint")
+    args = parser.parse_args()
+    cfg = Config.fromfile(args.config)
+    if cfg.get("custom_imports", None):
+        import_modules_from_strings(**cfg["custom_imports"])
+    cfg.model.train_cfg = None
+    model = build_model(cfg.model, test_cfg=cfg.get("test_cfg"))
+    load_checkpoint(model, args.checkpoint, map_location="cpu")  # strict=False: mismatches are only printed
+    model.eval()
+    dataset = build_dataset(cfg.data.test)
+    with torch.no_grad():
+        results = [model(scatter(collate([dataset[i]], samples_per_gpu=1), [-1])[0], return_loss=False)
+                   for i in range(len(dataset))]
+    print("evaluated {} samples".format(len(results)))
+
+
+if __name__ == "__main__":
+    main()
+'''
+
 STANDIN_FILES["adzoo/orion/orion_dist_train.sh"] = '''
 #!/usr/bin/env bash
 # ORION's launcher (stand-in): CONFIG GPUS [extra train.py args]
@@ -501,7 +555,8 @@ python -m torch.distributed.run --nproc_per_node=${GPUS} --master_port=${MASTER_
 STANDIN_FILES["adzoo/orion/configs/orion_stage3_train.py"] = '''
 num_gpus = 1
 batch_size = 2
-num_iters_per_epoch = 3
+num_frames = 2 * 3  # data.train: 2 scenes of 3 frames
+num_iters_per_epoch = num_frames // (num_gpus * batch_size)  # as ORION's: computed once, for num_gpus
 num_epochs = 2
 model = dict(
     type="Orion",
@@ -515,7 +570,7 @@ dataset_type = "SceneFramesDataset"
 data = dict(
     samples_per_gpu=batch_size,
     workers_per_gpu=0,
-    train=dict(type=dataset_type, num_scenes=4, frames_per_scene=6, seq_mode=True),
+    train=dict(type=dataset_type, num_scenes=2, frames_per_scene=3, seq_mode=True),
     val=dict(type=dataset_type, num_scenes=2, frames_per_scene=3, test_mode=True),
     shuffler_sampler=dict(type="InfiniteGroupEachSampleInBatchSampler", seq_split_num=1, warmup_split_num=2,
                           num_iters_to_seq=num_iters_per_epoch),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mmcv.models.backbones.eva_vit import EVAViT
+from mmcv.models.backbones.eva_layers import SelectionMismatchError
 from mmcv.models.backbones.eva_vit_student import EVAViTStudent
 from mmcv.models.builder import build_backbone
 from tests.eva_reference import masked_teacher_mask, reference_forward
@@ -246,12 +247,18 @@ def test_head_index_is_saved_and_checked_on_load():
     assert sd["blocks.1.attn.head_index"].tolist() == [0, 1, 2, 3]
     b = EVAViTStudent(**SMALL, num_heads=4, teacher_num_heads=HEADS,
                       selected_heads_per_layer=[[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]])
-    with pytest.raises(RuntimeError, match=r"blocks.1.attn.head_index: checkpoint keeps teacher heads \[0, 1, 2, 3\]"):
-        b.load_state_dict(sd)
+    for strict in (True, False):  # a non-strict load would only collect the message: it raises instead
+        with pytest.raises(SelectionMismatchError, match=r"^blocks.1.attn.head_index: checkpoint keeps teacher heads "
+                                                         r"\[0, 1, 2, 3\], this model keeps \[4, 5, 6, 7\]; build"):
+            b.load_state_dict(sd, strict=strict)
     # a pruned block's tensors without the index could hold any 4 heads: refused, not guessed
     anonymous = {k: v for k, v in sd.items() if k != "blocks.2.attn.head_index"}
-    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"blocks.2.attn.head_index\""):
-        b.load_state_dict(anonymous)
+    same = EVAViTStudent(**SMALL, num_heads=4, teacher_num_heads=HEADS, selected_heads_per_layer=selection)
+    for strict in (True, False):
+        with pytest.raises(SelectionMismatchError, match=r"^blocks.2.attn.head_index: the checkpoint holds "
+                                                         r"blocks.2.attn.\* tensors without blocks.2.attn.head_index"):
+            same.load_state_dict(anonymous, strict=strict)
+    assert not same.load_state_dict({}, strict=False).unexpected_keys  # holding none of its tensors: left as it is
     full = EVAViTStudent(**SMALL, num_heads=HEADS, teacher_num_heads=HEADS)
     orion_keys = {k: v for k, v in full.state_dict().items() if not k.endswith("head_index")}
     assert not full.load_state_dict(orion_keys, strict=True).missing_keys  # ORION's keys: every head, no index

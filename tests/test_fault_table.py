@@ -229,7 +229,7 @@ def _write_inputs(folder: Path) -> None:
         "checkpoint_config = dict(_delete_=True, interval=1, max_keep_ckpts=2)",
         "log_config = dict(_delete_=True, interval=1, hooks=[dict(type='TextLoggerHook')])",
         "custom_hooks = [dict(type='KDCheckHook', priority='VERY_HIGH'),",
-        "                dict(type='KDAlphaScheduleHook', iters_per_epoch=16),",
+        "                dict(type='KDAlphaScheduleHook'),",
         "                dict(type='NonFiniteGuardHook', priority='ABOVE_NORMAL', max_consecutive_skips=1),",
         "                dict(type='KDExportStudentHook', filename='student_pruned.pth')]",
         "seed = 0", ""])

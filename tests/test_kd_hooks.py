@@ -105,12 +105,69 @@ def test_alpha_hook_sets_alpha_from_runner_iter_and_logs_it_once(teacher_ckpt) -
 
 def test_alpha_hook_fails_before_training_when_the_schedule_needs_an_epoch_size(teacher_ckpt) -> None:  # noqa: F811
     student = make_student(teacher_ckpt)
+    hook, runner = KDAlphaScheduleHook(), make_runner(student)
+    hook.before_run(runner)  # no data loader yet (ORION's runner sets it just before the first iteration)
     with pytest.raises(KDConfigError, match="counts epochs but no iters_per_epoch"):
-        KDAlphaScheduleHook().before_run(make_runner(student))
+        hook.before_train_iter(runner)  # still none: stopped before the first step
     with pytest.raises(KDRunError, match="iters_per_epoch must be a positive integer"):
         KDAlphaScheduleHook(iters_per_epoch=0)
     with pytest.raises(KDRunError, match="runner.model is Linear, expected an OrionStudent"):
         KDAlphaScheduleHook(iters_per_epoch=1).before_run(make_runner(torch.nn.Linear(2, 2)))
+
+
+class IterLoader:
+    """mmcv's IterLoader: what ``runner.data_loader`` holds in ORION's IterBasedRunner."""
+
+    def __init__(self, loader: Any) -> None:
+        self._dataloader = loader
+
+
+def epoch_runner(student: torch.nn.Module, samples: int, per_gpu: int, world_size: int, max_iters: int) -> Any:
+    runner = make_runner(student)
+    dataset = torch.utils.data.TensorDataset(torch.zeros(samples, 1))
+    runner.data_loader = IterLoader(torch.utils.data.DataLoader(dataset, batch_size=per_gpu))
+    runner.world_size, runner.max_iters = world_size, max_iters
+    return runner
+
+
+def test_alpha_warmup_counts_the_runs_epochs_from_the_data_loader_and_world_size(teacher_ckpt) -> None:  # noqa: F811
+    student = make_student(teacher_ckpt)  # warm-up: 1 epoch at alpha 0.8, then 0.6
+    runner = epoch_runner(student, samples=40, per_gpu=4, world_size=2, max_iters=30)
+    hook = KDAlphaScheduleHook()
+    hook.before_run(runner)
+    alphas = []
+    for it in range(7):
+        runner.iter = it
+        hook.before_train_iter(runner)
+        alphas.append(hook.alpha)
+    assert hook.iters_per_epoch == 5 and alphas == [0.8] * 5 + [0.6] * 2  # 40 samples / (4 x 2 processes)
+    for configured in (5, 6):  # a last partial batch may count or not: 42 samples / 8 = 5.25
+        KDAlphaScheduleHook(iters_per_epoch=configured).before_run(epoch_runner(student, 42, 4, 2, 30))
+
+
+def test_an_epoch_computed_for_other_gpus_stops_with_the_cfg_options(teacher_ckpt) -> None:  # noqa: F811
+    """ORION's stage-3 config computes its epoch for 32 GPUs x 4 samples; on 8 GPUs an epoch is 4x longer."""
+    runner = epoch_runner(make_student(teacher_ckpt), samples=234769, per_gpu=4, world_size=8, max_iters=6 * 1834)
+    with pytest.raises(KDRunError) as error:
+        KDAlphaScheduleHook(iters_per_epoch=234769 // (32 * 4)).before_run(runner)
+    assert str(error.value) == (
+        "KDAlphaScheduleHook: an epoch of this run is 7336 iterations (234769 samples / (4 per GPU x 8 processes)) "
+        "but the config counts 1834 (num_iters_per_epoch, computed when the config file ran, for another number of "
+        "GPUs), so the alpha warm-up, the run length and the checkpoint interval would count other epochs; start "
+        "again with --cfg-options num_iters_per_epoch=7336 runner.max_iters=44016 checkpoint_config.interval=7336 "
+        "data.shuffler_sampler.num_iters_to_seq=7336 evaluation.interval=51352 custom_hooks.1.iters_per_epoch=7336 "
+        "(custom_hooks.1: KDAlphaScheduleHook's place in the list)")
+
+
+def test_lr_log_hook_logs_the_top_layers_lr_and_the_base_lr_beside_orions_first_group() -> None:
+    layers = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    scales = [0.9 ** 25, 0.9 ** 2, 0.9]  # ORION's order: the lowest layer (patch embedding) first
+    optimizer = torch.optim.AdamW([dict(params=[p], lr=1e-4 * s, lr_scale=s) for p, s in zip(layers, scales)])
+    runner = SimpleNamespace(optimizer=optimizer, log_buffer=LogBuffer())
+    HOOKS.build(dict(type="KDLrLogHook")).after_train_iter(runner)
+    values = runner.log_buffer.updates[-1]
+    assert values["lr_top"] == pytest.approx(0.9e-4) and values["lr_base"] == pytest.approx(1e-4)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.9 ** 25)  # what ORION logs as lr: 0.072x
 
 
 def test_check_hook_accepts_backbone_only_kd_and_checks_modes_at_the_first_iteration(teacher_ckpt) -> None:  # noqa: F811
@@ -232,7 +289,7 @@ def test_stage3_kd_config_changes_only_the_model_and_extension_points(tmp_path: 
     assert kd.frozen_parts_mode == "train"
     hooks = {h["type"]: h for h in cfg.custom_hooks}
     assert list(hooks) == ["KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook", "KDExportStudentHook",
-                           "ResumeCheckHook"]
+                           "KDLrLogHook", "ResumeCheckHook"]
     assert hooks["KDAlphaScheduleHook"]["iters_per_epoch"] == base.num_iters_per_epoch == 1834
     alphas = [resolve_distillation_alpha(kd, i, 1834) for i in (0, 1833, 1834, cfg.runner.max_iters - 1)]
     assert alphas == [0.8, 0.8, 0.6, 0.6]
@@ -244,7 +301,7 @@ def test_tiny_kd_config_lists_the_same_hooks() -> None:
     cfg = Config.fromfile(str(ROOT / "adzoo/orion/configs/orion_tiny_kd_train.py"), import_custom_modules=False)
     assert tuple(cfg.custom_imports.imports) == CUSTOM_IMPORTS
     assert [h["type"] for h in cfg.custom_hooks] == ["KDCheckHook", "KDAlphaScheduleHook", "NonFiniteGuardHook",
-                                                     "KDExportStudentHook"]
+                                                     "KDExportStudentHook", "KDLrLogHook"]
     for hook_cfg in cfg.custom_hooks:
         hook_cfg = dict(hook_cfg)
         hook_cfg.pop("priority", None)

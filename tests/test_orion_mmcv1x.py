@@ -9,7 +9,6 @@ install on the import path (ORION's environment does not have it).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,14 +16,13 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import pytest
 import torch
 
 from tests.mmcv1x_env import ensure_mmcv1x
 from tests.orion_standin import write_orion_tree
-from tools import plugin_manifest as manifest
 
 REPO = Path(__file__).resolve().parents[1]
 # Run a script as __main__ with this project's editable-install finder removed from sys.meta_path.
@@ -76,19 +74,6 @@ def run_installer(root: Path, deps: Path, *args: str) -> subprocess.CompletedPro
                           universal_newlines=True, timeout=240)
 
 
-def snapshot(root: Path) -> Dict[str, Optional[str]]:
-    """Every file (-> sha256 and mode) and folder (-> None) under ``root``."""
-    snap: Dict[str, Optional[str]] = {}
-    for dirpath, _dirs, files in os.walk(str(root)):
-        snap[os.path.relpath(dirpath, str(root)) + "/"] = None
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as handle:
-                digest = hashlib.sha256(handle.read()).hexdigest()
-            snap[os.path.relpath(path, str(root))] = "{} {:o}".format(digest, os.stat(path).st_mode & 0o777)
-    return snap
-
-
 def log_lines(work_dir: Path) -> List[dict]:
     """Per-iteration training records of mmcv's TextLoggerHook (``*.log.json``)."""
     records = []
@@ -135,23 +120,7 @@ def kd_run(orion) -> Dict[str, Path]:
     return dict(first=first, resumed=resumed)
 
 
-# --------------------------------------------------------------------------- the overlay adds only
-def test_plain_install_keeps_every_orion_file_and_uninstall_restores_the_tree(mmcv1x, tmp_path: Path) -> None:
-    root = write_orion_tree(tmp_path / "Orion", mmcv1x["mmcv"])
-    before = snapshot(root)
-    assert "adzoo/orion/orion_dist_train.sh" in before and "adzoo/orion/train.py" in before
-    proc = run_installer(root, mmcv1x["deps"])
-    assert proc.returncode == 0, proc.stderr
-    assert "import check ok" in proc.stdout and "KDAlphaScheduleHook" in proc.stdout
-    after = snapshot(root)
-    assert {rel: after[rel] for rel in before} == before
-    assert sorted(os.path.normpath(r) for r in after if r not in before and not r.endswith("/")) == \
-        sorted([manifest.RECORD_NAME] + list(manifest.PLUGIN_FILES))
-    proc = run_installer(root, mmcv1x["deps"], "--uninstall")
-    assert proc.returncode == 0, proc.stderr
-    assert snapshot(root) == before
-
-
+# --------------------------------------------------------------------------- the overlay
 def test_kd_config_without_the_plugin_stops_with_one_line_naming_the_installer(mmcv1x, tmp_path: Path) -> None:
     root = write_orion_tree(tmp_path / "Orion", mmcv1x["mmcv"])
     configs = root / "adzoo/orion/configs"
@@ -185,6 +154,14 @@ def test_alpha_follows_the_iteration_and_a_resumed_run_continues_it(kd_run) -> N
         assert record["loss"] == pytest.approx(record["total_loss"], abs=1e-4)
         assert record["total_loss"] == pytest.approx((1 - record["alpha"]) * record["task_loss"]
                                                      + record["alpha"] * record["backbone_distill_loss"], abs=1e-3)
+
+
+def test_the_log_shows_the_top_layers_and_the_base_lr_beside_orions_first_group(kd_run) -> None:
+    """ORION's lr is the first parameter group's: the lowest layer's under layer-wise decay (0.9**3 here)."""
+    records = log_lines(kd_run["first"])  # mmcv's JSON log rounds to 5 decimals
+    assert records and all(r["lr_top"] == pytest.approx(0.9 * r["lr_base"], abs=1e-5) for r in records)
+    assert all(r["lr"] == pytest.approx(0.9 ** 3 * r["lr_base"], abs=1e-5) and r["lr"] < r["lr_top"]
+               for r in records)
 
 
 def test_frozen_heads_train_in_orions_mode_on_streamed_scenes(kd_run) -> None:
@@ -239,6 +216,128 @@ def test_exported_student_loads_strictly_into_the_kd_inference_config(orion, kd_
     proc = run_orion(orion["root"], orion["deps"], str(script), str(config), str(exported))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "infer ok 2 [2, 2]" in proc.stdout
+
+
+# mmcv 1.7.2's IterBasedRunner with its Fp16OptimizerHook around a linear model whose gradients overflow
+# (turn infinite) while they exceed a limit, as fp16 gradients do while the loss scale is too large.
+FP16_GUARD_SCRIPT = """
+import functools, json, logging, sys, tempfile
+import torch
+from torch import nn
+import mmcv.runner.hooks.optimizer as optimizer_hooks
+# The hook creates torch.cuda.amp.GradScaler, which turns itself off on a CPU (it then steps every time);
+# ORION trains on GPUs, where it is on. Substitute the CPU scaler where the hook creates the CUDA one.
+optimizer_hooks.GradScaler = functools.partial(torch.amp.GradScaler, 'cpu')
+from mmcv.runner import IterBasedRunner
+from mmcv.runner.hooks.nonfinite_guard import NonFiniteGuardHook, NonFiniteTrainingError
+
+loss_scale, limit, max_iters = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+loss_scale = loss_scale if loss_scale == 'dynamic' else float(loss_scale)
+
+
+class Overflow(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float('inf') if bool(grad.abs().max() > limit) else grad
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+
+    def train_step(self, data, optimizer):
+        loss = Overflow.apply((self.fc(data[0]) - 1).pow(2).mean())
+        return dict(loss=loss, log_vars=dict(loss=float(loss)), num_samples=len(data[0]))
+
+
+torch.manual_seed(0)
+model = Toy()
+start = model.fc.weight.detach().clone()
+loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=2)
+runner = IterBasedRunner(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                         work_dir=tempfile.mkdtemp(), logger=logging.getLogger('guard'), meta={},
+                         max_iters=max_iters)
+runner.register_optimizer_hook(dict(type='Fp16OptimizerHook', loss_scale=loss_scale,
+                                    grad_clip=dict(max_norm=35, norm_type=2)))
+guard = NonFiniteGuardHook(max_consecutive_skips=3)
+runner.register_hook(guard, priority='ABOVE_NORMAL')  # after the optimizer hook, as ORION's custom_hooks
+error = None
+try:
+    runner.run([loader], [('train', 1)])
+except NonFiniteTrainingError as exc:
+    error = str(exc)
+print(json.dumps(dict(error=error, iters=runner.iter, skipped=guard.skipped_total,
+                      scale=runner.meta['fp16']['loss_scaler']['scale'],
+                      trained=not torch.equal(start, model.fc.weight.detach()))))
+"""
+
+
+@pytest.mark.parametrize("loss_scale, limit, expected", [
+    ("dynamic", 1024.0, dict(error=None, iters=24, skipped=6, scale=1024.0, trained=True)),
+    ("dynamic", 0.0, dict(iters=19, skipped=20, trained=False)),
+    ("512.", 0.0, dict(iters=3, skipped=4, scale=512.0, trained=False))])
+def test_the_guard_sees_fp16_optimizer_hook_skips_in_mmcv_1x_runner(orion, tmp_path: Path, loss_scale: str,
+                                                                    limit: float, expected: Dict) -> None:
+    """An enabled GradScaler: a dynamic scale's warm-up (2**16 down to 2**10) trains on; overflow at every scale
+    stops once the scale is below 1 (iteration 20); a static scale stops after max_consecutive_skips=3."""
+    script = tmp_path / "fp16_guard.py"
+    script.write_text(FP16_GUARD_SCRIPT)
+    proc = run_orion(orion["root"], orion["deps"], str(script), loss_scale, str(limit), "24")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {k: result[k] for k in expected} == expected, result
+    if limit == 0.0:
+        stop = 20 if loss_scale == "dynamic" else 4
+        assert result["error"].startswith("non-finite training at iteration {}: loss terms finite on this rank, "
+                                          "gradient norm ".format(stop)), result["error"]
+        assert "optimizer.step() not reached, loss scale" in result["error"]
+        assert "4 consecutive step(s) skipped" in result["error"]
+
+
+def test_orions_non_strict_test_py_refuses_a_student_that_keeps_other_heads(orion, kd_run, tmp_path: Path) -> None:
+    """ORION's test.py loads through mmcv's load_checkpoint(strict=False), which only prints mismatches:
+    a checkpoint whose kept heads differ from the model's must still stop the load, in one line."""
+    infer, exported = kd_run["first"] / "student_pruned_infer.py", kd_run["first"] / "student_pruned.pth"
+    proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/test.py", str(infer), str(exported))
+    assert proc.returncode == 0 and "evaluated 6 samples" in proc.stdout, proc.stderr[-3000:]
+    state = torch.load(str(exported), map_location="cpu", weights_only=True)["state_dict"]
+    kept = [state["img_backbone.blocks.{}.attn.head_index".format(i)].tolist() for i in range(2)]
+    other = [sorted(set(range(4)) - set(heads)) for heads in kept]
+    config = tmp_path / "other_heads_infer.py"
+    config.write_text("_base_ = [{!r}]\nmodel = dict(img_backbone=dict(selected_heads_per_layer={!r}))\n".format(
+        str(infer), other))
+    proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/test.py", str(config), str(exported))
+    assert proc.returncode != 0 and "evaluated" not in proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == ("mmcv.models.backbones.eva_layers.SelectionMismatchError: img_backbone.blocks.0.attn.head_index: "
+                    "checkpoint keeps teacher heads {}, this model keeps {}; build the model with the checkpoint's "
+                    "selection (its meta['img_backbone']; the exported *_infer.py config does)".format(
+                        kept[0], other[0])), last
+
+
+def test_an_epoch_computed_for_other_gpus_stops_orions_run_with_the_cfg_options_that_fix_it(orion) -> None:
+    """The stand-in config computes its epoch when the file runs, as ORION's (for num_gpus x batch_size); a run
+    with another batch (as with another number of GPUs) has another epoch: one line gives the options."""
+    work_dir = orion["base"] / "wd_epoch"
+    proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/train.py", str(orion["config"]), "--work-dir",
+                     str(work_dir), "--cfg-options", "data.samples_per_gpu=1")
+    assert proc.returncode != 0 and not list(work_dir.glob("iter_*.pth"))
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mmcv.runner.hooks.kd_hooks.KDRunError: KDAlphaScheduleHook: an epoch of this run is 6 "
+                           "iterations (6 samples / (1 per GPU x 1 processes)) but the config counts 3 "), last
+    options = last.split("start again with --cfg-options ")[1].split(" (")[0].split()
+    assert options == ["num_iters_per_epoch=6", "runner.max_iters=12", "checkpoint_config.interval=6",
+                       "data.shuffler_sampler.num_iters_to_seq=6", "evaluation.interval=18",
+                       "custom_hooks.1.iters_per_epoch=6"]
+    proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/train.py", str(orion["config"]), "--work-dir",
+                     str(work_dir), "--cfg-options", "data.samples_per_gpu=1", *options, "runner.max_iters=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "KDAlphaScheduleHook: an epoch is 6 iterations" in proc.stdout + proc.stderr
 
 
 def test_a_diverging_run_in_orions_runner_stops_with_finite_checkpoints_and_no_export(orion) -> None:

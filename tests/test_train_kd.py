@@ -27,6 +27,7 @@ from adzoo.orion.apis.hooks import LoopRunner, build_custom_hooks, get_priority 
 from adzoo.orion.apis.optim import build_kd_optimizer, build_lr_scheduler, lr_factor_at  # noqa: E402
 from adzoo.orion.apis.settings import ConfigError, read_log_settings, read_schedule  # noqa: E402
 from mmcv.models.utils.batch_io import move_batch_to_device  # noqa: E402
+from mmcv.runner.hooks.nonfinite_guard import NonFiniteTrainingError  # noqa: E402
 from mmcv.utils import Config  # noqa: E402
 
 ENTRY = ROOT / "adzoo" / "orion" / "train_kd.py"
@@ -207,12 +208,12 @@ def test_hook_priorities_follow_mmcv_and_keep_registration_order_within_a_level(
 
 def test_the_runner_hooks_see_offers_exactly_the_contract_attributes() -> None:
     contract = {"iter", "max_iters", "epoch", "inner_iter", "model", "optimizer", "work_dir", "logger", "rank",
-                "world_size", "meta", "outputs", "log_buffer"}
+                "world_size", "meta", "outputs", "data_loader", "log_buffer"}
     runner = LoopRunner(torch.nn.Linear(1, 1), None, "/tmp", None, 0, 1, 10, meta={})
     public = {name for name in dir(runner) if not name.startswith("_")}
     assert public == contract
     with pytest.raises(AttributeError):
-        runner.data_loader = None  # nothing outside the contract can be attached
+        runner.hooks = []  # nothing outside the contract can be attached
     runner.log_buffer.update(dict(a=1.0), 3)
     runner.log_buffer.update(dict(a=3.0), 1)
     assert runner.log_buffer.average() == dict(a=1.5)  # weighted by count, as mmcv's LogBuffer
@@ -291,6 +292,56 @@ def test_mixed_precision_runs_under_cpu_autocast_with_the_loss_scaler_saved(tmp_
         assert ckpt["scaler"] is None
     assert all(math.isfinite(r["total_loss"]) for r in json_records(Path(cfg.work_dir)))
     assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+GUARD = dict(type="NonFiniteGuardHook", priority="ABOVE_NORMAL", max_consecutive_skips=3)
+
+
+def _guarded_run(tmp_path: Path, max_iters: int, **over: Any) -> Any:
+    """Train the toy with NonFiniteGuardHook; returns (step record hook, error or None)."""
+    model_over = {k: over.pop(k) for k in ("nan_calls", "overflow_above") if k in over}
+    cfg = cfg_obj(tmp_path, runner=dict(max_iters=max_iters), model=model_over, checkpoint_config=dict(interval=100),
+                  custom_hooks=[GUARD, dict(type="OrionKDTestStepRecordHook", priority="LOWEST")], **over)
+    orion_kd_toy.OrionKDTestStepRecordHook.instances.clear()
+    try:
+        train_toy(cfg)
+        error = None
+    except NonFiniteTrainingError as exc:
+        error = exc
+    return orion_kd_toy.OrionKDTestStepRecordHook.instances[-1], error
+
+
+def test_the_guard_judges_each_step_by_its_own_loss_in_the_loop(tmp_path: Path) -> None:
+    record, error = _guarded_run(tmp_path, 5, nan_calls=[3])
+    w = record.weights
+    assert error is None and len(w) == 5
+    assert torch.equal(w[1], w[2])  # iteration 3 (NaN loss) skipped
+    assert not torch.equal(w[2], w[3]) and not torch.equal(w[3], w[4])  # the finite steps after it applied
+
+
+@pytest.mark.parametrize("loss_scale, overflow_above, stop", [("dynamic", 1024.0, None), ("dynamic", 0.0, 20),
+                                                              (512.0, 0.0, 4)])
+def test_the_guard_counts_steps_the_loss_scaler_skipped_in_the_loop(tmp_path: Path, loss_scale: Any,
+                                                                    overflow_above: float, stop: Optional[int]) -> None:
+    """A really enabled CPU GradScaler: a dynamic scaler's warm-up overflows (2**16 down to 2**10) train on,
+    overflows at every scale stop once the scale is below 1, a static scale stops after the limit."""
+    if not torch.amp.is_autocast_available("cpu"):
+        pytest.skip("this torch build has no CPU autocast")
+    record, error = _guarded_run(tmp_path, 24, overflow_above=overflow_above, fp16=dict(loss_scale=loss_scale))
+    if stop is None:
+        assert error is None and len(record.weights) == 24
+        assert record.scales[:7] == [2.0 ** k for k in range(15, 9, -1)] + [1024.0]
+        assert all(torch.equal(record.weights[0], w) for w in record.weights[:6])  # six overflow skips
+        assert not torch.equal(record.weights[5], record.weights[6])  # then it trains
+        assert json_records(Path(tmp_path / "wd"))[-1]["skipped_steps"] == 6.0
+        return
+    scale = 2.0 ** (16 - stop) if loss_scale == "dynamic" else loss_scale
+    detail = "loss scale {:g} \\(was {:g}\\)".format(scale, 2 * scale) if loss_scale == "dynamic" \
+        else "loss scale 512;"
+    assert error is not None and re.match(
+        r"non-finite training at iteration {}: loss terms finite on this rank, gradient norm (nan|inf), "
+        r"optimizer.step\(\) not reached, {}.* 4 consecutive step\(s\) skipped".format(stop, detail), str(error)), error
+    assert len(record.weights) == stop - 1 and all(torch.equal(record.weights[0], w) for w in record.weights)
 
 
 def test_epoch_runner_logs_epoch_lines_and_saves_epoch_checkpoints(tmp_path: Path) -> None:

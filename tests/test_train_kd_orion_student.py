@@ -20,7 +20,7 @@ from tests.test_train_kd import ROOT, load, run_launcher
 TINY_TEACHER_CONFIG = ROOT / "adzoo" / "orion" / "configs" / "orion_tiny_train.py"
 TINY_KD_CONFIG = ROOT / "adzoo" / "orion" / "configs" / "orion_tiny_kd_train.py"
 PLUGIN_IMPORTS = ["mmcv.models.backbones.eva_vit_student", "mmcv.models.detectors.orion_student",
-                  "mmcv.models.losses.kd_losses", "orion_kd_toy"]
+                  "mmcv.models.losses.kd_losses", "mmcv.runner.hooks.kd_hooks", "orion_kd_toy"]
 
 
 def save_random_teacher(path: Path, seed: int) -> Path:
@@ -70,7 +70,8 @@ def train_in_process(config: Path, work_dir: Path, seed_before_build: int, **ove
 def test_orion_student_under_two_gloo_ranks_keeps_ranks_identical_and_trains_only_the_backbone(tmp_path, teachers):
     dumps = tmp_path / "dumps"
     config = kd_config(tmp_path, teachers["first"],
-                       custom_hooks=[dict(type="OrionKDTestDumpWeightsHook", dump_dir=str(dumps))])
+                       custom_hooks=[dict(type="OrionKDTestDumpWeightsHook", dump_dir=str(dumps)),
+                                     dict(type="KDAlphaScheduleHook")])  # as the tiny KD config: epochs of the run
     res = run_launcher(config, "2", "--work-dir", "wd", cwd=tmp_path, timeout=420)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     before, after0, after1 = (load(dumps / name) for name in ("before_rank0.pth", "after_rank0.pth",
@@ -81,6 +82,7 @@ def test_orion_student_under_two_gloo_ranks_keeps_ranks_identical_and_trains_onl
     assert changed and all(k.startswith("img_backbone.") for k in changed)  # only the student backbone trains
     assert {k for k in changed if k.endswith("attn.q_proj.weight")}  # attention weights of the pruned heads moved
     assert "Iter [4/4]" in res.stdout and "sampler InfiniteGroupEachSampleInBatchSampler" in res.stdout
+    assert "KDAlphaScheduleHook: an epoch is 8 iterations (32 samples / (2 per GPU x 2 processes))" in res.stdout
 
 
 def test_orion_student_resumed_run_equals_the_uninterrupted_one(tmp_path, teachers):

@@ -72,7 +72,7 @@ REGISTERED_TYPES: Dict[str, Tuple[str, ...]] = {
     "mmcv.models.backbones.eva_vit_student": ("EVAViTStudent",),
     "mmcv.models.detectors.orion_student": ("OrionStudent",),
     "mmcv.models.losses.kd_losses": ("CombinedKDLoss",),
-    "mmcv.runner.hooks.kd_hooks": ("KDAlphaScheduleHook", "KDCheckHook", "KDExportStudentHook"),
+    "mmcv.runner.hooks.kd_hooks": ("KDAlphaScheduleHook", "KDCheckHook", "KDExportStudentHook", "KDLrLogHook"),
     "mmcv.runner.hooks.resume_check": ("ResumeCheckHook",),
 }
 

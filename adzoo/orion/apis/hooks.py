@@ -11,7 +11,9 @@ finished before it; it grows after ``after_train_iter``), ``max_iters``, ``epoch
 (``iter // iters_per_epoch``), ``inner_iter`` (``iter % iters_per_epoch``), ``model``
 (DDP-wrapped in distributed runs), ``optimizer``, ``work_dir``, ``logger``, ``rank``,
 ``world_size``, ``meta`` (saved in every checkpoint; its ``hook_msgs`` come back on
-resume), ``outputs`` (the last step's ``dict(loss, log_vars, num_samples)``) and
+resume; ``fp16.loss_scaler``: the loss scaler's state, as ORION's ``Fp16OptimizerHook`` keeps it),
+``outputs`` (this iteration's ``dict(loss, log_vars, num_samples)``, set before the optimiser
+steps), ``data_loader`` (the training ``DataLoader``, as mmcv's runners name it) and
 ``log_buffer`` (``update(dict, count)``: values join the next log line).
 """
 from __future__ import annotations
@@ -69,7 +71,7 @@ class LoopRunner:
     """What a hook may read from the loop (see the module docstring); nothing else."""
 
     __slots__ = ("iter", "max_iters", "epoch", "inner_iter", "model", "optimizer", "work_dir", "logger", "rank",
-                 "world_size", "meta", "outputs", "log_buffer")
+                 "world_size", "meta", "outputs", "data_loader", "log_buffer")
 
     def __init__(self, model: nn.Module, optimizer: Any, work_dir: str, logger: logging.Logger, rank: int,
                  world_size: int, max_iters: int, meta: Dict[str, Any]) -> None:
@@ -85,6 +87,7 @@ class LoopRunner:
         self.epoch = 0
         self.inner_iter = 0
         self.outputs: Dict[str, Any] = {}
+        self.data_loader: Any = None
         self.log_buffer = LogBuffer()
 
 

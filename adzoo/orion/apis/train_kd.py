@@ -157,6 +157,7 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
         hooks = build_custom_hooks(cfg_get(cfg, "custom_hooks"))
         runner = LoopRunner(model, optimizer, work_dir, logger, rank, world_size, schedule.max_iters,
                             meta=dict(to_plain(meta or {}), seed=seed, hook_msgs=hook_msgs))
+        runner.data_loader = loader
         logger.info("start: %s, %d iterations (%d per epoch), from iteration %d, world size %d, device %s, "
                     "precision %s, sampler %s, hooks %s, work_dir %s", schedule.runner_type, schedule.max_iters,
                     schedule.iters_per_epoch, start_iter, world_size, device,
@@ -178,8 +179,10 @@ def run_iterations(runner: LoopRunner, hooks: Sequence[Any], batches: Any, raw_m
 
     ``IterBasedRunner`` configs get ``before_epoch``/``after_epoch`` once around the run, as
     mmcv's IterBasedRunner calls them; ``EpochBasedRunner`` configs get ``before_train_epoch``/
-    ``after_train_epoch`` at every epoch boundary. The optimiser steps before the hooks'
-    ``after_train_iter``; the checkpoint and the log line follow them.
+    ``after_train_epoch`` at every epoch boundary. ``runner.outputs`` holds the iteration's loss
+    before the optimiser steps (as in mmcv's runner, whose ``OptimizerHook`` steps in
+    ``after_train_iter``); the hooks' ``after_train_iter`` follows the step; the checkpoint and
+    the log line follow them.
     """
     model, optimizer = runner.model, runner.optimizer
     device = next(raw_model.parameters()).device
@@ -190,6 +193,7 @@ def run_iterations(runner: LoopRunner, hooks: Sequence[Any], batches: Any, raw_m
     ipe = schedule.iters_per_epoch
     started, tick = time.time(), time.time()
     model.train()
+    _record_scaler(runner, scaler)
     call_hooks(hooks, "before_run", runner)
     if not schedule.by_epoch:
         call_hooks(hooks, "before_epoch", runner)
@@ -202,10 +206,11 @@ def run_iterations(runner: LoopRunner, hooks: Sequence[Any], batches: Any, raw_m
         data_time = time.time() - tick
         with autocast():
             outputs = forward_train(model, batch)
+        runner.outputs = outputs  # before the step: an optimizer pre-hook (NonFiniteGuardHook) judges this loss
         grad_norm = optimizer_step(outputs["loss"], optimizer, trainable, grad_clip, scaler)
+        _record_scaler(runner, scaler)
         lr = base_lr * scheduler.lr_lambdas[0](it)
         scheduler.step()
-        runner.outputs = outputs
         runner.log_buffer.update(outputs.get("log_vars") or {"loss": outputs["loss"]}, outputs.get("num_samples", 1))
         runner.log_buffer.update(dict({} if grad_norm is None else dict(grad_norm=grad_norm),
                                       time=time.time() - tick, data_time=data_time))
@@ -228,6 +233,13 @@ def run_iterations(runner: LoopRunner, hooks: Sequence[Any], batches: Any, raw_m
         dist.barrier()
     call_hooks(hooks, "after_run", runner)
     runner.logger.info("training finished: %d iterations", schedule.max_iters)
+
+
+def _record_scaler(runner: LoopRunner, scaler: Any) -> None:
+    """Keep the loss scaler's state in ``runner.meta['fp16']['loss_scaler']``, where ORION's
+    ``Fp16OptimizerHook`` keeps it (hooks read the loss scale there)."""
+    if scaler is not None:
+        runner.meta.setdefault("fp16", {})["loss_scaler"] = dict(scaler.state_dict())
 
 
 def _save(runner: LoopRunner, raw_model: nn.Module, scheduler: Any, scaler: Any, cfg: Any, schedule: Schedule,

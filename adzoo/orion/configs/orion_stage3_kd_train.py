@@ -17,8 +17,14 @@
 # schedule, the run length (num_epochs * num_iters_per_epoch iterations), checkpoint_config,
 # log_config, load_from / resume_from. This file changes only the model (OrionStudent with an
 # EVAViTStudent backbone) and ORION's extension points: custom_imports and custom_hooks.
-# For the guide's 3 epochs instead of ORION's 6, append to the command
-#   --cfg-options runner.max_iters=N     with N = 3 * num_iters_per_epoch of ORION's config.
+# An epoch: ORION's config computes num_iters_per_epoch when the file runs, for its num_gpus x
+# batch_size (32 x 4); --cfg-options num_gpus=N recomputes nothing. Before the first step,
+# KDAlphaScheduleHook compares it with this run's epoch (data loader and world size) and, on any
+# other number of GPUs, stops with one line giving the --cfg-options for the epoch, the run length,
+# the checkpoint interval, the sampler and the hook (num_iters_per_epoch=E runner.max_iters=6*E
+# checkpoint_config.interval=E data.shuffler_sampler.num_iters_to_seq=E evaluation.interval=7*E
+# custom_hooks.1.iters_per_epoch=E). For the guide's 3 epochs instead of ORION's 6, use
+# runner.max_iters=3*E there.
 #
 # Alpha weights the distillation loss: total = (1 - alpha) * task + alpha * distill. It follows
 # the iteration (KDAlphaScheduleHook): alpha_schedule='step' uses warmup_alpha for warmup_epochs
@@ -123,10 +129,13 @@ model = dict(
 # What a KD run needs from ORION's runner (mmcv/runner/hooks/kd_hooks.py).
 custom_hooks = [
     dict(type='KDCheckHook', priority='VERY_HIGH'),
+    # custom_hooks.1: its iters_per_epoch is checked against the run before the first step
     dict(type='KDAlphaScheduleHook', iters_per_epoch={{_base_.num_iters_per_epoch}}),
     # skip a step with a non-finite loss or gradient norm; stop after 3 in a row (before any save)
     dict(type='NonFiniteGuardHook', priority='ABOVE_NORMAL', max_consecutive_skips=3),
     dict(type='KDExportStudentHook', filename='student_pruned.pth'),
+    # lr_top / lr_base in the log: ORION's lr is the first parameter group's (the lowest layer's)
+    dict(type='KDLrLogHook'),
     # ORION's train.py ignores a --resume-from path that is not a file: stop instead of starting over
     # (--cfg-options allow_fresh_start=True starts over anyway)
     dict(type='ResumeCheckHook', priority='VERY_HIGH', allow_fresh_start=False),

@@ -30,7 +30,7 @@ model = dict(
         alpha_schedule='step',
         warmup_alpha=0.8,
         finetune_alpha=0.6,
-        warmup_epochs=1,  # epochs of num_iters_per_epoch iterations (KDAlphaScheduleHook)
+        warmup_epochs=1,  # epochs of this run (KDAlphaScheduleHook: data loader and number of processes)
         distillation_temperature=3.0,
         feature_distill_weight=0.5,
         attention_distill_weight=0.3,
@@ -48,16 +48,16 @@ model = dict(
 data = dict(
     train=dict(num_samples=512),
     shuffler_sampler=dict(_delete_=True, type='InfiniteGroupEachSampleInBatchSampler', seq_split_num=1,
-                          warmup_split_num=2, num_iters_to_seq=64))
-num_iters_per_epoch = 512 // 8  # train.num_samples // samples_per_gpu (orion_tiny_train.py), one process
+                          warmup_split_num=2, num_iters_to_seq=64))  # iterations: one process's first epoch
 
 # What a KD run needs from the runner, as in ORION (mmcv/runner/hooks/kd_hooks.py).
 custom_hooks = [
     dict(type='KDCheckHook', priority='VERY_HIGH'),
-    dict(type='KDAlphaScheduleHook', iters_per_epoch=num_iters_per_epoch),
+    dict(type='KDAlphaScheduleHook'),  # epochs of this run: data loader and number of processes
     # skip a step with a non-finite loss or gradient norm; stop after 3 in a row (before any save)
     dict(type='NonFiniteGuardHook', priority='ABOVE_NORMAL', max_consecutive_skips=3),
     dict(type='KDExportStudentHook', filename='student_pruned.pth'),
+    dict(type='KDLrLogHook'),  # lr_top / lr_base in the log
 ]
 
 optimizer = dict(

@@ -133,12 +133,20 @@ class PatchEmbed(nn.Module):
 # --------------------------------------------------------------------------- kept-unit records
 
 
+class SelectionMismatchError(RuntimeError):
+    """A checkpoint holds other teacher units than the module it is loaded into (one line, naming the key)."""
+
+
 class RecordedSelection(nn.Module):
     """A module holding a sorted subset of a teacher's units, recorded in the buffer ``index_key``.
 
-    On load, a recorded index that differs from this module's selection is an error naming the key;
-    an absent index is forgiven only when the module keeps every teacher unit (ORION's own checkpoints
-    carry no index), so a pruned module's tensors are never taken without knowing which units they hold.
+    On load, a recorded index that differs from this module's selection raises
+    :class:`SelectionMismatchError` naming the key and both selections, and so does a pruned
+    module's tensors without their index (they could hold any units). It raises rather than
+    appending to ``error_msgs`` because non-strict loaders (mmcv's ``load_checkpoint``, which
+    ORION's test.py and ``load_from`` use) only print those. An absent index is forgiven only when
+    the module keeps every teacher unit (ORION's own checkpoints carry no index) or when the
+    checkpoint holds none of the module's tensors (a partial load leaves it as it is).
     """
 
     def _init_selection(self, index_key: str, unit: str, selected: Sequence[int], teacher_units: int,
@@ -153,14 +161,20 @@ class RecordedSelection(nn.Module):
     def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
                               missing_keys: List[str], unexpected_keys: List[str], error_msgs: List[str]) -> None:
         key = prefix + self.selection_index_key
+        unpruned = self.selection == list(range(self.teacher_units))
         if self.record_selection and key in state_dict:
             stored = [int(i) for i in state_dict[key].tolist()]
             if stored != self.selection:
-                error_msgs.append(f"{key}: checkpoint keeps teacher {self.selection_unit} {describe_indices(stored)}, "
-                                  f"this model keeps {describe_indices(self.selection)}")
+                raise SelectionMismatchError(
+                    f"{key}: checkpoint keeps teacher {self.selection_unit} {describe_indices(stored)}, this model "
+                    f"keeps {describe_indices(self.selection)}; build the model with the checkpoint's selection "
+                    f"(its meta['img_backbone']; the exported *_infer.py config does)")
+        elif self.record_selection and not unpruned and any(k.startswith(prefix) for k in state_dict):
+            raise SelectionMismatchError(
+                f"{key}: the checkpoint holds {prefix}* tensors without {key}, so which teacher "
+                f"{self.selection_unit} they are is unknown; this model keeps {describe_indices(self.selection)}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        unpruned = self.selection == list(range(self.teacher_units))
         if self.record_selection and key not in state_dict and key in missing_keys and unpruned:
             missing_keys.remove(key)
 
@@ -200,5 +214,5 @@ class SwiGLU(RecordedSelection):
 
 __all__ = [
     "drop_path", "DropPath", "rotate_half", "RotaryEmbedding2D", "window_partition", "window_unpartition",
-    "resize_abs_pos_embed", "PatchEmbed", "RecordedSelection", "SwiGLU",
+    "resize_abs_pos_embed", "PatchEmbed", "RecordedSelection", "SelectionMismatchError", "SwiGLU",
 ]

@@ -14,6 +14,8 @@ The KD configs list:
   where it stopped) and logs it.
 * ``NonFiniteGuardHook`` (``mmcv/runner/hooks/nonfinite_guard.py``, registered with these): skips a
   step whose loss or gradient norm is non-finite and stops the run after a few in a row.
+* ``KDLrLogHook``: logs ``lr_top`` and ``lr_base`` beside ORION's ``lr`` (its first parameter
+  group's, the lowest layer's under layer-wise decay).
 * ``KDExportStudentHook``: after the run, rank 0 writes the exported student (ORION checkpoint,
   backbone safetensors, and an inference config for ORION's test.py) into ``work_dir``, atomically.
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -66,14 +68,56 @@ def _log(runner: Any, message: str) -> None:
         logger.info(message)
 
 
+def run_epoch_length(runner: Any) -> Optional[Dict[str, int]]:
+    """This run's epoch, from its training data loader and world size, or None where the runner has no loader.
+
+    ``iters`` is ``samples // (per_gpu * world_size)``, as ORION's configs count an epoch
+    (``num_iters_per_epoch``); ``iters_ceil`` also counts a last, partial batch. ORION's runner
+    (and mmcv's) sets ``runner.data_loader`` before the first ``before_train_iter``; the standalone
+    loop before ``before_run``.
+    """
+    loader = getattr(runner, "data_loader", None)
+    loader = getattr(loader, "_dataloader", loader)  # mmcv's IterLoader wraps the DataLoader
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None:
+        return None
+    per_gpu = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    if not per_gpu:
+        return None
+    world = int(getattr(runner, "world_size", 1) or 1)
+    samples = len(dataset)
+    return dict(samples=samples, per_gpu=int(per_gpu), world_size=world, iters=samples // (per_gpu * world),
+                iters_ceil=-(-samples // (per_gpu * world)))
+
+
+def epoch_mismatch_message(configured: int, run: Mapping[str, int], max_iters: Optional[int]) -> str:
+    """One line: the config's epoch differs from the run's, with the ``--cfg-options`` that make them agree."""
+    iters = max(1, run["iters"])
+    options = ["num_iters_per_epoch={}".format(iters)]
+    epochs = max_iters // configured if max_iters and max_iters % configured == 0 else None
+    if epochs:
+        options.append("runner.max_iters={}".format(epochs * iters))
+    options += ["checkpoint_config.interval={}".format(iters), "data.shuffler_sampler.num_iters_to_seq={}".format(iters)]
+    if epochs:  # ORION's stage 3: after the last epoch, i.e. no evaluation during the run
+        options.append("evaluation.interval={}".format((epochs + 1) * iters))
+    options.append("custom_hooks.1.iters_per_epoch={}".format(iters))
+    return ("KDAlphaScheduleHook: an epoch of this run is {} iterations ({} samples / ({} per GPU x {} processes)) "
+            "but the config counts {} (num_iters_per_epoch, computed when the config file ran, for another number "
+            "of GPUs), so the alpha warm-up, the run length and the checkpoint interval would count other epochs; "
+            "start again with --cfg-options {} (custom_hooks.1: KDAlphaScheduleHook's place in the list)".format(
+                iters, run["samples"], run["per_gpu"], run["world_size"], configured, " ".join(options)))
+
+
 @HOOKS.register_module()
 class KDAlphaScheduleHook(Hook):
     """Sets ``model.set_distillation_alpha(alpha(runner.iter))`` before every training iteration.
 
     Args:
-        iters_per_epoch: iterations in one epoch, needed when ``kd_config.warmup_epochs`` gives the
-            warm-up in epochs (ORION: the config's ``num_iters_per_epoch``); not needed with
-            ``kd_config.warmup_iters`` or a constant alpha.
+        iters_per_epoch: the config's epoch in iterations (ORION: ``num_iters_per_epoch``, which its
+            run length, checkpoint interval and sampler count too). Before the first step it must
+            agree with the run's epoch (:func:`run_epoch_length`: data loader and world size), else the
+            run stops with one line giving the ``--cfg-options`` that fix it. None: the run's epoch
+            is used (``kd_config.warmup_epochs`` then follows the real run).
     """
 
     def __init__(self, iters_per_epoch: Optional[int] = None) -> None:
@@ -81,21 +125,41 @@ class KDAlphaScheduleHook(Hook):
                                             or iters_per_epoch < 1):
             raise KDRunError("KDAlphaScheduleHook: iters_per_epoch must be a positive integer or None, got {!r}"
                              .format(iters_per_epoch))
+        self.configured = iters_per_epoch
         self.iters_per_epoch = iters_per_epoch
         self.alpha: Optional[float] = None
+        self._checked = False
 
     def alpha_at(self, runner: Any) -> float:
         """Alpha for the runner's current iteration."""
         student = student_of(runner, type(self).__name__)
         return resolve_distillation_alpha(student.kd_config, int(runner.iter), self.iters_per_epoch)
 
+    def _check_epoch(self, runner: Any) -> None:
+        """Take the run's epoch (or check the config's against it) once the data loader is known."""
+        run = run_epoch_length(runner)
+        if self._checked or run is None:
+            return
+        self._checked = True
+        if self.configured is None:
+            self.iters_per_epoch = max(1, run["iters"])
+        elif self.configured not in (run["iters"], run["iters_ceil"]):
+            raise KDRunError(epoch_mismatch_message(self.configured, run, getattr(runner, "max_iters", None)))
+        _log(runner, "KDAlphaScheduleHook: an epoch is {} iterations ({} samples / ({} per GPU x {} processes))"
+                     .format(self.iters_per_epoch, run["samples"], run["per_gpu"], run["world_size"]))
+
     def before_run(self, runner: Any) -> None:
+        self._check_epoch(runner)
+        student = student_of(runner, type(self).__name__)
+        kd = {k: v for k, v in student.kd_config.items() if "alpha" in k or k.startswith("warmup")}
+        if self.iters_per_epoch is None and kd.get("warmup_epochs") and run_epoch_length(runner) is None:
+            _log(runner, "KD alpha schedule: {} (epochs: from the data loader at the first iteration)".format(kd))
+            return
         alpha = self.alpha_at(runner)  # a schedule that cannot be resolved fails here, before any step
-        _log(runner, "KD alpha schedule: {} (iteration {}: alpha {})".format(
-            {k: v for k, v in student_of(runner, type(self).__name__).kd_config.items()
-             if "alpha" in k or k.startswith("warmup")}, runner.iter, alpha))
+        _log(runner, "KD alpha schedule: {} (iteration {}: alpha {})".format(kd, runner.iter, alpha))
 
     def before_train_iter(self, runner: Any) -> None:
+        self._check_epoch(runner)
         self.alpha = self.alpha_at(runner)
         student_of(runner, type(self).__name__).set_distillation_alpha(self.alpha)
 
@@ -103,6 +167,28 @@ class KDAlphaScheduleHook(Hook):
         outputs = getattr(runner, "outputs", None) or {}
         if self.alpha is not None and "alpha" not in outputs.get("log_vars", {}):
             runner.log_buffer.update({"alpha": self.alpha}, outputs.get("num_samples", 1))
+
+
+@HOOKS.register_module()
+class KDLrLogHook(Hook):
+    """Logs the lr the trained layers get, beside ORION's ``lr`` (the first parameter group's).
+
+    With layer-wise decay and only the backbone trainable, ORION's first group is the lowest layer
+    (about 0.07x the base lr). This hook adds ``lr_top``: the highest lr of any group (the top trained
+    block's), and ``lr_base``: that lr divided by its group's ``lr_scale`` (the layer-decay
+    constructors store it), i.e. ``optimizer.lr`` as the schedule has it now. Means over the log interval.
+    """
+
+    def after_train_iter(self, runner: Any) -> None:
+        optimizers = runner.optimizer.values() if isinstance(runner.optimizer, dict) else [runner.optimizer]
+        groups = [g for opt in optimizers if opt is not None for g in opt.param_groups if g["params"]]
+        if not groups:
+            return
+        top = max(groups, key=lambda group: group["lr"])
+        values = {"lr_top": float(top["lr"])}
+        if top.get("lr_scale"):
+            values["lr_base"] = float(top["lr"]) / float(top["lr_scale"])
+        runner.log_buffer.update(values)
 
 
 @HOOKS.register_module()
@@ -193,10 +279,12 @@ class KDExportStudentHook(Hook):
     ``state_dict``), with ``backbone_safetensors`` also ``<stem>_backbone.safetensors``, and, when
     ``inference_config`` exists (a path relative to where training runs: ORION's root), the
     inference config ``<stem>_infer.py``: it inherits ``inference_config`` and sets ``img_backbone``
-    to the trained student's exact configuration (kept heads included), so that ORION's test.py
-    loads the checkpoint strictly. With ``onnx`` the backbone also goes to ``<stem>_backbone.onnx`` (opset
-    ``onnx_opset``, checked in ONNX Runtime, with a sidecar JSON; ``tools/export_onnx.py``), whose
-    dependencies are checked when the hook is built, before training. Every file is written atomically.
+    to the trained student's exact configuration (kept heads included), so that the checkpoint
+    matches the model ORION's test.py builds key for key (its loader is non-strict; a backbone that
+    keeps other heads still stops the load). With ``onnx`` the backbone also goes to
+    ``<stem>_backbone.onnx`` (opset ``onnx_opset``, checked in ONNX Runtime, with a sidecar JSON;
+    ``tools/export_onnx.py``), whose dependencies are checked when the hook is built, before training.
+    Every file is written atomically.
     """
 
     def __init__(self, filename: str = "student_pruned.pth", backbone_safetensors: bool = True,
@@ -267,5 +355,5 @@ def write_inference_config(path: str, base_config: str, backbone_cfg: Dict[str, 
     return atomic_write_text(path, text)
 
 
-__all__: List[str] = ["KDAlphaScheduleHook", "KDCheckHook", "KDExportStudentHook", "KDRunError", "unwrap_model",
+__all__: List[str] = ["run_epoch_length", "epoch_mismatch_message", "KDAlphaScheduleHook", "KDLrLogHook", "KDCheckHook", "KDExportStudentHook", "KDRunError", "unwrap_model",
                       "student_of", "write_inference_config"]
