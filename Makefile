@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine: `make demo` and `make test` (`make notebook` re-executes the walkthrough
 # notebook and rewrites its committed outputs).
-# Both create .venv, install torch 2.13 (CPU wheel) when no torch is present,
+# Both create .venv, install torch 2.13 when no torch is present (any build; the CPU one suffices),
 # install this package with its test extra, then run.
 PYTHON ?= python3
 VENV := .venv

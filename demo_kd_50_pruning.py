@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tools.dependency_check import require_dependencies  # noqa: E402  (standard library only)
 from tools.demo_support import (HIGHER_IS_BETTER, backbone_similarity, evaluate_targets,  # noqa: E402
                                  load_exported_student, plot_loss_curves, retained, spearman, time_backbones,
                                  train_kd, val_loader, write_kd_config, write_report)
@@ -134,7 +135,7 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
 
     import mmcv.models  # noqa: F401  (registers the standalone world)
     from mmcv import Config
-    from tools.demo_joint import stage_equal_speed
+    from tools.demo_joint import joint_report_section, joint_targets, stage_equal_speed
 
     started = time.time()
     work = Path(args.work_dir)
@@ -162,8 +163,8 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
     report["retained_before_kd"] = retained(report["before_kd_metrics"], report["teacher_metrics"])
     report["stage_seconds"] = dict(Stage.timings)
     report["total_seconds"] = time.time() - started
-    report["targets"] = evaluate_targets(report)
-    write_report(report, work)
+    report["targets"] = {**evaluate_targets(report), **joint_targets(report)}
+    write_report(report, work, joint_report_section(report))
     return report
 
 
@@ -346,6 +347,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               "ORION checkout run `python demo_kd_50_pruning.py --check-setup --config "
               "adzoo/orion/configs/orion_stage3_kd_train.py`", file=sys.stderr)
         return 2
+    require_dependencies(__file__)  # one line with the fix when torch / mmengine is missing
     from tools.tiny_teacher_asset import TeacherAssetError
 
     try:

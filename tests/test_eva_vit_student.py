@@ -393,3 +393,16 @@ def test_orion_evavit_arguments_with_a_clear_meaning_are_accepted(image):
 def test_orion_evavit_arguments_without_a_clear_meaning_are_named(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         EVAViTStudent(**SMALL, num_heads=HEADS, teacher_num_heads=HEADS, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(), "sdpa"),  # ORION's default flash_attn=True
+    (dict(flash_attn=True), "sdpa"),
+    (dict(flash_attn=False), "math"),  # ORION's explicit-softmax path
+    (dict(flash_attn=True, attn_impl="math"), "math"),  # an explicit attn_impl wins
+    (dict(flash_attn=False, attn_impl="sdpa"), "sdpa"),
+])
+def test_flash_attn_picks_the_attention_path_unless_attn_impl_is_given(kwargs, expected):
+    student = EVAViTStudent(**SMALL, num_heads=4, teacher_num_heads=HEADS, **kwargs)
+    assert student.attn_impl == expected
+    assert {block.attn.attn_impl for block in student.blocks} == {expected}

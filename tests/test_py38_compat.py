@@ -1,7 +1,7 @@
 """Every file the overlay copies into ORION must run in ORION's environment.
 
-ORION pins Python 3.8 and has no mmengine (see ORION_CONTRACT.md, last
-section). For each Python file of the plugin manifest, plus the installer that
+ORION pins Python 3.8 (its README: ``conda create -n orion python=3.8``) and has no
+mmengine. For each Python file of the plugin manifest, plus the installer that
 may run under ORION's interpreter, this checks: vermin finds nothing newer
 than 3.8; a real Python 3.8 compiles it (when pyenv has one); modern
 annotations (PEP 585 ``list[int]``, PEP 604 ``X | None``) only appear under

@@ -22,7 +22,7 @@ sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(ROOT))
 
 import orion_kd_toy  # noqa: E402  (registers the toy types and test hooks)
-from adzoo.orion.apis import train_kd as loop  # noqa: E402
+from adzoo.orion.apis import kd_loop as loop  # noqa: E402
 from adzoo.orion.apis.hooks import LoopRunner, build_custom_hooks, get_priority  # noqa: E402
 from adzoo.orion.apis.optim import build_kd_optimizer, build_lr_scheduler, lr_factor_at  # noqa: E402
 from adzoo.orion.apis.settings import ConfigError, read_log_settings, read_schedule  # noqa: E402

@@ -10,7 +10,7 @@ import torch
 
 from adzoo.orion.apis.checkpoints import load_from
 from adzoo.orion.apis.settings import ConfigError
-from adzoo.orion.apis.train_kd import train_kd
+from adzoo.orion.apis.kd_loop import train_kd
 from mmcv import Config
 from mmcv.datasets import build_dataset
 from mmcv.models.builder import build_model

@@ -24,6 +24,8 @@ from typing import Callable, Dict, List, Tuple
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tools.dependency_check import require_dependencies  # standard library only
+    require_dependencies(__file__)  # one line with the fix when torch / mmengine is missing
 
 import torch
 
@@ -36,11 +38,6 @@ TINY_CONFIG = ROOT / "adzoo/orion/configs/orion_tiny_kd_train.py"
 
 def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_tiny(device: torch.device, teacher_ckpt: str) -> Tuple[Callable[[], None], Callable[[], None]]:

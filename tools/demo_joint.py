@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping
 
 import torch
 
-from tools.demo_support import HIGHER_IS_BETTER
+from tools.metric_direction import HEADLINE_METRICS
 
 
 def heads_only_backbones(student_cfg: Mapping[str, Any], teacher_heads: int) -> Dict[int, Any]:
@@ -87,7 +87,7 @@ def stage_equal_speed(run: Any) -> None:
                                      heads_only_backbone=similarity,
                                      heads_only_retained=retained(metrics, run.report["teacher_metrics"]),
                                      heads_only_params=sum(p.numel() for p in student.img_backbone.parameters()))
-    print(f"  heads only ({k} heads) after KD:", {m: round(v, 4) for m, v in metrics.items() if m in HIGHER_IS_BETTER},
+    print(f"  heads only ({k} heads) after KD:", {m: round(v, 4) for m, v in metrics.items() if m in HEADLINE_METRICS},
           f"cosine {similarity['cosine']:.4f}")
 
 
@@ -115,7 +115,7 @@ def joint_report_section(report: Mapping[str, Any]) -> str:
         return ""
     k = equal["heads_only_heads"]
     rows: List[str] = ["| metric | teacher | joint after KD | heads only after KD |", "|---|---|---|---|"]
-    for key in HIGHER_IS_BETTER:
+    for key in HEADLINE_METRICS:
         rows.append(f"| {key} | {report['teacher_metrics'][key]:.4f} | {report['after_kd_metrics'][key]:.4f} | "
                     f"{equal['heads_only_metrics'][key]:.4f} |")
     rows.append(f"| backbone cosine to teacher | 1.0000 | {report['after_kd_backbone']['cosine']:.4f} | "

@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from tools.metric_direction import directions
+
 ROOT = Path(__file__).resolve().parents[1]
-HIGHER_IS_BETTER = {"det_f1": True, "lane_iou": True, "qa_acc": True, "plan_l2": False}
+HIGHER_IS_BETTER = directions()
 
 
 def val_loader(dataset: Any, batch_size: int):
@@ -211,8 +213,6 @@ def evaluate_targets(report: Dict[str, Any]) -> Dict[str, Any]:
                        cosine_kd=after_cos, cosine_task_only=report["task_only_backbone"]["cosine"]),
             met=len(kd_ahead) > len(HIGHER_IS_BETTER) / 2)
     targets.update(study_targets(report))
-    from tools.demo_joint import joint_targets
-    targets.update(joint_targets(report))
     return targets
 
 
@@ -241,7 +241,8 @@ def study_targets(report: Dict[str, Any], study_path: Path = SHIPPED_STUDY) -> D
                        met=len(ahead) > len(METRICS) / 2)}
 
 
-def write_report(report: Dict[str, Any], work: Path) -> None:
+def write_report(report: Dict[str, Any], work: Path, extra_section: str = "") -> None:
+    """report.md (the table, the targets, ``extra_section`` appended) and report.json, atomically."""
     from mmcv.models.utils.checkpoint_io import atomic_write_json, atomic_write_text
 
     rows = []
@@ -273,7 +274,6 @@ def write_report(report: Dict[str, Any], work: Path) -> None:
     mlp = (f" and {1 - sum(pruning['mlp_hidden']) / (len(pruning['mlp_hidden']) * pruning['teacher_mlp_hidden']):.1%}"
            f" of the SwiGLU hidden channels ({pruning['channel_method']} channel importance)"
            if pruning.get("selected_channels_per_layer") else "")
-    from tools.demo_joint import joint_report_section
     text = f"""# ORION-KD demo report
 
 Miniature ORION (TinyOrion, synthetic Chat-B2D-shaped data), seed {report['seed']}: {report['pruning_ratio']:.0%} of
@@ -288,7 +288,7 @@ plan L2). Metrics on {report['teacher_metrics'].get('num_samples', 'the')} valid
 Backbone fidelity right after pruning (cosine of the output feature map to the full backbone, before KD):
 {', '.join(f"{m} {v:.4f}" for m, v in fid['by_method'].items())}; random {'heads and channels' if mlp else 'heads'}
 {fid['random_mean']:.4f} (mean of {len(fid['random_draws'])} draws).
-{joint_report_section(report)}
+{extra_section}
 ## Targets
 {targets}
 

@@ -36,6 +36,8 @@ import sys
 
 if __name__ == "__main__" and not __package__:  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tools.dependency_check import require_dependencies  # standard library only
+    require_dependencies(__file__)  # one line with the fix when torch / mmengine is missing
 
 from mmcv.models.utils.head_importance import ChannelImportance, HeadImportance, load_importance  # noqa: E402
 from mmcv.models.utils.pruning_config import (BLOCK_NORMALIZATIONS, STRATEGIES, PruningConfig,  # noqa: E402

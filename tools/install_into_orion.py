@@ -205,7 +205,7 @@ def _dirs_to_create(root: Path, rels: Sequence[str]) -> List[str]:
 def plan_install(root: Path, source_root: Path, files: Sequence[str],
                  record: Optional[dict]) -> Tuple[List[Action], List[str], List[str]]:
     """Plan an install: (actions, folders to create, conflicts: paths the overlay may not write)."""
-    missing = [rel for rel in files if not (source_root / rel).is_file()]
+    missing = manifest.missing_sources(source_root, files)
     if missing:
         raise InstallError("plugin source files missing under {} (expected every manifest file): {}".format(
             source_root, ", ".join(missing)))
@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-import-check", action="store_true", help="do not import the plugin after install")
     parser.add_argument("--import-timeout", type=float, default=DEFAULT_IMPORT_TIMEOUT_S,
                         help="seconds the import check may take (default %(default)s)")
-    parser.add_argument("--source", type=Path, default=manifest.REPO_ROOT,
+    parser.add_argument("--source", type=Path, default=None,
                         help="ORION-KD checkout to copy from (default: the one holding this script)")
     return parser
 
@@ -457,7 +457,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         checking = not (args.dry_run or args.skip_import_check)
         python = resolve_python(args.python) if checking else args.python
-        install(args.orion_root, source_root=args.source, dry_run=args.dry_run)
+        install(args.orion_root, source_root=args.source or manifest.REPO_ROOT, dry_run=args.dry_run)
         if not checking:
             info("import check skipped")
         else:

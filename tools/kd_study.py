@@ -34,6 +34,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":
+    from tools.dependency_check import require_dependencies  # standard library only
+    require_dependencies(__file__)  # one line with the fix when torch / mmengine is missing
 
 TINY_KD_CONFIG = ROOT / "adzoo" / "orion" / "configs" / "orion_tiny_kd_train.py"
 SELECTIONS = ("magnitude", "gradient", "random")

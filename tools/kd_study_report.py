@@ -11,7 +11,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
-METRICS = ("det_f1", "lane_iou", "qa_acc", "plan_l2")
+from tools.metric_direction import HEADLINE_METRICS as METRICS
+
 # The finer task metrics behind the headline ones: per detection class, per question type, the traffic state.
 DETAIL_METRICS = ("det_f1_car", "det_f1_pedestrian", "det_f1_traffic_light", "qa_acc_count_cars",
                   "qa_acc_count_pedestrians", "qa_acc_light_state", "qa_acc_next_action", "traffic_state_acc")

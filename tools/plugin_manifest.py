@@ -9,7 +9,7 @@ Python 3.8 compatible: the installer may run under ORION's own interpreter.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 #: Root of the ORION-KD checkout that holds this file (``tools/..``).
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -17,11 +17,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Files copied into ORION, as POSIX paths relative to the repository root.
 #: The same relative path is used inside the ORION checkout; ORION has none of them (the
 #: installer only adds files). Standalone-only files stay out: in ORION, ORION's own launcher,
-#: train.py and runner train, so the standalone loop (adzoo/orion/apis/train_kd.py,
+#: train.py and runner train, so the standalone loop (adzoo/orion/apis/kd_loop.py,
 #: adzoo/orion/train_kd.py) and its launcher (adzoo/orion/orion_dist_train.sh) are not copied.
 PLUGIN_FILES: Tuple[str, ...] = (
     "mmcv/models/utils/checkpoint_io.py",
     "mmcv/models/utils/user_errors.py",
+    "mmcv/models/utils/unwrap.py",
     "mmcv/models/utils/batch_io.py",
     "mmcv/models/utils/eva_surgery.py",
     "mmcv/models/utils/eva_cost.py",
@@ -51,9 +52,11 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "tools/head_pruning/plots.py",
     "tools/head_pruning/cli.py",
     "tools/kd_setup_check.py",
+    "tools/dependency_check.py",
     "tools/kd_setup_orion.py",
     "tools/export_onnx.py",
     "demo_kd_50_pruning.py",
+    "tools/metric_direction.py",
     "tools/demo_support.py",
     "tools/demo_joint.py",
 )
@@ -111,8 +114,8 @@ def custom_imports_line(modules: Tuple[str, ...] = CUSTOM_IMPORTS) -> str:
     return "custom_imports = dict(imports=[{}], allow_failed_imports=False)".format(names)
 
 
-def missing_sources(source_root: Path = REPO_ROOT, files: Tuple[str, ...] = PLUGIN_FILES) -> List[str]:
-    """Manifest entries that do not exist as regular files under ``source_root``."""
+def missing_sources(source_root: Path = REPO_ROOT, files: Sequence[str] = PLUGIN_FILES) -> List[str]:
+    """Manifest entries that do not exist as regular files under ``source_root`` (the installer refuses then)."""
     return [rel for rel in files if not (Path(source_root) / rel).is_file()]
 
 

@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
+from tools.metric_direction import HEADLINE_METRICS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_TEACHER = REPO_ROOT / "ckpt" / "orion_tiny" / "orion_tiny_teacher.safetensors"
 SHIPPED_CHECKSUM = SHIPPED_TEACHER.with_suffix(".sha256")
@@ -145,7 +147,7 @@ def compare_with_shipped(state_dict: Mapping[str, torch.Tensor], metrics: Option
              f"differs from the shipped teacher: largest weight difference {max_diff:.3g} (another seed, thread "
              f"count, torch version or config gives another teacher)"]
     shipped_metrics = shipped["meta"].get("metrics") or {}
-    for key in ("det_f1", "lane_iou", "qa_acc", "plan_l2"):
+    for key in HEADLINE_METRICS:
         if metrics and key in metrics and key in shipped_metrics:
             lines.append(f"  {key:<10} shipped {shipped_metrics[key]:.4f}  retrained {metrics[key]:.4f}")
     return lines

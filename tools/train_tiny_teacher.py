@@ -33,11 +33,14 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
-import torch
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+if __name__ == "__main__":
+    from tools.dependency_check import require_dependencies  # standard library only
+    require_dependencies(__file__)  # one line with the fix when torch / mmengine is missing
+
+import torch  # noqa: E402
 
 from adzoo.orion.apis.optim import build_kd_optimizer, build_lr_scheduler  # noqa: E402
 from adzoo.orion.apis.step import forward_train, optimizer_step  # noqa: E402
@@ -47,18 +50,17 @@ from mmcv.models import build_model  # noqa: E402
 from mmcv.models.utils.checkpoint_io import (atomic_torch_save, atomic_write_json, load_checkpoint_file,  # noqa: E402
                                             state_dict_of)
 from mmcv.utils import set_random_seed  # noqa: E402
-from tools.tiny_teacher_asset import (MATERIALIZED_CHECKPOINT, check_materialized, compare_with_shipped,  # noqa: E402
-                                      materialize_teacher_checkpoint, plot_curve, write_shipped_teacher)
+from tools.metric_direction import HEADLINE_METRICS, higher_is_better  # noqa: E402
+from tools.tiny_teacher_asset import (MATERIALIZED_CHECKPOINT, TeacherAssetError, check_materialized,  # noqa: E402
+                                      compare_with_shipped, materialize_teacher_checkpoint, plot_curve,
+                                      write_shipped_teacher)
 
 DEFAULT_CONFIG = REPO_ROOT / "adzoo" / "orion" / "configs" / "orion_tiny_train.py"
 DEFAULT_CHECKPOINT = MATERIALIZED_CHECKPOINT
 RETRAINED_CHECKPOINT = REPO_ROOT / "work_dirs" / "orion_tiny" / "orion_tiny_retrained.pth"
 CURVE_JSON = REPO_ROOT / "docs" / "tiny_teacher_curve.json"
 SHIP_EVAL_INTERVAL = 200
-# Metrics where lower is better (the plan errors); every other reported metric is higher-is-better.
-LOWER_IS_BETTER = ("plan_l2", "plan_l2_1s", "plan_l2_2s", "plan_l2_3s", "plan_l2_light_hidden")
 COUNTS = ("num_samples", "num_light_hidden")
-HEADLINE_METRICS = ("det_f1", "lane_iou", "qa_acc", "plan_l2")
 # The convergence curve: the headline metrics and every question type (each must end above chance).
 CURVE_METRICS = HEADLINE_METRICS + ("traffic_state_acc", "qa_acc_count_cars", "qa_acc_count_pedestrians",
                                     "qa_acc_light_state", "qa_acc_next_action")
@@ -72,7 +74,7 @@ def format_metrics_table(metrics: Dict[str, float], chance: Dict[str, float]) ->
     for key in metrics:
         if key not in chance or key in COUNTS:
             continue
-        better = metrics[key] < chance[key] if key in LOWER_IS_BETTER else metrics[key] > chance[key]
+        better = metrics[key] > chance[key] if higher_is_better(key) else metrics[key] < chance[key]
         lines.append(f"{key:<26}{chance[key]:>10.3f}{metrics[key]:>10.3f}  {'yes' if better else 'NO'}")
     return "\n".join(lines)
 
@@ -249,7 +251,7 @@ def format_memory_table(memory: Dict[str, Dict[str, float]]) -> str:
              f"light out of view)"]
     for key in MEMORY_METRICS:
         if key in with_memory and key in reset:
-            arrow = "lower is better" if key in LOWER_IS_BETTER else ""
+            arrow = "" if higher_is_better(key) else "lower is better"
             lines.append(f"{key:<28}{reset[key]:>14.3f}{with_memory[key]:>13.3f}  {arrow}")
     return "\n".join(lines)
 
@@ -337,7 +339,17 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list] = None) -> int:
+    """The command line; a damaged, missing or stale teacher file ends in one line with the fix (exit 2)."""
     args = parse_args(argv)
+    try:
+        return run(args)
+    except TeacherAssetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Materialise, measure the memory benefit, or train (and maybe ship) a teacher, as ``args`` asks."""
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)

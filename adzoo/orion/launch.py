@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+    from tools.dependency_check import require_dependencies  # standard library only
+    require_dependencies(__file__)  # one line with the fix when torch / mmengine is missing
 
 from adzoo.orion.train_kd import USER_ERROR_EXIT, parse_args, prepare_config, run_checked  # noqa: E402
 from mmcv.models.utils.user_errors import check_port_free  # noqa: E402

@@ -9,7 +9,8 @@
 # MASTER_PORT (or ORION's MLP_WORKER_NUM, MLP_ROLE_INDEX, MLP_WORKER_0_HOST,
 # MLP_WORKER_0_PORT). Without CUDA the processes use Gloo on the CPU. Output is
 # also written to work_dirs/<config name>/ (or the --work-dir given).
-# PYTHON selects the interpreter (default: python3, or python if absent).
+# PYTHON selects the interpreter (default: the repository's .venv/bin/python when it exists, else python3,
+# else python).
 set -uo pipefail
 
 usage() {
@@ -18,7 +19,9 @@ usage: $0 CONFIG GPUS [extra args for adzoo/orion/train_kd.py]
   CONFIG  training config file, e.g. adzoo/orion/configs/orion_stage3_kd_train.py
   GPUS    processes (GPUs) per node, a positive integer
   environment: NNODES NODE_RANK MASTER_ADDR MASTER_PORT (or MLP_WORKER_NUM MLP_ROLE_INDEX
-               MLP_WORKER_0_HOST MLP_WORKER_0_PORT), PYTHON
+               MLP_WORKER_0_HOST MLP_WORKER_0_PORT)
+  PYTHON  the interpreter (default: the repository's .venv/bin/python when it exists, else python3);
+          e.g. PYTHON=/path/to/env/bin/python $0 CONFIG GPUS
 EOF
 }
 
@@ -47,7 +50,8 @@ MASTER_PORT=${MASTER_PORT:-${MLP_WORKER_0_PORT:-29500}}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [ -z "${PYTHON:-}" ]; then
-    if command -v python3 >/dev/null 2>&1; then PYTHON=python3; else PYTHON=python; fi
+    if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"
+    elif command -v python3 >/dev/null 2>&1; then PYTHON=python3; else PYTHON=python; fi
 fi
 
 # Where the console output is teed: --work-dir if given, else work_dirs/<config name>/.
@@ -63,7 +67,8 @@ done
 mkdir -p "$LOG_DIR" || fail "cannot create $LOG_DIR"
 LOG_FILE="$LOG_DIR/dist_train_$(date +%Y%m%d_%H%M%S)_node${NODE_RANK}.log"
 
-echo "orion_dist_train: $GPUS process(es) x $NNODES node(s), node_rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT, log $LOG_FILE"
+echo "orion_dist_train: $GPUS process(es) x $NNODES node(s), node_rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT," \
+     "python $PYTHON, log $LOG_FILE"
 # launch.py checks the config, the arguments and (node 0) the port before torchrun starts anything,
 # and exits with the children's status: 2 after a user error (printed as one "error:" line).
 "$PYTHON" "$ROOT/adzoo/orion/launch.py" \

@@ -6,7 +6,7 @@
 
 Several processes: ``./adzoo/orion/orion_dist_train.sh CONFIG GPUS [args]``. It builds the
 model and ``data.train`` from the config and runs the standalone loop
-(``adzoo.orion.apis.train_kd``); in an ORION checkout ORION's own launcher, ``train.py``
+(``adzoo.orion.apis.kd_loop``); in an ORION checkout ORION's own launcher, ``train.py``
 and runner train instead. User errors (missing files, bad config values, a teacher
 checkpoint that does not fit) are printed as one ``error: ...`` line with exit status 2;
 set ``ORION_KD_DEBUG=1`` for the full traceback.
@@ -26,11 +26,14 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+    from tools.dependency_check import require_dependencies  # standard library only
+    require_dependencies(__file__)  # one line with the fix when torch / mmengine is missing
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from mmcv.models.utils.checkpoint_io import load_checkpoint_file, remove_stale_temp_files, state_dict_of  # noqa: E402
+from mmcv.models.utils.kd_config import KD_CONFIG_KEYS  # noqa: E402
 from mmcv.models.utils.user_errors import (UserError, check_writable_dir, describe_os_error,  # noqa: E402
                                            is_file_system_error, load_config)
 from mmcv.utils import Config, DictAction, get_dist_info, import_modules_from_strings, set_random_seed  # noqa: E402
@@ -81,8 +84,15 @@ def _compatible(old: Any, new: Any) -> bool:
     return isinstance(new, type(old))
 
 
+#: Mappings that accept documented keys their config file need not list: path -> {key: default}.
+ACCEPTED_KEYS = {"model.kd_config": KD_CONFIG_KEYS}
+
+
 def merge_cfg_options(cfg: Any, options: Optional[Mapping[str, Any]]) -> None:
-    """Apply ``--cfg-options``; every key must exist and keep its value's type (int may widen to float)."""
+    """Apply ``--cfg-options``; every key must exist and keep its value's type (int may widen to float).
+
+    A key of ``ACCEPTED_KEYS`` (e.g. any ``kd_config`` key) may be set where the file leaves it at its default.
+    """
     if not options:
         return
     for key, value in options.items():
@@ -90,13 +100,14 @@ def merge_cfg_options(cfg: Any, options: Optional[Mapping[str, Any]]) -> None:
         path: List[str] = []
         for part in key.split("."):
             if isinstance(node, Mapping) or (hasattr(node, "keys") and hasattr(node, "__getitem__")):
-                if part not in list(node.keys()):
-                    known = ", ".join(sorted(str(k) for k in node.keys())[:20])
+                accepted = ACCEPTED_KEYS.get(".".join(path), {})
+                if part not in list(node.keys()) and part not in accepted:
+                    known = ", ".join(sorted({str(k) for k in node.keys()} | set(accepted))[:20])
                     hint = "; KD settings live in model.kd_config: --cfg-options model.{}=...".format(key) \
                         if key.startswith("kd_config.") else ""
                     raise UserError("--cfg-options {}: unknown key '{}'{} (known keys there: {}){}".format(
                         key, part, " under '{}'".format(".".join(path)) if path else "", known, hint))
-                node = node[part]
+                node = node[part] if part in list(node.keys()) else accepted[part]  # a default is type-checked too
             elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
                 node = node[int(part)]
             else:
@@ -177,7 +188,7 @@ def prepare_config(args: argparse.Namespace) -> Any:
             raise UserError("--load-from: checkpoint not found: {}".format(args.load_from))
         cfg.load_from = args.load_from
     cfg.auto_resume = bool(args.auto_resume or cfg.get("auto_resume", False))
-    from adzoo.orion.apis.train_kd import check_settings
+    from adzoo.orion.apis.kd_loop import check_settings
     check_settings(cfg)
     work_dir = check_writable_dir(cfg.work_dir, "work dir", "pass --work-dir to a writable folder with free space")
     for path in remove_stale_temp_files(work_dir):  # before anything is loaded: a killed save may fill the disk
@@ -208,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         timestamp = holder[0]
 
     from mmcv.models.builder import build_model
-    from adzoo.orion.apis.train_kd import train_kd
+    from adzoo.orion.apis.kd_loop import train_kd
 
     model = build_model(cfg.model, train_cfg=cfg.get("train_cfg", None), test_cfg=cfg.get("test_cfg", None))
     if callable(getattr(model, "init_weights", None)):  # as ORION's train.py; OrionStudent's is a no-op
@@ -221,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _user_error_types() -> tuple:
     types: List[type] = [UserError, OSError, ValueError, KeyError, ImportError, pickle.UnpicklingError]
-    from adzoo.orion.apis.train_kd import ConfigError
+    from adzoo.orion.apis.kd_loop import ConfigError
     from mmcv.runner.hooks.kd_hooks import KDRunError
     types.extend([ConfigError, KDRunError])
     return tuple(types)

@@ -23,10 +23,11 @@ import torch.nn as nn
 from mmcv.models.utils.batch_io import move_batch_to_device
 from mmcv.models.utils.eva_surgery import head_weight_norms
 from mmcv.models.utils.head_importance import HeadImportance
+from mmcv.models.utils.unwrap import unwrap_model
 from tools.head_pruning.batches import batch_size_of, images_of, loss_of, take_batches
 from tools.head_pruning.sites import (AttentionSite, GeometryRecorder, describe_backbone, find_attention_sites,
                                       find_backbone, forward_pre_hooks, head_mask_hooks, param_dtype_device,
-                                      preserved_state, source_label, unwrap_model)
+                                      preserved_state, source_label)
 
 METHODS = ("magnitude", "gradient", "entropy", "activation")
 PathLike = Union[str, "os.PathLike[str]"]

@@ -33,7 +33,11 @@ def save_figure(fig: Any, path: Union[str, os.PathLike], dpi: int = 120) -> str:
 
 def plot_head_importance(importance: Union[HeadImportance, ScoresLike], path: Union[str, os.PathLike],
                          pruning_config: Optional[PruningConfig] = None, title: Optional[str] = None) -> str:
-    """Heat map of the scores (blocks x heads); heads kept by ``pruning_config`` are outlined. PNG."""
+    """Heat map of the scores (blocks x heads); heads ``pruning_config`` removes are crossed out. PNG.
+
+    The removed heads are marked rather than the kept ones: outlines of adjacent kept heads share edges, so a
+    row of them reads as one block, while each crossed cell stands on its own.
+    """
     importance = HeadImportance.coerce(importance)
     scores, method = importance.scores, importance.method
     depth, heads = scores.shape
@@ -53,10 +57,12 @@ def plot_head_importance(importance: Union[HeadImportance, ScoresLike], path: Un
         label = title or f"Head importance ({method or 'scores'})"
         if pruning_config is not None:
             from matplotlib.patches import Rectangle
-            for l, hs in enumerate(pruning_config.selected_heads_per_layer):
-                for h in hs:
-                    ax.add_patch(Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.2))
-            label += f": kept heads outlined ({pruning_config.strategy}, ratio {pruning_config.pruning_ratio:g} removed)"
+            for layer, kept in enumerate(pruning_config.selected_heads_per_layer):
+                for head in sorted(set(range(heads)) - set(kept)):
+                    ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, hatch="xx", edgecolor="red",
+                                           linewidth=0.0))
+            label += (f": removed heads crossed out ({pruning_config.strategy}, ratio "
+                      f"{pruning_config.pruning_ratio:g} removed)")
         ax.set_title(label, fontsize=9)
         return save_figure(fig, path)
     finally:

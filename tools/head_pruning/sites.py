@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmcv.models.utils.eva_surgery import CHANNEL_SLICES, HEAD_SLICES
+from mmcv.models.utils.unwrap import unwrap_model
 
 
 @dataclass
@@ -35,13 +36,6 @@ class AttentionSite:
         """Module whose input is the concatenation of the heads' outputs (inner LayerNorm, else ``proj``)."""
         ln = getattr(self.attn, "inner_attn_ln", None)
         return ln if isinstance(ln, nn.LayerNorm) else self.attn.proj
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DataParallel / DistributedDataParallel wrappers."""
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) and not hasattr(model, "blocks"):
-        model = model.module
-    return model
 
 
 def find_backbone(model: nn.Module) -> nn.Module:
@@ -347,7 +341,7 @@ class GeometryRecorder:
 
 
 __all__ = [
-    "AttentionSite", "MLPSite", "unwrap_model", "find_backbone", "find_attention_sites", "find_mlp_sites",
+    "AttentionSite", "MLPSite", "find_backbone", "find_attention_sites", "find_mlp_sites",
     "channel_mask_hooks", "channel_prune_hooks", "param_dtype_device", "source_label", "params_per_head",
     "params_per_channel", "describe_backbone", "preserved_state", "head_mask_hooks", "forward_pre_hooks",
     "GeometryRecorder",

@@ -14,13 +14,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from mmcv.models.utils.unwrap import unwrap_model
+
 from .settings import ConfigError, to_plain
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside a (Distributed)DataParallel wrapper, or the model itself."""
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    return model.module if isinstance(model, wrappers) else model
 
 
 _LAYER_DECAY_CONSTRUCTORS = ("LearningRateDecayOptimizerConstructor", "LayerDecayOptimizerConstructor")
@@ -179,4 +175,4 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, lr_config: Optional[Map
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-__all__ = ["unwrap_model", "vit_layer_id", "build_kd_optimizer", "lr_factor_at", "build_lr_scheduler"]
+__all__ = ["vit_layer_id", "build_kd_optimizer", "lr_factor_at", "build_lr_scheduler"]

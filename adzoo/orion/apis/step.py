@@ -6,7 +6,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .optim import unwrap_model
+from mmcv.models.utils.unwrap import unwrap_model
+
 from .settings import to_plain
 
 

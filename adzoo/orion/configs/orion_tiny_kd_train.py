@@ -73,7 +73,9 @@ lr_config = dict(_delete_=True, policy='CosineAnnealing', by_epoch=False, warmup
                  warmup_ratio=1.0 / 3, min_lr_ratio=1e-2)
 runner = dict(_delete_=True, type='EpochBasedRunner', max_epochs=3)
 checkpoint_config = dict(_delete_=True, interval=1, max_keep_ckpts=3)
-log_config = dict(_delete_=True, interval=16, hooks=[dict(type='TextLoggerHook'), dict(type='TensorboardLoggerHook')])
+# Text log only (the demo plots its loss curves itself); for TensorBoard event files, `pip install tensorboard`
+# (or the package's [tensorboard] extra) and add dict(type='TensorboardLoggerHook').
+log_config = dict(_delete_=True, interval=16, hooks=[dict(type='TextLoggerHook')])
 evaluation = dict(_delete_=True, interval=1, max_samples=256)
 work_dir = 'work_dirs/orion_tiny_kd_train'
 load_from = None

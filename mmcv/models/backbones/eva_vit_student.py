@@ -232,9 +232,12 @@ class EVAViTStudent(nn.Module):
         mlp_hidden: SwiGLU hidden channels kept, one int or one per block (default: all of the teacher's
             ``int(embed_dim * mlp_ratio)``, which ``mlp_ratio`` keeps meaning).
         selected_channels_per_layer: sorted teacher hidden-channel indices kept per block (default: the first).
-        attn_impl: ``'sdpa'`` (fused ``scaled_dot_product_attention``) or ``'math'`` (explicit softmax).
+        attn_impl: ``'sdpa'`` (fused ``scaled_dot_product_attention``) or ``'math'`` (explicit softmax);
+            default: from ``flash_attn``.
         norm_eps: eps of the block LayerNorms (default 1e-6); ``norm_layer`` may say it instead.
-    ORION's own arguments: ``flash_attn`` maps to ``attn_impl`` (both paths compute the same);
+    ORION's own arguments: ``flash_attn`` maps to ``attn_impl`` when that is not given (True, ORION's
+    default and its configs' setting: ``'sdpa'``, the fused path; False: ``'math'``, ORION's explicit
+    softmax; both paths compute the same);
     ``norm_layer`` must be a LayerNorm (its eps is used; ``inner_attn_ln`` keeps eps 1e-5 as in ORION);
     ``act_layer`` is accepted and unused, as in ORION (the SwiGLU MLP always uses SiLU); ``out_feature``
     names the output (``_out_features``); ``use_rel_pos``, ``rope`` and ``residual_block_indexes`` are
@@ -246,11 +249,11 @@ class EVAViTStudent(nn.Module):
                  qkv_bias: bool = True, drop_path_rate: float = 0.0, window_size: int = 0,
                  window_block_indexes: Sequence[int] = (), global_window_size: int = 0, use_abs_pos: bool = True,
                  pretrain_img_size: int = 224, pretrain_use_cls_token: bool = True, pt_hw_seq_len: int = 16,
-                 intp_freq: bool = True, subln: bool = False, flash_attn: bool = False, with_cp: bool = False,
+                 intp_freq: bool = True, subln: bool = False, flash_attn: bool = True, with_cp: bool = False,
                  frozen: bool = False, teacher_num_heads: Optional[int] = 16,
                  selected_heads_per_layer: Optional[Sequence[Sequence[int]]] = None,
                  mlp_hidden: Optional[Union[int, Sequence[int]]] = None,
-                 selected_channels_per_layer: Optional[Sequence[Sequence[int]]] = None, attn_impl: str = "sdpa",
+                 selected_channels_per_layer: Optional[Sequence[Sequence[int]]] = None, attn_impl: Optional[str] = None,
                  norm_eps: Optional[float] = None, init_cfg: Optional[dict] = None,
                  norm_layer: Optional[Callable[..., nn.Module]] = None, act_layer: Any = None,
                  use_rel_pos: bool = False, rope: bool = True, residual_block_indexes: Sequence[int] = (),
@@ -258,6 +261,7 @@ class EVAViTStudent(nn.Module):
         super().__init__()
         check_orion_only_arguments(use_rel_pos, rope, residual_block_indexes, out_feature, unknown)
         eps = layer_norm_eps(norm_layer, norm_eps)
+        attn_impl = attn_impl if attn_impl is not None else ("sdpa" if flash_attn else "math")
         if attn_impl not in ("sdpa", "math"):
             raise ValueError(f"attn_impl: expected 'sdpa' or 'math', got {attn_impl!r}")
         if teacher_num_heads is None:
@@ -270,7 +274,7 @@ class EVAViTStudent(nn.Module):
         self.img_size, self.patch_size, self.embed_dim, self.depth = img_size, patch_size, embed_dim, depth
         self.teacher_num_heads = teacher_num_heads
         self.head_dim = embed_dim // teacher_num_heads
-        self.with_cp, self.frozen, self.flash_attn = with_cp, frozen, flash_attn
+        self.with_cp, self.frozen, self.flash_attn, self.attn_impl = with_cp, frozen, flash_attn, attn_impl
         self.pretrain_use_cls_token = pretrain_use_cls_token
         self.window_block_indexes = tuple(int(i) for i in window_block_indexes)
         self.init_cfg = init_cfg

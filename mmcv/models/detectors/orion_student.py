@@ -43,8 +43,10 @@ from mmcv.models.utils.kd_config import distillation_loss_config, resolve_distil
 from mmcv.models.utils.label_subset import detach_unlabelled, labelled_mask
 from mmcv.models.utils.student_selection import resolve_student_selection
 
-_TRAINABLE_PREFIX = BACKBONE_PREFIX
-_AUGMENTATION_CHILDREN = ("img_backbone", "grid_mask")
+#: Only parameters under this prefix train; everything else is frozen.
+TRAINABLE_PREFIX = BACKBONE_PREFIX
+#: Children that follow ``train()`` even when ``frozen_parts_mode="eval"`` (the backbone and its augmentation).
+TRAINING_CHILDREN = ("img_backbone", "grid_mask")
 
 
 _TEACHER_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -210,7 +212,7 @@ class OrionStudent(nn.Module):
 
     def _load_frozen_parts(self, full_state: Mapping[str, torch.Tensor], label: str) -> Dict[str, Any]:
         """Copy every non-backbone tensor from the checkpoint; missing or mis-shaped ones are errors."""
-        own = {k: v for k, v in self.state_dict().items() if not k.startswith(_TRAINABLE_PREFIX)}
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith(TRAINABLE_PREFIX)}
         missing = [k for k in own if k not in full_state]
         misshaped = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(full_state[k].shape)}"
                      for k in own if k in full_state and tuple(full_state[k].shape) != tuple(own[k].shape)]
@@ -221,7 +223,7 @@ class OrionStudent(nn.Module):
                              + "; ".join(parts))
         require_finite({k: full_state[k] for k in own}, f"teacher {label} (frozen parts)",
                        "a teacher must be finite: use the trained ORION checkpoint, not a diverged one")
-        unexpected = sorted(k for k in full_state if not k.startswith(_TRAINABLE_PREFIX) and k not in own)
+        unexpected = sorted(k for k in full_state if not k.startswith(TRAINABLE_PREFIX) and k not in own)
         with torch.no_grad():
             targets = dict(self.named_parameters())
             targets.update(dict(self.named_buffers()))
@@ -242,7 +244,7 @@ class OrionStudent(nn.Module):
         selection check of the load passes.
         """
         backbone = self.img_backbone
-        root = f"{prefix}{_TRAINABLE_PREFIX}"
+        root = f"{prefix}{TRAINABLE_PREFIX}"
         plans = pruning_slice_plan(backbone.selected_heads, backbone.head_dim, backbone.teacher_num_heads,
                                    backbone.selected_channels, backbone.teacher_mlp_hidden)
         sliced = apply_slice_plan(state_dict, plans, prefix=root, label="load_state_dict", teacher_shaped_only=True)
@@ -255,7 +257,7 @@ class OrionStudent(nn.Module):
 
     def _freeze_non_backbone(self) -> None:
         for name, param in self.named_parameters():
-            param.requires_grad = name.startswith(_TRAINABLE_PREFIX)
+            param.requires_grad = name.startswith(TRAINABLE_PREFIX)
 
     @property
     def teacher_backbone(self) -> EVAViTStudent:
@@ -278,7 +280,7 @@ class OrionStudent(nn.Module):
         if self.freeze_non_backbone:
             if self.kd_config["frozen_parts_mode"] == "eval":
                 for name, child in self.named_children():
-                    if name not in _AUGMENTATION_CHILDREN:
+                    if name not in TRAINING_CHILDREN:
                         child.eval()
             self._freeze_non_backbone()
         self._teacher_backbone.eval()

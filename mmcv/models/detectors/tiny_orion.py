@@ -1,7 +1,7 @@
 """TinyOrion: an ORION-shaped detector small enough to train on a laptop CPU in minutes.
 
 It keeps the attributes and calling conventions of ORION's ``Orion`` detector
-(see ORION_CONTRACT.md) so that the KD code treats both alike:
+(ORION's ``mmcv/models/detectors/orion.py``) so that the KD code treats both alike:
 
 * ``img_backbone`` built with ``build_backbone(dict(type='EVAViT', ...))`` (16 heads,
   window and global blocks), optional ``img_neck``, ``pts_bbox_head`` (2D

@@ -549,16 +549,10 @@ def load_pruning_selection(source: Union[PruningConfig, str, "os.PathLike[str]",
     return PruningSelection([list(h) for h in source], None if channels is None else [list(c) for c in channels], label)
 
 
-def load_head_selection(source: Any, teacher_num_heads: Optional[int] = None) -> Tuple[Selection, str]:
-    """The heads part of :func:`load_pruning_selection` (per-block head lists and a label)."""
-    selection = load_pruning_selection(source, teacher_num_heads)
-    return selection.heads, selection.label
-
-
 __all__ = [
     "CONFIG_FORMAT", "CONFIG_VERSION", "STRATEGIES", "BLOCK_NORMALIZATIONS", "UnitKind", "HEADS", "CHANNELS",
     "HeadImportance", "ChannelImportance", "UnitCosts", "PruningConfig", "PruningSelection", "check_pruning_ratio",
     "kept_per_block", "resolve_head_selection", "resolve_channel_selection", "validate_pruning_config",
     "validate_channel_selection", "normalize_block_scores", "allocate_uniform", "allocate_global",
-    "create_pruning_config", "load_pruning_selection", "load_head_selection",
+    "create_pruning_config", "load_pruning_selection",
 ]

@@ -30,27 +30,16 @@ import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
-from torch import nn
 
-from mmcv.models.detectors.orion_student import OrionStudent
+from mmcv.models.detectors.orion_student import TRAINABLE_PREFIX, TRAINING_CHILDREN, OrionStudent
 from mmcv.models.utils.kd_config import resolve_distillation_alpha
 from mmcv.models.utils.checkpoint_io import atomic_write_text, remove_stale_temp_files
+from mmcv.models.utils.unwrap import unwrap_model
 from mmcv.runner.hooks import HOOKS, Hook
 from mmcv.runner.hooks.nonfinite_guard import NonFiniteGuardHook  # noqa: F401  (registers it with the KD hooks)
 
-_TRAINABLE_PREFIX = "img_backbone."
-_ALWAYS_TRAINING_CHILDREN = ("img_backbone", "grid_mask")
-
-
 class KDRunError(RuntimeError):
     """The run is not the backbone-only KD run the config describes (one line, with the fix)."""
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside (MM)DataParallel / DistributedDataParallel wrappers."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 def student_of(runner: Any, hook: str) -> OrionStudent:
@@ -226,7 +215,7 @@ class KDCheckHook(Hook):
         student = student_of(runner, "KDCheckHook")
         want_training = student.training and student.kd_config["frozen_parts_mode"] == "train"
         wrong = [name for name, child in student.named_children()
-                 if name not in _ALWAYS_TRAINING_CHILDREN and child.training != want_training]
+                 if name not in TRAINING_CHILDREN and child.training != want_training]
         if wrong:
             raise KDRunError("KDCheckHook: frozen parts {} are in {} mode, but kd_config.frozen_parts_mode={!r} asks "
                              "for {} mode".format(wrong, "eval" if want_training else "training",
@@ -238,7 +227,7 @@ class KDCheckHook(Hook):
     @staticmethod
     def _check_trainable(student: OrionStudent) -> None:
         trainable = [name for name, param in student.named_parameters() if param.requires_grad]
-        outside = [name for name in trainable if not name.startswith(_TRAINABLE_PREFIX)]
+        outside = [name for name in trainable if not name.startswith(TRAINABLE_PREFIX)]
         if outside:
             raise KDRunError("KDCheckHook: {} parameter(s) outside img_backbone require gradients (e.g. {}); only "
                              "the student backbone may train (kd_config.freeze_non_backbone=True)".format(
@@ -256,7 +245,7 @@ class KDCheckHook(Hook):
             raise KDRunError("KDCheckHook: the optimizer holds teacher parameters; build it from the model "
                              "(the teacher is not among model.parameters())")
         stray = sorted(names.get(_tensor_id(p), "<not a model parameter>") for p in params
-                       if p.requires_grad and not names.get(_tensor_id(p), "").startswith(_TRAINABLE_PREFIX))
+                       if p.requires_grad and not names.get(_tensor_id(p), "").startswith(TRAINABLE_PREFIX))
         if stray:
             raise KDRunError("KDCheckHook: the optimizer would update {} tensor(s) outside img_backbone (e.g. {})"
                              .format(len(stray), stray[:3]))
@@ -355,5 +344,5 @@ def write_inference_config(path: str, base_config: str, backbone_cfg: Dict[str, 
     return atomic_write_text(path, text)
 
 
-__all__: List[str] = ["run_epoch_length", "epoch_mismatch_message", "KDAlphaScheduleHook", "KDLrLogHook", "KDCheckHook", "KDExportStudentHook", "KDRunError", "unwrap_model",
-                      "student_of", "write_inference_config"]
+__all__: List[str] = ["run_epoch_length", "epoch_mismatch_message", "KDAlphaScheduleHook", "KDLrLogHook", "KDCheckHook",
+                      "KDExportStudentHook", "KDRunError", "student_of", "write_inference_config"]

@@ -40,9 +40,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from mmcv.models.utils.checkpoint_io import non_finite_tensors
+from mmcv.models.utils.unwrap import unwrap_model
 from mmcv.runner.hooks import HOOKS, Hook
 
 
@@ -105,12 +105,6 @@ def _any_rank(flags: Sequence[bool], device: torch.device) -> List[bool]:
     packed = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(packed, op=dist.ReduceOp.MAX)
     return [bool(v) for v in packed.tolist()]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 def _optimizers(runner: Any) -> List[torch.optim.Optimizer]:
@@ -185,7 +179,7 @@ class NonFiniteGuardHook(Hook):
 
     def after_train_iter(self, runner: Any) -> None:
         terms = non_finite_terms(getattr(runner, "outputs", None))
-        model = _unwrap(runner.model)
+        model = unwrap_model(runner.model)
         device = next(model.parameters()).device
         skipped = self._dropped or not self._stepped or bool(terms)
         if not self._stepped:  # what the scaler saw: its unscaled gradients are still there
