@@ -1,6 +1,8 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
-# Both create .venv, install torch 2.13 when no torch is present, install this package with its test
-# extra, every package pinned by constraints.txt (the versions the shipped numbers were made with), then run.
+# Two entry points for a fresh machine: `make demo` and `make test` (`make notebook` re-executes the walkthrough
+# notebook and rewrites its committed outputs).
+# Both create .venv, install torch 2.13 when no torch is present (any build; the CPU one suffices), install this
+# package with its test extra, every package pinned by constraints.txt (the versions the shipped numbers were made
+# with), then run.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +11,7 @@ STAMP := $(VENV)/.installed
 # when it cannot be built (no PyPI), those tests skip and say why.
 MMCV1X_STAMP := $(VENV)/mmcv1x/.built
 
-.PHONY: demo test setup clean constraints
+.PHONY: demo test notebook setup clean constraints
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +28,9 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) demo_kd_50_pruning.py
+
+notebook: $(STAMP)
+	$(PY) tools/run_notebook.py
 
 $(MMCV1X_STAMP): $(STAMP) tests/mmcv1x_env.py
 	-$(PY) tests/mmcv1x_env.py

@@ -44,7 +44,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "vermin>=1.6", "onnx>=1.14", "onnxruntime>=1.16"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "vermin>=1.6", "onnx>=1.14", "onnxruntime>=1.16", "nbclient>=0.7",
+                 "nbformat>=5", "ipykernel>=6"],
         "onnx": ["onnx>=1.14", "onnxruntime>=1.16"],
         "tensorboard": ["tensorboard"],
     },

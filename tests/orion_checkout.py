@@ -1,9 +1,8 @@
 """An installed copy of ORION's real tree for tests, and a way to run this repository's entry points in it.
 
-``ORION_ROOT`` names the ORION tree; without it ``../shared/orion`` beside this repository is used when it
-exists, and the tests that need it skip with one line otherwise. The tree is never written: it is copied
-to a temporary folder (without the executable bits, as ORION's repository stores its scripts) and the
-plugin is installed there with ``tools/install_into_orion.py``.
+The tree is the suite's ``orion_root`` fixture (``ORION_ROOT``, else ``../shared/orion``; ``tests/conftest.py``).
+It is never written: it is copied to a temporary folder (without the executable bits, as ORION's
+repository stores its scripts) and the plugin is installed there (``tests/orion_tree/tree.py``).
 
 ORION's ``mmcv/__init__.py`` imports CUDA ops, OpenCV and the LLM stack. ``BOOT`` runs a script in the
 copy with the packages ``mmcv`` and ``mmcv.models`` (and the plugin's subpackages) as bare package objects
@@ -19,10 +18,10 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional, Tuple
+
+from tests.orion_tree.tree import install_plugin
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_ORION = REPO.parent / "shared" / "orion"
 
 BOOT = r"""
 import importlib.machinery, importlib.util, os, re, runpy, sys, types
@@ -54,15 +53,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def orion_tree() -> Tuple[Optional[Path], str]:
-    """(ORION tree, "") or (None, why not): ``ORION_ROOT``, else ``../shared/orion`` when it exists."""
-    given = os.environ.get("ORION_ROOT")
-    root = Path(given).expanduser().resolve() if given else DEFAULT_ORION
-    if not (root / "adzoo/orion/configs/orion_stage3_train.py").is_file():
-        return None, "no ORION tree at {}: set ORION_ROOT=PATH/TO/Orion".format(root)
-    return root, ""
-
-
 def installed_orion_copy(tree: Path, dest: Path) -> Path:
     """Copy ``tree`` to ``dest`` (files mode 0644/0755 dirs, as git checks ORION out) and install the plugin."""
     shutil.copytree(str(tree), str(dest), ignore=shutil.ignore_patterns(".git", "__pycache__", "*.pyc"))
@@ -70,12 +60,7 @@ def installed_orion_copy(tree: Path, dest: Path) -> Path:
         os.chmod(folder, 0o755)
         for name in files:
             os.chmod(os.path.join(folder, name), stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
-    proc = subprocess.run([sys.executable, "-B", str(REPO / "tools/install_into_orion.py"), str(dest),
-                           "--skip-import-check"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=120)
-    if proc.returncode != 0:
-        raise RuntimeError("install_into_orion.py {} failed: {}".format(dest, proc.stderr.strip()))
-    return dest
+    return install_plugin(dest)
 
 
 def run_in_orion(copy: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:

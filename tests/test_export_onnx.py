@@ -88,7 +88,7 @@ def test_onnx_runtime_matches_pytorch_on_random_images_and_world_frames(kind, te
     if kind != "teacher":
         assert sidecar["backbone"]["selected_heads_per_layer"] == HEADS
     assert json.loads((tmp_path / "backbone.onnx.json").read_text()) == sidecar
-    assert sidecar["onnx_sha256"] == export_onnx.sha256_of_file(str(out))
+    assert sidecar["onnx_sha256"] == export_onnx.file_sha256(str(out))
     assert sidecar["weights_sha256"] == export_onnx.tensors_sha256(model.state_dict())
 
 
@@ -118,7 +118,7 @@ def test_cli_exports_a_checkpoint_with_its_own_config_and_records_the_source(tea
     sidecar = export_onnx.main([ckpt])
     out = tmp_path / "student_pruned_backbone.onnx"
     assert out.is_file() and "wrote" in capsys.readouterr().out
-    assert sidecar["source"] == dict(path=ckpt, sha256=export_onnx.sha256_of_file(ckpt))
+    assert sidecar["source"] == dict(path=ckpt, sha256=export_onnx.file_sha256(ckpt))
     assert sidecar["img_backbone"] == cfg and sidecar["opset"] == export_onnx.DEFAULT_OPSET
     teacher_config = str(ROOT / "adzoo/orion/configs/orion_tiny_train.py")  # an ORION config: its img_backbone
     teacher_ckpt_path = tmp_path / "teacher.pth"

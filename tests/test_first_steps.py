@@ -181,7 +181,7 @@ def test_materialize_with_a_damaged_shipped_teacher_is_one_line(tmp_path, monkey
     import tools.tiny_teacher_asset as asset
     import tools.train_tiny_teacher as ttt
 
-    monkeypatch.setattr(asset, "sha256_of", lambda path: "0" * 64)  # the shipped file no longer matches
+    monkeypatch.setattr(asset, "file_sha256", lambda path: "0" * 64)  # the shipped file no longer matches
     monkeypatch.setattr(ttt, "MATERIALIZED_CHECKPOINT", tmp_path / "orion_tiny.pth")
     assert ttt.main(["--materialize"]) == 2
     err = capsys.readouterr().err

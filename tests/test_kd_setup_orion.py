@@ -13,7 +13,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from tests.orion_checkout import installed_orion_copy, orion_tree, run_in_orion
+from tests.orion_checkout import installed_orion_copy, run_in_orion
 from tools.kd_setup_check import FAIL, PASS, WARN, Check
 
 KD_CONFIG = "adzoo/orion/configs/orion_stage3_kd_train.py"
@@ -37,11 +37,8 @@ def fitting_teacher(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def orion(tmp_path_factory) -> Path:
-    tree, why = orion_tree()
-    if tree is None:
-        pytest.skip(why)
-    copy = installed_orion_copy(tree, tmp_path_factory.mktemp("orion") / "Orion")
+def orion(tmp_path_factory, orion_root: Path) -> Path:
+    copy = installed_orion_copy(orion_root, tmp_path_factory.mktemp("orion") / "Orion")
     for rel in INPUTS:
         target = copy / rel
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,7 @@ def test_make_installs_with_the_pinned_versions_the_numbers_were_made_with():
     makefile = (root / "Makefile").read_text()
     assert makefile.count("-c $(CONSTRAINTS)") == 2 and "CONSTRAINTS := constraints.txt" in makefile
     needed = ["torch", "mmengine", "transformers", "numpy", "safetensors", "matplotlib", "tqdm", "pytest",
-              "pytest-xdist", "vermin"]
+              "pytest-xdist", "vermin", "onnx", "onnxruntime", "nbclient", "nbformat", "ipykernel"]
     assert not [name for name in needed if name not in pins]
     for name in ("torch", "numpy", "transformers"):  # what the shipped metrics depend on
         assert metadata.version(name).split("+")[0] == pins[name], name

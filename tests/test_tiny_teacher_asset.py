@@ -18,7 +18,7 @@ def shipped():
 
 
 def test_shipped_teacher_matches_its_checksum_and_is_small(shipped):
-    assert shipped["sha256"] == asset.expected_sha256() == asset.sha256_of(asset.SHIPPED_TEACHER)
+    assert shipped["sha256"] == asset.expected_sha256() == asset.file_sha256(asset.SHIPPED_TEACHER)
     assert asset.SHIPPED_TEACHER.stat().st_size < 8 * 2 ** 20
 
 

@@ -51,7 +51,8 @@ import torch
 from torch import nn
 
 from mmcv.models.backbones.eva_vit_student import EVAViTStudent
-from mmcv.models.utils.checkpoint_io import atomic_write_json, load_checkpoint_file, state_dict_of, temp_path_for
+from mmcv.models.utils.checkpoint_io import (atomic_write_json, file_sha256, load_checkpoint_file, state_dict_of,
+                                             temp_path_for)
 from mmcv.models.utils.eva_surgery import BACKBONE_PREFIX, backbone_subdict
 from mmcv.models.utils.user_errors import describe_os_error, load_config
 
@@ -103,15 +104,6 @@ def check_opset(opset: int) -> int:
 
 
 # --------------------------------------------------------------------------- checksums and description
-
-
-def sha256_of_file(path: str) -> str:
-    """sha256 of a file's bytes (what ``sha256sum`` prints)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tensors_sha256(state: Mapping[str, torch.Tensor]) -> str:
@@ -266,11 +258,11 @@ def _sidecar(model: EVAViTStudent, path: str, tmp: str, opset: int, atol: float,
     size = model.img_size
     grid = size // model.patch_size
     return dict(
-        onnx=os.path.basename(path), onnx_sha256=sha256_of_file(tmp), opset=opset,
+        onnx=os.path.basename(path), onnx_sha256=file_sha256(tmp), opset=opset,
         exporter="torch.onnx.export (TorchScript, dynamo=False)",
         input=dict(name=INPUT_NAME, shape=["batch", 3, size, size], dtype="float32"),
         output=dict(name=model._out_features[0], shape=["batch", model.embed_dim, grid, grid], dtype="float32"),
-        source=dict(path=source, sha256=sha256_of_file(source)) if source else None,
+        source=dict(path=source, sha256=file_sha256(source)) if source else None,
         weights_sha256=weights_sha256, img_backbone=dict(config) if config else None,
         backbone=describe_backbone(model),
         parity=dict(runtime="onnxruntime CPUExecutionProvider", atol=atol, inputs=checked), versions=versions)

@@ -188,7 +188,7 @@ def unmaterialized_teacher(path: str) -> Optional[Check]:
                                               verify_shipped_teacher)
     except ImportError:  # inside ORION: no shipped miniature teacher
         return None
-    if os.path.abspath(path) != str(MATERIALIZED_CHECKPOINT) or not SHIPPED_TEACHER.is_file():
+    if os.path.realpath(path) != os.path.realpath(MATERIALIZED_CHECKPOINT) or not SHIPPED_TEACHER.is_file():
         return None
     try:
         verify_shipped_teacher()

@@ -13,7 +13,6 @@ came from anything else (an older architecture, a retrained teacher) with one li
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
+from mmcv.models.utils.checkpoint_io import file_sha256
 from tools.metric_direction import HEADLINE_METRICS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,14 +33,6 @@ PathLike = Union[str, os.PathLike]
 
 class TeacherAssetError(ValueError):
     """The shipped teacher or a checkpoint written from it cannot be used; the message names the file and the fix."""
-
-
-def sha256_of(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def expected_sha256(checksum_file: PathLike = SHIPPED_CHECKSUM) -> str:
@@ -61,7 +53,7 @@ def verify_shipped_teacher(path: PathLike = SHIPPED_TEACHER, checksum_file: Path
         raise TeacherAssetError(f"{path}: the shipped tiny teacher is missing; restore it with `git checkout -- "
                                 f"{os.path.relpath(path, REPO_ROOT)}` (or `git lfs pull` if your clone keeps large "
                                 f"files elsewhere)")
-    expected, got = expected_sha256(checksum_file), sha256_of(path)
+    expected, got = expected_sha256(checksum_file), file_sha256(path)
     if got != expected:
         raise TeacherAssetError(f"{path}: sha256 {got[:16]}... does not match {os.path.basename(checksum_file)} "
                                 f"({expected[:16]}...); the file is damaged or replaced: `git checkout -- "
@@ -99,7 +91,7 @@ def write_shipped_teacher(state_dict: Mapping[str, torch.Tensor], meta: Mapping[
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     payload = save(tensors, metadata=metadata)
     atomic_write(path, lambda handle: handle.write(payload))
-    digest = sha256_of(path)
+    digest = file_sha256(path)
     atomic_write_text(checksum_file, f"{digest}  {Path(path).name}\n")
     return digest
 
@@ -188,6 +180,6 @@ def plot_curve(curve: List[Mapping[str, float]], chance: Mapping[str, float], pa
         plt.close(fig)
 
 
-__all__ = ["SHIPPED_TEACHER", "SHIPPED_CHECKSUM", "MATERIALIZED_CHECKPOINT", "TeacherAssetError", "sha256_of",
+__all__ = ["SHIPPED_TEACHER", "SHIPPED_CHECKSUM", "MATERIALIZED_CHECKPOINT", "TeacherAssetError", "file_sha256",
            "expected_sha256", "verify_shipped_teacher", "read_shipped_teacher", "write_shipped_teacher",
            "materialize_teacher_checkpoint", "check_materialized", "compare_with_shipped", "plot_curve"]

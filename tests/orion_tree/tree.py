@@ -63,7 +63,11 @@ def code_copy(root: Path, dest: Path) -> Path:
 
 def installed_copy(root: Path, dest: Path) -> Path:
     """Copy ORION's code to ``dest`` and install the plugin there (ORION's own import runs in the scenarios)."""
-    code_copy(root, dest)
+    return install_plugin(code_copy(root, dest))
+
+
+def install_plugin(dest: Path) -> Path:
+    """Install this repository's plugin into the ORION copy ``dest`` (its import check needs CUDA: skipped)."""
     proc = subprocess.run([sys.executable, "-B", str(REPO / "tools/install_into_orion.py"), str(dest),
                            "--skip-import-check"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=120)

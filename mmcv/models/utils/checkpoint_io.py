@@ -11,6 +11,7 @@ Plugin file: Python 3.8, torch 2.0-2.4, no mmengine.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -119,6 +120,15 @@ def state_dict_of(checkpoint: Any, label: str = "checkpoint") -> Dict[str, Any]:
     if not isinstance(state, Mapping):
         raise CheckpointError("{}: 'state_dict' must be a dict of tensors, got {}".format(label, type(state).__name__))
     return strip_module_prefix(state)
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex sha256 of a file's bytes (what ``sha256sum`` prints), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(str(path), "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def temp_path_for(path: PathLike) -> str:
