@@ -202,3 +202,22 @@ def test_compare_cells_reads_a_demo_report_as_one_record():
     moved = dict(report, task_only_metrics=dict(stage, plan_l2=1.25))
     result = differences(record, as_record(moved))
     assert result["largest_abs_difference"] == 0.25 and result["metrics"]["task_only_metrics.plan_l2"] == -0.25
+
+
+def test_a_joint_study_plots_joint_against_heads_only_with_its_verdicts(tmp_path):
+    from tools.kd_study_report import write_study_outputs
+
+    records = []
+    for seed in range(3):
+        for mode, kept in (("joint", 0.99 + 0.001 * seed), ("heads_at_joint_speed", 0.95)):
+            cell = Cell(seed, 0.5, "magnitude", "kd", mode=mode)
+            records.append(dict(cell=cell.__dict__, group=cell.group, backbone_cosine=kept,
+                                metrics=dict(det_f1=kept, lane_iou=kept, qa_acc=kept, plan_l2=1.0),
+                                retained=dict(det_f1=kept, lane_iou=kept, qa_acc=kept, plan_l2=kept)))
+    teacher = dict(det_f1=1.0, lane_iou=1.0, qa_acc=1.0, plan_l2=1.0)
+    payload = write_study_outputs(records, teacher, tmp_path, dict(command="c", epochs=1, frames=64, threads=1,
+                                                                   teacher="t"))
+    assert (tmp_path / "joint_vs_heads.png").is_file() and not (tmp_path / "retention_vs_ratio.png").exists()
+    (comparison,) = payload["comparisons"]
+    assert comparison["by_quantity"]["det_f1"]["verdict"] == "ahead" and "joint_vs_heads.png" in \
+        (tmp_path / "study.md").read_text()

@@ -156,13 +156,11 @@ def headline_comparisons(records: Sequence[Mapping[str, Any]]) -> List[Dict[str,
     specs = []
     for ratio in sorted({r["cell"]["ratio"] for r in records}):
         mag = dict(ratio=ratio, selection="magnitude")
-        specs += [(f"{ratio:.0%}: KD vs task loss only", dict(mag, training="kd"), dict(mag, training="task_only")),
-                  (f"{ratio:.0%}, 10% of the labels: KD vs task loss only", dict(mag, training="kd", label_fraction=0.1),
-                   dict(mag, training="task_only", label_fraction=0.1)),
-                  (f"{ratio:.0%}: KD with 10% of the labels vs KD with all", dict(mag, training="kd", label_fraction=0.1),
-                   dict(mag, training="kd")),
-                  (f"{ratio:.0%}: pure distillation (alpha 1) vs KD with the schedule", dict(mag, training="kd", alpha=1.0),
-                   dict(mag, training="kd")),
+        kd, task, tenth = dict(mag, training="kd"), dict(mag, training="task_only"), dict(label_fraction=0.1)
+        specs += [(f"{ratio:.0%}: KD vs task loss only", kd, task),
+                  (f"{ratio:.0%}, 10% of the labels: KD vs task loss only", dict(kd, **tenth), dict(task, **tenth)),
+                  (f"{ratio:.0%}: KD with 10% of the labels vs KD with all", dict(kd, **tenth), kd),
+                  (f"{ratio:.0%}: pure distillation (alpha 1) vs KD with the schedule", dict(kd, alpha=1.0), kd),
                   (f"{ratio:.0%}: pure distillation (alpha 1) vs task loss only", dict(mag, training="kd", alpha=1.0),
                    dict(mag, training="task_only")),
                   (f"{ratio:.0%}, KD: joint vs heads only at the joint student's speed",
@@ -283,6 +281,41 @@ def plot_kd_vs_task(groups: Mapping[str, Mapping[str, Any]], path: Path,
     return _save(fig, path)
 
 
+def plot_joint_vs_heads(groups: Mapping[str, Mapping[str, Any]], path: Path,
+                        comparisons: Sequence[Mapping[str, Any]] = ()) -> str:
+    """Bars: retention of the joint student and of the heads-only student at its speed (mean ± std), per training;
+    under each pair, the paired verdict of joint against heads only."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(g["settings"]["ratio"], g["settings"]["training"]) for g in groups.values()
+                   if g["settings"]["mode"] == "joint"})
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.0 * len(METRICS), 3.6), squeeze=False)
+    width = 0.38
+    for ax, metric in zip(axes[0], METRICS):
+        for offset, mode in ((-width / 2, "joint"), (width / 2, "heads_at_joint_speed")):
+            stats = [find_group(groups, ratio=r, selection="magnitude", training=t, mode=mode) for r, t in keys]
+            found = [(i, st["retained"][metric]) for i, st in enumerate(stats) if st]
+            ax.bar([i + offset for i, _ in found], [r["mean"] for _, r in found], width,
+                   yerr=[r["std"] for _, r in found], capsize=3,
+                   label="joint" if mode == "joint" else "heads only, same speed")
+        labels = []
+        for ratio, training in keys:
+            word = "no verdict"
+            for c in comparisons:
+                if (c["a"].get("mode"), c["b"].get("mode"), c["a"]["ratio"], c["a"]["training"]) == \
+                        ("joint", "heads_at_joint_speed", ratio, training):
+                    word = f"{c['by_quantity'][metric]['verdict']}\n({len(c['seeds'])} seeds)"
+            labels.append(f"{ratio:.0%}, {TRAINING_LABELS[training]}\njoint {word}")
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_title(f"{metric} kept (magnitude)", fontsize=9)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
 def _kd_verdict(comparisons: Sequence[Mapping[str, Any]], ratio: float, fraction: float, metric: str) -> str:
     """The verdict of KD against task loss only at ``ratio`` and ``fraction`` on ``metric`` ('?' without one)."""
     for comparison in comparisons:
@@ -322,15 +355,21 @@ def write_study_outputs(records: Sequence[Mapping[str, Any]], teacher: Mapping[s
                    comparisons=comparisons, verdicts=verdicts, cells=list(records), table=table,
                    detail_retention=details, detail_table=fine_table)
     atomic_write_json(out / "study.json", payload)
-    plots = [plot_retention_vs_ratio(groups, out / "retention_vs_ratio.png", comparisons),
-             plot_kd_vs_task(groups, out / "kd_vs_task_only.png", comparisons)]
+    modes = {g["settings"]["mode"] for g in groups.values()}
+    plots = []
+    if "heads" in modes:
+        plots += [plot_retention_vs_ratio(groups, out / "retention_vs_ratio.png", comparisons),
+                  plot_kd_vs_task(groups, out / "kd_vs_task_only.png", comparisons)]
+    if {"joint", "heads_at_joint_speed"} <= modes:
+        plots.append(plot_joint_vs_heads(groups, out / "joint_vs_heads.png", comparisons))
     atomic_write_text(out / "study.md", "\n".join([
         "# KD study (miniature world)", "", f"Command: `{settings['command']}`; {settings['epochs']} epoch(s) of "
         f"{settings['frames']} frames per trained cell, {settings['threads']} thread(s), teacher {settings['teacher']}. Mean ± std over seeds; "
         "'worst kept' is the lowest of the four retentions (student / teacher; teacher / student for plan L2).", "",
         table, "", "## Comparisons, paired over seeds", "", "A minus B, per seed, then the mean and its standard error "
         "over the seeds both have; 'ahead' or 'behind' when the mean lies more than 2 standard errors from 0, "
-        "else 'not separable'. Retentions in percentage points (pp).", "", *verdicts, "", "## Finer task metrics", "", "Retention (student / teacher) per detection class, per question "
+        "else 'not separable'. Retentions in percentage points (pp).", "", *verdicts, "", "## Finer task metrics", "",
+        "Retention (student / teacher) per detection class, per question "
         "type and of the traffic state, mean ± std over seeds:", "", fine_table, "", "## Findings", "", *notes, "",
         "Plots: " + ", ".join(os.path.basename(p) for p in plots), ""]))
     return payload
@@ -338,5 +377,5 @@ def write_study_outputs(records: Sequence[Mapping[str, Any]], teacher: Mapping[s
 
 __all__ = ["METRICS", "DETAIL_METRICS", "COMPARED", "mean_std", "aggregate", "markdown_table", "detail_retention",
            "detail_table", "find_group", "verdict", "paired_comparison", "headline_comparisons", "describe_comparison",
-           "findings", "detail_findings", "plot_retention_vs_ratio", "plot_kd_vs_task",
+           "findings", "detail_findings", "plot_retention_vs_ratio", "plot_kd_vs_task", "plot_joint_vs_heads",
            "write_study_outputs"]
