@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine: `make demo` and `make test` (`make notebook` re-executes the walkthrough
 # notebook and rewrites its committed outputs).
-# Both create .venv, install torch 2.13 when no torch is present (any build; the CPU one suffices),
-# install this package with its test extra, then run.
+# Both create .venv, install torch 2.13 when no torch is present (any build; the CPU one suffices), install this
+# package with its test extra, every package pinned by constraints.txt (the versions the shipped numbers were made
+# with), then run.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,15 +11,17 @@ STAMP := $(VENV)/.installed
 # when it cannot be built (no PyPI), those tests skip and say why.
 MMCV1X_STAMP := $(VENV)/mmcv1x/.built
 
-.PHONY: demo test notebook setup clean
+.PHONY: demo test notebook setup clean constraints
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): $(PY) setup.py
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+CONSTRAINTS := constraints.txt
+
+$(STAMP): $(PY) setup.py $(CONSTRAINTS)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -c $(CONSTRAINTS) torch
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[test]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -34,6 +37,11 @@ $(MMCV1X_STAMP): $(STAMP) tests/mmcv1x_env.py
 
 test: $(STAMP) $(MMCV1X_STAMP)
 	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
+
+# After rerunning the shipped numbers in a new environment: pin what it holds (this package itself left out).
+constraints: $(STAMP)
+	{ sed -n '1,3p' $(CONSTRAINTS); $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) work_dirs

@@ -30,8 +30,9 @@ if str(ROOT) not in sys.path:
 
 from tools.dependency_check import require_dependencies  # noqa: E402  (standard library only)
 from tools.demo_support import (HIGHER_IS_BETTER, backbone_similarity, evaluate_targets,  # noqa: E402
-                                 load_exported_student, plot_loss_curves, retained, spearman, time_backbones,
-                                 train_kd, val_loader, write_kd_config, write_report)
+                                 importance_loader, load_exported_student, plot_loss_curves, retained,
+                                 shipped_study_lines, spearman, time_backbones, train_kd, val_loader,
+                                 write_kd_config, write_report)
 
 TINY_KD_CONFIG = "adzoo/orion/configs/orion_tiny_kd_train.py"
 METHODS = ("magnitude", "gradient", "entropy", "activation")
@@ -50,6 +51,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", default="work_dirs/demo_kd_50_pruning")
     parser.add_argument("--random-draws", type=int, default=5, help="random head selections for the baseline")
     parser.add_argument("--skip-benchmark", action="store_true")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (default 2): the metrics are reproduced exactly at the same thread count "
+                             "on the same kind of CPU")
     parser.add_argument("--train-frames", type=int, default=None,
                         help="training frames per epoch for KD and the control (default: the config's 512, i.e. "
                              "64 iterations of 8); fewer make a quick, less accurate run")
@@ -70,6 +74,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error(f"--pruning-ratio is the fraction of heads removed, in [0, 1); got {args.pruning_ratio}")
     if not 0.0 <= args.mlp_pruning_ratio < 1.0:
         parser.error(f"--mlp-pruning-ratio is the fraction of channels removed, in [0, 1); got {args.mlp_pruning_ratio}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.train_frames is not None and (args.train_frames < 64 or args.train_frames % 8):
         parser.error("--train-frames must be a multiple of the tiny config's batch of 8 and at least one batch of "
                      f"8-frame scenes (64); got {args.train_frames}")
@@ -124,6 +130,7 @@ class DemoRun:
     teacher: Any = None
     val_set: Any = None
     loader: Any = None
+    importance_loader: Any = None
     pruning: Any = None
     kd_config: Optional[Path] = None
     before: Any = None
@@ -140,6 +147,7 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
     started = time.time()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     report: Dict[str, Any] = dict(seed=args.seed, pruning_ratio=args.pruning_ratio, strategy=args.strategy,
                                   method=args.method, config=args.config, torch=torch.__version__,
@@ -164,6 +172,7 @@ def run_pipeline(args: argparse.Namespace) -> Dict[str, Any]:
     report["stage_seconds"] = dict(Stage.timings)
     report["total_seconds"] = time.time() - started
     report["targets"] = {**evaluate_targets(report), **joint_targets(report)}
+    report["shipped_study"] = shipped_study_lines(report)
     write_report(report, work, joint_report_section(report))
     return report
 
@@ -180,6 +189,7 @@ def stage_teacher(run: DemoRun) -> None:
     run.val_set = build_dataset(run.cfg.data.val)
     train_set = build_dataset(run.cfg.data.train)
     run.loader = val_loader(run.val_set, batch_size=8)
+    run.importance_loader = importance_loader(run.cfg.data.train)
     metrics = evaluate(run.teacher, run.val_set)
     run.report.update(teacher_checkpoint=teacher_path, teacher_metrics=metrics,
                       chance_metrics=chance_levels(train_set, run.val_set))
@@ -195,7 +205,7 @@ def stage_importance(run: DemoRun) -> None:
             result = hpu.compute_head_importance_magnitude(run.teacher)
         else:
             fn = getattr(hpu, f"compute_head_importance_{method}")
-            result = fn(run.teacher, run.loader, num_batches=8, progress=False)
+            result = fn(run.teacher, run.importance_loader, num_batches=8, progress=False)
         result.save(run.work / f"importance_{method}.json")
         run.importance[method] = result
         print(f"  {method:<10} {time.time() - t0:5.1f}s")
@@ -204,7 +214,8 @@ def stage_importance(run: DemoRun) -> None:
     run.report["importance_rank_correlation_to_chosen"] = ranks
     if run.args.joint:
         method = run.args.channel_method
-        kwargs = {} if method == "magnitude" else dict(dataloader=run.loader, num_batches=8, progress=False)
+        kwargs = {} if method == "magnitude" else dict(dataloader=run.importance_loader, num_batches=8,
+                                                       progress=False)
         run.channel_importance = hpu.compute_channel_importance(run.teacher, method, **kwargs)
         run.channel_importance.save(run.work / f"channel_importance_{method}.npz")
         print(f"  channels ({method}) {run.channel_importance.metadata.get('seconds', 0):5.1f}s")
@@ -330,8 +341,10 @@ def stage_benchmark(run: DemoRun) -> None:
     if not run.args.skip_benchmark:
         medians = time_backbones(dict(teacher=teacher, student=student), image)
         hw = tuple(image.shape[-2:])
+        from tools.bench_record import environment
         speed = dict(median_s=medians, speedup=medians["teacher"] / medians["student"],
-                     ceiling=teacher.analytic_macs(hw) / student.analytic_macs(hw), batch=int(image.shape[0]))
+                     ceiling=teacher.analytic_macs(hw) / student.analytic_macs(hw), batch=int(image.shape[0]),
+                     environment=environment())
         print(f"  tiny backbone: teacher {medians['teacher'] * 1e3:.1f} ms, student {medians['student'] * 1e3:.1f}"
               f" ms per {image.shape[0]} images, speedup {speed['speedup']:.3f}x (analytic ceiling "
               f"{speed['ceiling']:.3f}x)")

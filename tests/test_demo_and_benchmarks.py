@@ -83,6 +83,15 @@ def test_benchmark_backbone_reports_its_raw_times_and_the_architecture_ceiling(t
     median = saved["median_s"]
     assert saved["speedup"] == median["teacher_sdpa"] / median["student_sdpa"]
     assert saved["sdpa_vs_math_speedup"] == median["teacher_math"] / median["teacher_sdpa"]
+    times = saved["times_s"]  # every round's ratio, and the spreads, from the raw times
+    assert saved["ratio_per_round"]["speedup"] == [t / s for t, s in zip(times["teacher_sdpa"], times["student_sdpa"])]
+    assert saved["time_spread_s"]["student_sdpa"] == dict(min=min(times["student_sdpa"]), max=max(times["student_sdpa"]),
+                                                          median=median["student_sdpa"])
+    with open("/proc/cpuinfo") as info:
+        names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    assert saved["environment"]["cpu_model"] == names[0] and saved["environment"]["threads"] == torch.get_num_threads()
+    assert len(saved["load_average"]) == 3 and saved["environment"]["torch"] == torch.__version__
+    assert (saved["beyond_ceiling"] is None) == (saved["speedup"] <= saved["ceiling"])
     # the ceiling and sizes of ORION-L at depth 3 (windows 0, 1; global 2), 64 px, from the architecture
     geometry = dict(patch_size=16, in_chans=3, embed_dim=1024, mlp_hidden=2730, head_dim=64,
                     window_per_block=[16, 16, 0])
@@ -107,6 +116,9 @@ def test_benchmark_kd_step_reports_its_raw_times_and_memory(tmp_path):
     for name, values in entry["times_s"].items():
         assert len(values) == 2 and entry["median_s"][name] == statistics.median(values)
     assert entry["time_ratio"] == entry["median_s"]["kd"] / entry["median_s"]["student_only"]
+    kd, alone = entry["times_s"]["kd"], entry["times_s"]["student_only"]
+    assert entry["ratio_per_round"]["time_ratio"] == [a / b for a, b in zip(kd, alone)]
+    assert entry["ratio_spread"]["time_ratio"]["max"] == max(a / b for a, b in zip(kd, alone))
     memory = entry["peak_memory_mb"]
     assert set(memory) == {"kd", "student_only"} and entry["memory_ratio"] == memory["kd"] / memory["student_only"]
 

@@ -1,11 +1,13 @@
 """kd_config.label_fraction: every frame is distilled, the task loss trains only through the labelled ones."""
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
 from mmcv.models.utils.kd_config import resolve_kd_config
-from mmcv.models.utils.label_subset import detach_unlabelled, frame_key, is_labelled, labelled_mask
+from mmcv.models.utils.label_subset import detach_unlabelled, frame_draw, frame_key, is_labelled, labelled_mask
 from tests.test_orion_student import batch, make_student, teacher_ckpt  # noqa: F401  (fixtures)
 
 
@@ -19,8 +21,15 @@ def test_labelled_frames_are_a_fixed_nested_share_of_the_frames():
     half = labelled_mask(frames, 0.5)
     assert 0.08 < tenth.float().mean() < 0.12 and 0.47 < half.float().mean() < 0.53
     assert bool((half | ~tenth).all())  # every frame labelled at 10% is labelled at 50%
-    assert torch.equal(tenth, labelled_mask(list(reversed(frames)), 0.1).flip(0))  # order does not matter
     assert labelled_mask(frames, 1.0).all() and not labelled_mask(frames, 0.0).any()
+
+
+def test_the_draw_is_the_first_8_bytes_of_blake2b_of_the_frame_key():
+    # Known answers, written out by hand from the hex digest (a second route to the same number).
+    key = "synthetic-train-0-scene00000/3"
+    hexdigest = hashlib.new("blake2b", key.encode("ascii"), digest_size=8).hexdigest()
+    assert frame_draw(dict(scene_token="synthetic-train-0-scene00000", frame_idx=3)) == int(hexdigest, 16) / 2.0 ** 64
+    assert frame_draw(dict(sample_idx=7)) == int(hashlib.new("blake2b", b"7", digest_size=8).hexdigest(), 16) / 2 ** 64
 
 
 def test_frame_key_prefers_scene_and_frame_and_names_missing_keys():
@@ -30,10 +39,16 @@ def test_frame_key_prefers_scene_and_frame_and_names_missing_keys():
         is_labelled(dict(filename="x"), 0.5)
 
 
-def test_detach_unlabelled_passes_gradient_only_through_labelled_samples():
-    features = torch.ones(6, 3, requires_grad=True)  # 3 samples x 2 cameras
-    detach_unlabelled(features, torch.tensor([True, False, True])).sum().backward()
-    assert features.grad[:, 0].tolist() == [1, 1, 0, 0, 1, 1]
+def test_detach_unlabelled_passes_gradient_only_through_labelled_samples_as_their_mean():
+    features = torch.arange(18.0).view(6, 3).requires_grad_()  # 3 samples x 2 cameras
+    out = detach_unlabelled(features, torch.tensor([True, False, True]))
+    assert torch.equal(out, features)  # the heads see the same values
+    out.sum().backward()
+    # 2 of 3 samples labelled: their rows carry the batch's weight, 3 / 2 each
+    assert features.grad[:, 0].tolist() == [1.5, 1.5, 0, 0, 1.5, 1.5]
+    none = torch.ones(4, 3, requires_grad=True)
+    detach_unlabelled(none, torch.tensor([False, False])).sum().backward()
+    assert float(none.grad.abs().max()) == 0.0
     with pytest.raises(ValueError, match="do not split"):
         detach_unlabelled(torch.ones(5, 3), torch.tensor([True, False]))
 

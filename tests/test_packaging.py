@@ -67,3 +67,22 @@ def test_setup_refuses_to_install_next_to_a_real_mmcv(tmp_path):
                           timeout=120)
     assert proc.returncode != 0
     assert "mmcv-full 1.7.2" in proc.stderr and "would shadow" in proc.stderr
+
+
+def test_make_installs_with_the_pinned_versions_the_numbers_were_made_with():
+    import importlib.metadata as metadata
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    pins = {}
+    for line in (root / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([^\s;]+)", line.strip()).groups()
+            pins[name.lower().replace("_", "-")] = version
+    makefile = (root / "Makefile").read_text()
+    assert makefile.count("-c $(CONSTRAINTS)") == 2 and "CONSTRAINTS := constraints.txt" in makefile
+    needed = ["torch", "mmengine", "transformers", "numpy", "safetensors", "matplotlib", "tqdm", "pytest",
+              "pytest-xdist", "vermin", "onnx", "onnxruntime", "nbclient", "nbformat", "ipykernel"]
+    assert not [name for name in needed if name not in pins]
+    for name in ("torch", "numpy", "transformers"):  # what the shipped metrics depend on
+        assert metadata.version(name).split("+")[0] == pins[name], name

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from mmcv.models.utils.checkpoint_io import atomic_write_json
 from mmcv.models.utils.eva_cost import analytic_backbone_macs
 from mmcv.models.utils.pruning_config import PruningConfig
 from mmcv.models.utils.pruning_cost import UnitCosts
+from tools.bench_record import BEYOND_CEILING, cpu_model, environment, load_average, rounds_record
 
 ORION_L = dict(img_size=640, patch_size=16, window_size=16, in_chans=3, embed_dim=1024, num_heads=16,
                mlp_ratio=4 * 2 / 3, qkv_bias=True, drop_path_rate=0.0, teacher_num_heads=16)
@@ -271,6 +271,7 @@ def run_benchmark(args: argparse.Namespace, spec: StudentSpec, device: torch.dev
     if not args.skip_math:
         teacher_math = build(args.depth, 16, "math", device, dtype, args.image_size)
         runners["teacher_math"] = lambda: teacher_math(image)
+    before = environment()
     print(f"[benchmark_backbone] depth={args.depth}, teacher 16 heads + MLP {TEACHER_HIDDEN} vs student {spec.label}, "
           f"{args.image_size}x{args.image_size}, batch 1, {dtype_name} on {device}, {torch.get_num_threads()} threads, "
           f"{args.repeats} alternating rounds" + (f", load average {os.getloadavg()[0]:.2f}"
@@ -281,17 +282,21 @@ def run_benchmark(args: argparse.Namespace, spec: StudentSpec, device: torch.dev
     hw = (args.image_size, args.image_size)
     ceiling = teacher.analytic_macs(hw) / student.analytic_macs(hw)
     speedup = median["teacher_sdpa"] / median["student_sdpa"]
+    pairs = dict(speedup=("teacher_sdpa", "student_sdpa"))
+    if "teacher_math" in times:
+        pairs["sdpa_vs_math_speedup"] = ("teacher_math", "teacher_sdpa")
     result = dict(
         device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
-        platform.processor() or platform.machine(), threads=torch.get_num_threads(), torch=torch.__version__,
+        cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__, environment=before,
         dtype=dtype_name, depth=args.depth, image_size=args.image_size, teacher_heads=16,
         teacher_mlp_hidden=TEACHER_HIDDEN, student=spec.label, student_heads=spec.heads,
-        student_mlp_hidden=spec.mlp_hidden, repeats=args.repeats, times_s=times, median_s=median,
-        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        student_mlp_hidden=spec.mlp_hidden, repeats=args.repeats, median_s=median,
+        **rounds_record(times, pairs), load_average=before["load_average"], load_average_after=load_average(),
         params_m=dict(teacher=sum(p.numel() for p in teacher.parameters()) / 1e6,
                       student=sum(p.numel() for p in student.parameters()) / 1e6),
         gmacs=dict(teacher=teacher.analytic_macs(hw) / 1e9, student=student.analytic_macs(hw) / 1e9),
-        speedup=speedup, ceiling=ceiling, efficiency=speedup / ceiling, full_depth_ceiling=spec.full_depth_ceiling)
+        speedup=speedup, ceiling=ceiling, efficiency=speedup / ceiling, full_depth_ceiling=spec.full_depth_ceiling,
+        beyond_ceiling=BEYOND_CEILING if speedup > ceiling else None)
     if "teacher_math" in median:
         result["sdpa_vs_math_speedup"] = median["teacher_math"] / median["teacher_sdpa"]
     if not args.skip_memory:
@@ -319,8 +324,12 @@ def _print_result(result: Dict, device: torch.device) -> None:
           f"GMACs")
     for name, value in median.items():
         print(f"  median        {name:<13} {value * 1e3:9.1f} ms")
-    print(f"  speedup       measured {speedup:.3f}x | analytic ceiling {ceiling:.3f}x | efficiency "
-          f"{speedup / ceiling:.1%} of the ceiling")
+    rounds = result["ratio_spread"]["speedup"]
+    print(f"  speedup       measured {speedup:.3f}x (per round {rounds['min']:.3f}-{rounds['max']:.3f}x) | analytic "
+          f"ceiling {ceiling:.3f}x" + (f" | efficiency {speedup / ceiling:.1%} of the ceiling" if speedup <= ceiling
+                                       else ""))
+    if result.get("beyond_ceiling"):
+        print(f"  note          {result['beyond_ceiling']}")
     if result.get("full_depth_ceiling"):
         print(f"  full depth    analytic ceiling of the whole configuration {result['full_depth_ceiling']:.3f}x")
     if "sdpa_vs_math_speedup" in result:

@@ -1,6 +1,6 @@
 """The ablation study of the miniature world: does distillation recover what pruning removes?
 
-    python tools/kd_study.py --quick                      # 3 seeds, 50% only, 18 cells (3.5 min on 2 idle cores)
+    python tools/kd_study.py --quick                      # 3 seeds, 50% only, 18 cells (under 5 min on 2 idle cores)
     python tools/kd_study.py                              # the default grid (README_KD.md "Miniature world results")
     python tools/kd_study.py --seeds 0 1 2 --ratios 0.5 0.75 --selections magnitude gradient random \\
         --trainings none kd task_only --label-fractions 1.0 0.1 --alphas 1.0 --modes heads joint
@@ -9,7 +9,8 @@ A cell is one (seed, pruning ratio, head selection, training, alpha, label fract
 student is pruned from the shipped teacher (``ckpt/orion_tiny/orion_tiny_teacher.safetensors``) and, unless
 ``training='none'``, trained through the launcher's entry point (``adzoo/orion/train_kd.py``, the tiny KD
 config with the cell's pruning configuration, written per cell), then its exported student is evaluated on
-the validation scenes. ``kd``: the config's alpha schedule (0.8 for the first epoch, then 0.6), or a
+the validation scenes; data-driven importance (gradient) is scored on the first 8 training scenes, never on the
+frames the students are judged on. ``kd``: the config's alpha schedule (0.8 for the first epoch, then 0.6), or a
 constant alpha with ``--alphas``; ``task_only``: alpha = 0 (no distillation); ``none``: the pruned student
 as is. ``--label-fractions f``: the task loss trains through a fixed fraction f of the frames
 (``kd_config.label_fraction``); distillation sees them all. ``--modes joint`` also removes 43.75% of the
@@ -17,7 +18,8 @@ SwiGLU channels by the same selection (``heads_at_joint_speed``: the heads-only 
 whose measured speed reaches the joint one's, ``tools/demo_joint.py``). Finished cells are skipped on a rerun
 (their JSON under ``<out>/cells``); the outputs cover every cell in ``<out>`` with the same epochs and frames, so
 a study can be grown by several invocations (``commands.json`` lists them). Writes ``study.json``, ``study.md``
-(mean +- std over seeds) and plots (``tools/kd_study_report.py``).
+(mean +- std over seeds; the headline comparisons as paired per-seed differences: ahead, behind or not
+separable) and plots (``tools/kd_study_report.py``).
 """
 from __future__ import annotations
 
@@ -95,7 +97,7 @@ class Study:
         from mmcv import Config
         from mmcv.datasets import build_dataset
         from mmcv.datasets.chat_b2d_metrics import evaluate
-        from tools.demo_support import val_loader
+        from tools.demo_support import importance_loader, val_loader
         from tools.train_tiny_teacher import DEFAULT_CHECKPOINT, ensure_tiny_teacher, load_tiny_teacher
 
         torch.set_num_threads(threads)
@@ -106,6 +108,7 @@ class Study:
         self.cfg = Config.fromfile(str(TINY_KD_CONFIG))
         self.val_set = build_dataset(self.cfg.data.val)
         self.loader = val_loader(self.val_set, batch_size=8)
+        self.importance_loader = importance_loader(self.cfg.data.train)
         self._importance: Dict[Any, Any] = {}
         cached = out / "teacher_metrics.json"
         if cached.is_file():
@@ -116,7 +119,8 @@ class Study:
             atomic_write_json(cached, self.teacher_metrics)
 
     def importance(self, unit: str, selection: str, seed: int) -> Any:
-        """Head or channel scores of the teacher: magnitude, gradient (8 validation batches) or random (by seed)."""
+        """Head or channel scores of the teacher: magnitude, gradient (the 8 batches of ``importance_loader``, training
+        frames) or random (by seed)."""
         import torch
 
         from tools import head_pruning_utils as hpu
@@ -125,11 +129,12 @@ class Study:
         if key not in self._importance:
             if unit == "heads":
                 scores = (hpu.compute_head_importance_magnitude(self.teacher) if selection != "gradient" else
-                          hpu.compute_head_importance_gradient(self.teacher, self.loader, num_batches=8,
+                          hpu.compute_head_importance_gradient(self.teacher, self.importance_loader, num_batches=8,
                                                                progress=False))
             else:
                 scores = hpu.compute_channel_importance(self.teacher, "magnitude") if selection != "gradient" else \
-                    hpu.compute_channel_importance(self.teacher, "gradient", dataloader=self.loader, num_batches=8,
+                    hpu.compute_channel_importance(self.teacher, "gradient", dataloader=self.importance_loader,
+                                                   num_batches=8,
                                                    progress=False)
             if selection == "random":
                 generator = torch.Generator().manual_seed(1000 + seed)
@@ -318,7 +323,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="work_dirs/kd_study", help="study folder (rerun: finished cells skipped)")
     parser.add_argument("--quick", action="store_true",
-                        help="3 seeds, 50%%, magnitude vs random, 1 epoch of 256 frames (18 cells, 3.5 min on 2 "
+                        help="3 seeds, 50%%, magnitude vs random, 1 epoch of 256 frames (18 cells, under 5 min on 2 "
                              "idle cores)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75], help="fractions of heads REMOVED")

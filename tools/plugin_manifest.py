@@ -59,6 +59,7 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "tools/metric_direction.py",
     "tools/demo_support.py",
     "tools/demo_joint.py",
+    "tools/bench_record.py",
 )
 
 #: Modules the KD config registers through ``custom_imports`` (in this order).

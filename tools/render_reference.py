@@ -57,8 +57,9 @@ KD_KEY_DOCS = {
                       "`img_backbone.selected_heads_per_layer` / `selected_channels_per_layer`",
     "teacher_dtype": "unset: the teacher runs in the precision the student backbone ran in; `'fp32'`, `'bf16'` or "
                      "`'fp16'` force one",
-    "label_fraction": "fraction of the training frames whose labels the task loss may use (a fixed CRC-32 of the "
-                      "frame decides); every frame is distilled",
+    "label_fraction": "fraction of the training frames whose labels the task loss may use (a BLAKE2b hash of "
+                      "`scene_token/frame_idx`, else `sample_idx`, decides; the task loss's gradient is averaged "
+                      "over the labelled frames of each batch); every frame is distilled",
 }
 
 

@@ -225,6 +225,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if callable(getattr(model, "init_weights", None)):  # as ORION's train.py; OrionStudent's is a no-op
         model.init_weights()
     datasets = _build_datasets(cfg)
+    # Seeded again: how many random numbers building the model draws (e.g. transformers' weight init, overwritten
+    # by the checkpoint) differs between library versions; training's random stream must not depend on it.
+    set_random_seed(seed, deterministic=args.deterministic)
     meta = dict(seed=seed, exp_name=osp.basename(args.config), config_file=osp.abspath(args.config))
     train_kd(model, datasets, cfg, distributed=distributed, timestamp=timestamp, meta=meta)
     return 0
