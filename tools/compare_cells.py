@@ -19,6 +19,9 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":
+    from tools.dependency_check import require_dependencies  # standard library only
+    require_dependencies(__file__)  # one line with the fix when torch / mmengine is missing
 
 
 def differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> Dict[str, Any]:

@@ -19,6 +19,9 @@ from typing import Any, Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":
+    from tools.dependency_check import require_dependencies  # standard library only
+    require_dependencies(__file__)  # one line with the fix when torch / mmengine is missing
 
 METHODS = ("magnitude", "entropy", "activation", "gradient")
 ALLOCATIONS = (("uniform", "uniform", "l2"), ("global, L2 per block", "global", "l2"),

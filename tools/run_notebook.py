@@ -149,10 +149,12 @@ def _took(run: Execution) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Execute the walkthrough notebook: rewrite its outputs, or "
                                                  "--check them against a fresh run.")
-    parser.add_argument("--notebook", type=Path, default=NOTEBOOK)
+    parser.add_argument("--notebook", type=Path, default=None,
+                        help="the notebook to execute (default: notebooks/head_pruning_walkthrough.ipynb)")
     parser.add_argument("--check", action="store_true", help="compare with a fresh run; write nothing")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per cell")
     args = parser.parse_args(argv)
+    args.notebook = args.notebook or NOTEBOOK
     import nbformat
     from nbclient.exceptions import CellExecutionError
 
