@@ -92,6 +92,18 @@ def test_onnx_runtime_matches_pytorch_on_random_images_and_world_frames(kind, te
     assert sidecar["weights_sha256"] == export_onnx.tensors_sha256(model.state_dict())
 
 
+def test_a_benchmark_session_does_not_leave_threads_spinning(teacher, tmp_path) -> None:
+    """ONNX Runtime's busy-waiting workers would slow whatever runs next in the process (PyTorch's rounds)."""
+    out = tmp_path / "backbone.onnx"
+    export_backbone_onnx(teacher, str(out))
+    quiet = onnx_runtime_session(str(out), threads=2, spin=False).get_session_options()
+    default = onnx_runtime_session(str(out), threads=2).get_session_options()
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert quiet.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's own default: spin
+        default.get_session_config_entry("session.intra_op.allow_spinning")
+
+
 def test_the_graph_has_the_selection_and_rope_baked_in_and_only_the_batch_free(teacher, tmp_path) -> None:
     out = tmp_path / "joint.onnx"
     export_backbone_onnx(pruned(teacher, student_cfg(mlp_hidden=120)), str(out))

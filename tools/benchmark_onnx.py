@@ -83,7 +83,8 @@ def export_models(args: argparse.Namespace, folder: str) -> Tuple[Dict[str, Any]
                              hidden if hidden != TEACHER_HIDDEN else None)
         path = os.path.join(folder, f"{name}.onnx")
         sidecars[name] = export_backbone_onnx(models[name], path, opset=args.opset)
-        sessions[name] = onnx_runtime_session(path, threads=torch.get_num_threads())
+        # no busy-waiting ONNX Runtime threads: PyTorch's rounds alternate with them in this process
+        sessions[name] = onnx_runtime_session(path, threads=torch.get_num_threads(), spin=False)
         print(f"  exported {name}: {heads} heads, MLP {hidden}, ONNX Runtime vs PyTorch max |diff| "
               f"{max(r['max_abs_diff'] for r in sidecars[name]['parity']['inputs'].values()):.1e}", flush=True)
     return models, sessions, sidecars
@@ -159,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         what="ONNX Runtime (CPU) and PyTorch, teacher vs students, alternating rounds in one process",
         depth=args.depth, image_size=args.image_size, batch=1, dtype="fp32", opset=args.opset,
         repeats=args.repeats, warmup=args.warmup, threads=torch.get_num_threads(),
-        onnxruntime_intra_op_threads=torch.get_num_threads(), cpu=cpu_model(), cpu_count=os.cpu_count(),
+        onnxruntime_intra_op_threads=torch.get_num_threads(), onnxruntime_thread_spinning=False, cpu=cpu_model(), cpu_count=os.cpu_count(),
         load_average_before=load_before, load_average_after=load_average(),
         versions=dict(torch=torch.__version__, onnx=onnx_module.__version__, onnxruntime=ort.__version__,
                       python=platform.python_version()),

@@ -166,14 +166,21 @@ def _torchscript_export(backbone: nn.Module, example: torch.Tensor, path: str, o
             torch.onnx.export(backbone, (example,), path, **kwargs)
 
 
-def onnx_runtime_session(path: str, threads: int = 0, label: Optional[str] = None) -> Any:
-    """An ONNX Runtime CPU session of ``path``; a model it cannot run is one line naming the opset and the fix."""
+def onnx_runtime_session(path: str, threads: int = 0, label: Optional[str] = None, spin: bool = True) -> Any:
+    """An ONNX Runtime CPU session of ``path``; a model it cannot run is one line naming the opset and the fix.
+
+    ``spin=False`` stops ONNX Runtime's idle worker threads from busy-waiting after each run: they would
+    otherwise take the cores from whatever runs next in the same process (PyTorch, in the benchmark).
+    """
     onnx_module, ort = require_onnx_runtime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as err:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
