@@ -144,10 +144,7 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
 
         # ---- DDP, after freezing (find_unused_parameters=False needs it)
         raw_model = model
-        if distributed:
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=bool(cfg_get(cfg, "find_unused_parameters", False)))
+        model = _wrap_ddp(model, device, cfg) if distributed else model
 
         # ---- data: batches from data.shuffler_sampler, continuing after start_iter
         loader = build_dataloader(dataset, samples_per_gpu, workers, seed=seed, shuffler_sampler=sampler_cfg,
@@ -170,6 +167,13 @@ def train_kd(model: nn.Module, datasets: Any, cfg: Any, distributed: bool = Fals
         return raw_model
     finally:
         log.close()
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device, cfg: Any) -> nn.Module:
+    """DDP over the already frozen model (``find_unused_parameters`` from the config, False by default)."""
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=bool(cfg_get(cfg, "find_unused_parameters", False)))
 
 
 def run_iterations(runner: LoopRunner, hooks: Sequence[Any], batches: Any, raw_model: nn.Module, scheduler: Any,
