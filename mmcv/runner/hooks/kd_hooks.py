@@ -126,8 +126,10 @@ class KDAlphaScheduleHook(Hook):
 
     def _check_epoch(self, runner: Any) -> None:
         """Take the run's epoch (or check the config's against it) once the data loader is known."""
+        if self._checked:
+            return
         run = run_epoch_length(runner)
-        if self._checked or run is None:
+        if run is None:
             return
         self._checked = True
         if self.configured is None:
