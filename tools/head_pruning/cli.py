@@ -5,6 +5,10 @@
     prune-config  --importance imp.json --pruning-ratio 0.5 [--strategy global|cost] --out prune.json
                   [--channel-importance ch.json --mlp-pruning-ratio 0.4375 | --mlp-hidden 1536] [--channel-multiple 64]
                   [--unit-costs latency.json]  (joint heads + channels; cost: measured unit latency)
+    prune-config  --importance imp.json --target-speedup 2 --out prune.json [--channel-importance ch.json]
+                  [--block-importance blocks.json] [--axes heads,channels,blocks] [--measure | --unit-costs lat.json]
+                  [--config CFG [--checkpoint CKPT]]  (a budget: heads, channels and whole blocks chosen by
+                  importance per unit of cost; prints the predicted speedup, and with --config the measured one)
     analyze       --importance imp.json [--config CFG --checkpoint CKPT] --out analysis.json [--plot fid.png]
                   [--channel-importance ch.json --mlp-pruning-ratios 0.25 0.4375]
     plot          --importance imp.json|ch.json [--pruning-config prune.json] --out heads.png
@@ -34,6 +38,7 @@ from mmcv.models.utils.pruning_config import BLOCK_NORMALIZATIONS, STRATEGIES, P
 from mmcv.models.utils.pruning_cost import UnitCosts
 from mmcv.models.utils.user_errors import check_writable_dir, describe_os_error, is_file_system_error, load_config
 from tools.head_pruning.analysis import analyze_pruning_impact
+from tools.head_pruning.budget_cli import add_budget_options, run_budget
 from tools.head_pruning.channel_importance import CHANNEL_METHODS, compute_channel_importance
 from tools.head_pruning.importance import (METHODS, compute_head_importance_activation, compute_head_importance_entropy,
                                            compute_head_importance_gradient, compute_head_importance_magnitude)
@@ -249,9 +254,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--unit", choices=("heads", "channels"), default="heads", help="score heads or SwiGLU channels")
     p.add_argument("--out", required=True, help=".json, .npz or .pkl")
-    p = sub.add_parser("prune-config", help="choose the heads (and SwiGLU channels) to keep")
+    p = sub.add_parser("prune-config", help="choose the heads (and SwiGLU channels, and blocks for a budget) to keep")
     _add_common(p)
-    p.add_argument("--pruning-ratio", type=float, default=0.5, help="fraction of heads REMOVED (0.5: 16 -> 8)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--pruning-ratio", type=float, default=0.5, help="fraction of heads REMOVED (0.5: 16 -> 8)")
+    target.add_argument("--target-speedup", type=float,
+                        help="instead of ratios: the speedup over the teacher to reach; heads, channels and blocks "
+                             "are chosen by importance per unit of cost (tools/head_pruning/budget.py)")
+    add_budget_options(p)
     p.add_argument("--strategy", choices=STRATEGIES, default="uniform")
     p.add_argument("--min-heads-per-layer", type=int, default=1)
     _add_allocation(p, "one")
@@ -308,6 +318,8 @@ def _run(args: argparse.Namespace) -> None:
         print(f"{importance.method} importance of {importance.num_layers} blocks x {importance.scores.shape[1]} "
               f"{importance.UNIT} ({importance.num_samples} samples, {importance.metadata.get('seconds', 0):.2f} s) "
               f"-> {args.out}")
+    elif args.command == "prune-config" and args.target_speedup is not None:
+        run_budget(args)
     elif args.command == "prune-config":
         config = create_pruning_config(_importance_from_args(args), args.pruning_ratio, args.strategy,
                                        args.min_heads_per_layer, args.block_normalization, **_joint_options(args))
