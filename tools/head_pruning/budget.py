@@ -82,7 +82,7 @@ class BlockCosts:
 
     def describe(self) -> str:
         overhead = " + block overhead" if any(self.overhead) else ""
-        return f"{self.source} ({self.unit}: heads + channels{overhead} + stem; a removed block costs 0)"
+        return f"{self.source}; {self.unit} of heads + channels{overhead} + stem, a removed block costs 0"
 
 
 def block_costs(geometry: Optional[Mapping[str, Any]], unit_costs: Optional[UnitCosts], depth: int,
@@ -375,6 +375,9 @@ def prune_to_budget(target_speedup: float, head_importance: Union[HeadImportance
         raise ValueError(f"channel importance has {channels.num_layers} blocks, head importance {depth}")
     if geometry is None and isinstance(heads.metadata, Mapping):
         geometry = heads.metadata.get("backbone")
+    if unit_costs is None and not isinstance(geometry, Mapping):
+        raise ValueError("a budget needs a cost model: the backbone geometry (importance computed on the model "
+                         "records it; or pass geometry= / --config) or unit_costs (a measured latency file)")
     teacher_channels = channels.num_channels if channels is not None else int((geometry or {}).get("mlp_hidden") or 0)
     if teacher_channels < 1:
         raise ValueError("the teacher's MLP width is unknown: pass channel_importance, or a geometry with mlp_hidden")
