@@ -32,8 +32,7 @@ def importances(seed: int = 0, depth: int = 4, heads: int = 16, channels: int = 
 
 def reference_speedup(config: PruningConfig, geometry=TINY) -> float:
     """Teacher MACs over the configuration's MACs, by the independent reference count (removed blocks: 0)."""
-    blocks = getattr(config, "selected_blocks", None)
-    kept = set(range(config.depth) if blocks is None else blocks)
+    kept = set(config.kept_blocks)
     heads = [len(h) if b in kept else 0 for b, h in enumerate(config.selected_heads_per_layer)]
     hidden = [(config.mlp_hidden[b] if config.prunes_channels else geometry["mlp_hidden"]) if b in kept else 0
               for b in range(config.depth)]
@@ -64,7 +63,7 @@ def test_floors_hold_per_block_and_for_the_blocks():
     result = prune_to_budget(2.6, head, channel, blocks, min_heads_per_layer=3, min_channels_per_layer=40,
                              channel_multiple=32, min_blocks=3)
     config = result.config
-    kept = getattr(config, "selected_blocks", None) or list(range(4))
+    kept = config.kept_blocks
     assert len(kept) >= 3
     for b in kept:
         assert len(config.selected_heads_per_layer[b]) >= 3
@@ -99,7 +98,7 @@ def test_only_the_allowed_axes_are_pruned(axes):
     config = prune_to_budget(1.5, head, channel, blocks, axes=axes, min_blocks=2).config
     removed = config.metadata["budget"]["chosen"]["removed_blocks"]
     kept = [b for b in range(4) if b not in removed]
-    assert (getattr(config, "selected_blocks", None) or list(range(4))) == kept
+    assert config.kept_blocks == kept and (config.selected_blocks is None) == (not removed)
     assert bool(removed) == ("blocks" in axes)
     assert all(len(config.selected_heads_per_layer[b]) == 16 for b in kept) == ("heads" not in axes)
     if "channels" in axes:
@@ -151,12 +150,12 @@ def test_calibrate_chooses_the_lowest_scoring_candidate_once_per_selection():
 
     def calibrate(config: PruningConfig) -> float:
         seen.append(config)
-        return abs(sum(config.num_heads) - 40) + 0.001 * len(getattr(config, "selected_blocks", None) or [])
+        return abs(sum(config.num_heads) - 40) + 0.001 * len(config.kept_blocks)
 
     result = prune_to_budget(1.8, head, channel, blocks, calibrate=calibrate, min_blocks=3)
     feasible = [r for r in result.candidates if r["feasible"]]
     signatures = [(json.dumps(c.selected_heads_per_layer), json.dumps(c.selected_channels_per_layer),
-                   json.dumps(getattr(c, "selected_blocks", None))) for c in seen]
+                   json.dumps(c.selected_blocks)) for c in seen]
     assert len(seen) <= len(feasible) and len(set(signatures)) == len(signatures)  # each selection scored once
     assert result.chosen["calibration"] == min(r["calibration"] for r in feasible)
     assert result.chosen["calibration"] == calibrate(result.config)

@@ -106,11 +106,11 @@ def spec_of_config(config: PruningConfig, label: str, depth: int, image_size: in
     if config.teacher_num_heads != 16 or (config.teacher_mlp_hidden or TEACHER_HIDDEN) != TEACHER_HIDDEN:
         raise ValueError(f"{label}: made for a teacher with {config.teacher_num_heads} heads and MLP width "
                          f"{config.teacher_mlp_hidden}; this benchmark times ORION-L (16 heads, {TEACHER_HIDDEN})")
-    blocks = getattr(config, "selected_blocks", None)
+    blocks = config.selected_blocks
     if config.depth < depth or (blocks is not None and config.depth != depth):
         raise ValueError(f"{label}: {config.depth} blocks" + (f" of which it removes some: time it at its own "
                          f"depth, --depth {config.depth}" if blocks is not None else f", fewer than --depth {depth}"))
-    kept = set(range(config.depth) if blocks is None else blocks)
+    kept = set(config.kept_blocks)
     heads = [len(h) if b in kept else 0 for b, h in enumerate(config.selected_heads_per_layer)]
     hidden = [(config.mlp_hidden[b] if config.prunes_channels else TEACHER_HIDDEN) if b in kept else 0
               for b in range(config.depth)]

@@ -164,12 +164,17 @@ def allocate_by_cost(scores: torch.Tensor, cost_per_block: Sequence[float], budg
         raise ValueError(f"cost-aware allocation: the floor of {floor} per block costs {spent:.6g}, more than the "
                          f"budget {budget:.6g}")
     value = scores.double() / costs[:, None]
+    flags = chosen.flatten().tolist()  # plain Python in the loop: it visits up to every unit of the network
+    unit_cost = costs.tolist()
+    cheapest = min(unit_cost)
     for flat in torch.sort(value.flatten(), descending=True, stable=True).indices.tolist():
-        layer, unit = divmod(flat, units)
-        if not chosen[layer, unit] and spent + float(costs[layer]) <= budget + tolerance:
-            chosen[layer, unit] = True
-            spent += float(costs[layer])
-    return [torch.nonzero(chosen[layer]).flatten().tolist() for layer in range(depth)], spent
+        if spent + cheapest > budget + tolerance:
+            break  # nothing fits any more
+        cost = unit_cost[flat // units]
+        if not flags[flat] and spent + cost <= budget + tolerance:
+            flags[flat] = True
+            spent += cost
+    return [[unit for unit in range(units) if flags[layer * units + unit]] for layer in range(depth)], spent
 
 
 def round_to_multiple(scores: torch.Tensor, selection: Sequence[Sequence[int]], multiple: int,
