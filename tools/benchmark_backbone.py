@@ -246,8 +246,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-math", action="store_true", help="do not time the teacher's math attention")
     parser.add_argument("--skip-memory", action="store_true", help="do not measure memory")
     parser.add_argument("--unit-latency", metavar="OUT.json",
-                        help="instead: measure the latency of one head / one channel per block type (unit costs for "
-                             "prune-config --strategy cost --unit-costs OUT.json)")
+                        help="instead: measure the latency of one head, one channel and a block's overhead per block "
+                             "type, and the stem (unit costs for prune-config --unit-costs OUT.json)")
     parser.add_argument("--out", default="work_dirs/benchmark_backbone.json")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return parser
@@ -270,8 +270,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if args.unit_latency:
             costs = measure_unit_latency(args, device, dtype)
             costs.save(args.unit_latency)
-            print(f"[benchmark_backbone] seconds per head {costs.head}, per channel {costs.channel} -> "
-                  f"{args.unit_latency}")
+            print(f"[benchmark_backbone] seconds per head {costs.head}, per channel {costs.channel}, per block "
+                  f"{costs.block}, stem {costs.fixed:.4g} -> {args.unit_latency}")
             return costs.to_dict()
         spec = student_spec(args)
     except (ValueError, FileNotFoundError) as err:
