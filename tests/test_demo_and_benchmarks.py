@@ -112,10 +112,11 @@ def test_benchmark_backbone_times_a_budget_and_a_depth_pruned_configuration(tmp_
     from tools.benchmark_backbone import main, orion_l_ceiling
     out = tmp_path / "budget.json"
     common = ["--depth", "3", "--image-size", "64", "--repeats", "2", "--warmup", "0", "--skip-math"]
-    result = main([*common, "--skip-memory", "--target-speedup", "1.4", "--out", str(out)])
+    result = main([*common, "--skip-memory", "--target-speedup", "1.4", "--out", str(out),
+                   "--save-config", str(tmp_path / "chosen.json")])
     budget = result["budget"]
-    config = PruningConfig.load(tmp_path / "budget_config.json")  # the chosen configuration, next to --out
-    assert budget["config_file"] == str(tmp_path / "budget_config.json") and budget["target_speedup"] == 1.4
+    config = PruningConfig.load(tmp_path / "chosen.json")
+    assert budget["config_file"] == str(tmp_path / "chosen.json") and budget["target_speedup"] == 1.4
     assert budget["predicted_speedup"] >= 1.4 and budget["predicted_speedup"] == pytest.approx(result["ceiling"])
     assert budget["measured_speedup"] == result["speedup"] and len(result["ratio_per_round"]["speedup"]) == 2
     assert budget["measured_over_analytic"] == pytest.approx(result["speedup"] / result["ceiling"])

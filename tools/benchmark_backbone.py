@@ -7,8 +7,8 @@ alternating runs on the same input. The student is ``--student-heads`` heads per
 (``--pruning-config``, heads and channels per block; with ``--depth`` below the file's depth its first
 blocks; a file that removes blocks is timed at its own depth), or what the budget chooses for
 ``--target-speedup`` (``tools/head_pruning/budget.py`` on the proxy's magnitude importance; the block
-score is the mean magnitude of its heads). Timing depends on the kept counts, not on which units, so the
-models are built from the counts with random weights. Prints medians, the measured speedup next to the
+score is the mean magnitude of its heads; ``--save-config`` writes the configuration). Timing depends on
+the kept counts, not on which units, so the models are built from the counts with random weights. Prints medians, the measured speedup next to the
 analytic ceiling (MACs ratio) and efficiency = measured / ceiling, peak memory, sdpa vs math attention
 for the teacher; writes everything to JSON. fp32 on CPU, bf16 on CUDA by default.
 
@@ -138,7 +138,7 @@ def student_spec(args: argparse.Namespace) -> StudentSpec:
 
 def budget_spec(args: argparse.Namespace) -> StudentSpec:
     """What ``prune_to_budget`` chooses for ``--target-speedup`` on the proxy (magnitude importance, blocks scored
-    by their heads' mean magnitude; analytic MACs, or ``--unit-costs``); the configuration goes next to ``--out``."""
+    by their heads' mean magnitude; analytic MACs, or ``--unit-costs``); ``--save-config`` writes the configuration."""
     from tools.head_pruning.budget import prune_to_budget
     from tools.head_pruning.channel_importance import compute_channel_importance_magnitude
     from tools.head_pruning.importance import compute_head_importance_magnitude
@@ -149,14 +149,16 @@ def budget_spec(args: argparse.Namespace) -> StudentSpec:
                              geometry=describe_backbone(teacher, args.image_size),
                              unit_costs=UnitCosts.load(args.unit_costs) if args.unit_costs else None,
                              channel_multiple=args.channel_multiple)
-    path = os.path.splitext(args.out)[0] + "_config.json"
-    result.config.save(path)
-    spec = spec_of_config(result.config, os.path.basename(path), args.depth, args.image_size)
+    if args.save_config:
+        result.config.save(args.save_config)
+    spec = spec_of_config(result.config, f"budget {args.target_speedup:g}x", args.depth, args.image_size)
     record = dict(target_speedup=args.target_speedup, predicted_speedup=result.predicted_speedup,
-                  cost_model=result.cost_model, chosen=result.chosen, config_file=path,
+                  cost_model=result.cost_model, chosen=result.chosen, config_file=args.save_config,
+                  fastest_reachable=result.fastest_reachable,
                   importance="magnitude of the random-init proxy; block score: mean head magnitude")
     print(f"[benchmark_backbone] budget {args.target_speedup:g}x: predicted {result.predicted_speedup:.3f}x "
-          f"({result.cost_model}), blocks removed {result.chosen['removed_blocks']} -> {path}", flush=True)
+          f"({result.cost_model}), blocks removed {result.chosen['removed_blocks']}"
+          + (f" -> {args.save_config}" if args.save_config else ""), flush=True)
     return spec._replace(budget=record)
 
 
@@ -232,7 +234,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pruning-config", help="a pruning configuration (.json): time what it keeps per block")
     parser.add_argument("--target-speedup", type=float, default=None,
                         help="instead: time what prune_to_budget chooses for this target on the proxy (heads, channels "
-                             "and blocks; the configuration is written next to --out)")
+                             "and blocks; its counts go to --out)")
+    parser.add_argument("--save-config", help="--target-speedup: also write the chosen configuration here (.json)")
     parser.add_argument("--channel-multiple", type=int, default=64,
                         help="--target-speedup: every block keeps a multiple of this many channels (CPU GEMMs)")
     parser.add_argument("--unit-costs", help="--target-speedup: measured unit costs (--unit-latency) instead of "

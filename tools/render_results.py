@@ -182,6 +182,7 @@ def _bench_table(path: Path, result: Mapping[str, Any]) -> str:
             rows.append(f"| efficiency | {result['efficiency']:.1%} of the ceiling |")
         else:
             rows.append("| above the ceiling | see the note below the table |")
+        rows += _budget_rows(result)
         if "sdpa_vs_math_speedup" in result:
             rows.append(f"| teacher sdpa vs math | {result['sdpa_vs_math_speedup']:.3f}x |")
         if "peak_memory_ratio" in result:
@@ -213,6 +214,22 @@ def _bench_table(path: Path, result: Mapping[str, Any]) -> str:
         return "\n".join(rows) + "\n"
     scalars = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}
     return f"`{rel}`:\n\n| key | value |\n|---|---|\n" + "\n".join(f"| {k} | {_fmt(v)} |" for k, v in scalars.items()) + "\n"
+
+
+def _budget_rows(result: Mapping[str, Any]) -> List[str]:
+    """A ``--target-speedup`` run: the target, what the budget predicted, what was measured, the student's blocks."""
+    budget = result.get("budget")
+    if not budget:
+        return []
+    blocks = result.get("student_blocks")
+    kept = f"{len(blocks)} of {result['depth']} (removed {budget['chosen']['removed_blocks']})" if blocks else "all"
+    heads = [h for h in result["student_heads"] if h]
+    hidden = [c for c in result["student_mlp_hidden"] if c]
+    return [f"| budget target | {budget['target_speedup']:g}x ({budget['cost_model'].split(';')[0]}) |",
+            f"| predicted / measured | {budget['predicted_speedup']:.3f}x / {budget['measured_speedup']:.3f}x "
+            f"(measured / analytic {budget['measured_over_analytic']:.1%}) |",
+            f"| student blocks kept | {kept} |",
+            f"| student per kept block | {min(heads)}-{max(heads)} heads, {min(hidden)}-{max(hidden)} SwiGLU channels |"]
 
 
 def _load(result: Mapping[str, Any]) -> str:
@@ -257,6 +274,12 @@ def analytic_block() -> str:
                           (8, 1365)):
         rows.append(f"| {heads} of 16 heads, MLP {hidden} of {TEACHER_HIDDEN} | "
                     f"{orion_l_ceiling([heads] * 24, [hidden] * 24, 640):.3f}x |")
+    windows = [i for i in range(24) if i % 3 != 2]
+    for heads, hidden, removed in ((8, 1365, 8), (8, 1024, 6)):  # the first window blocks removed
+        kept = [i not in windows[:removed] for i in range(24)]
+        ceiling = orion_l_ceiling([heads * k for k in kept], [hidden * k for k in kept], 640)
+        rows.append(f"| {heads} of 16 heads, MLP {hidden}, {removed} of 24 blocks removed (window blocks) | "
+                    f"{ceiling:.3f}x |")
     return "\n".join(rows) + "\n"
 
 

@@ -414,10 +414,11 @@ def prune_to_budget(target_speedup: float, head_importance: Union[HeadImportance
 
 def _summary(config: PruningConfig, best: Candidate) -> Dict[str, Any]:
     """The usual configuration metadata (totals, effective ratios) of a budgeted configuration."""
-    summary: Dict[str, Any] = dict(effective_pruning_ratio=config.pruning_ratio, heads_kept_total=best.row["heads_kept"],
-                                   block_normalization="l2", policy="budget")
+    summary: Dict[str, Any] = dict(effective_pruning_ratio=config.pruning_ratio, block_normalization="l2",
+                                   heads_kept_total=best.row["heads_kept"], policy="budget")
     if config.prunes_channels:
-        summary.update(effective_mlp_pruning_ratio=config.mlp_pruning_ratio, channels_kept_total=best.row["channels_kept"],
+        summary.update(effective_mlp_pruning_ratio=config.mlp_pruning_ratio,
+                       channels_kept_total=best.row["channels_kept"],
                        channel_multiple=config.metadata["budget"]["floors"]["channel_multiple"])
     return summary
 
