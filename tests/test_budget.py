@@ -279,3 +279,26 @@ def test_an_unreachable_budget_exits_2_with_one_line_and_writes_nothing(tiny_fil
     with pytest.raises(SystemExit):
         main([*args, "--target-speedup", "2", "--pruning-ratio", "0.5"])
     assert "not allowed with argument" in capsys.readouterr().err and not out.exists()
+
+
+def test_prune_config_measure_prices_units_and_blocks_with_this_machines_times(tiny_files, monkeypatch, capsys):
+    root, common = tiny_files
+
+    def fake_times(runners, repeats, warmup, device):  # block time = 1 + 0.5 per head + 0.01 per channel; stem 2
+        counts = dict(full=(16, 341), half_heads=(8, 341), half_mlp=(16, 170), minimal=(1, 8))
+        return {name: [2.0 if name == "stem" else 1.0 + 0.5 * counts[name.split("/")[1]][0]
+                       + 0.01 * counts[name.split("/")[1]][1]] * repeats for name in runners}
+
+    monkeypatch.setattr(timing, "time_alternating", fake_times)
+    out = root / "measured.json"
+    assert main(["prune-config", *common, "--importance", str(root / "imp.json"), "--channel-importance",
+                 str(root / "ch.json"), "--target-speedup", "1.5", "--measure", "--channel-multiple", "8",
+                 "--calibrate-batches", "0", "--repeats", "3", "--out", str(out)]) == 0
+    budget = PruningConfig.load(out).metadata["budget"]
+    costs = budget["unit_costs"]
+    assert costs["unit"] == "seconds" and costs["fixed"] == 2.0
+    assert costs["head"] == pytest.approx({"window": 0.5, "global": 0.5})
+    assert costs["block"] == pytest.approx({"window": 1.0, "global": 1.0})
+    teacher = 2.0 + 4 * (1.0 + 0.5 * 16 + 0.01 * 341)
+    assert budget["teacher_cost"] == pytest.approx(teacher) and "1 - kept importance mass" in budget["policy"]
+    assert "seconds of heads + channels + block overhead + stem" in capsys.readouterr().out

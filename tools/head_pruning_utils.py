@@ -15,6 +15,7 @@ module:
 - ``tools/head_pruning/channel_importance.py``: the same for SwiGLU channels (magnitude, gradient, activation);
 - ``tools/head_pruning/sites.py``: finding the backbone, its heads and MLPs, mask and pruning hooks, geometry;
 - ``tools/head_pruning/analysis.py`` and ``plots.py``: impact tables and figures;
+- ``tools/head_pruning/budget.py``: :func:`prune_to_budget`, heads, channels and whole blocks for a target speedup;
 - ``tools/head_pruning/cli.py``: the command line.
 
 Command line (run from the repository root, standalone or inside ORION)::
@@ -24,6 +25,8 @@ Command line (run from the repository root, standalone or inside ORION)::
     python tools/head_pruning_utils.py importance --unit channels --config CFG --checkpoint CKPT --out ch.json
     python tools/head_pruning_utils.py prune-config --importance imp.json --pruning-ratio 0.5 \
         --channel-importance ch.json --mlp-hidden 1536 --out joint.json
+    python tools/head_pruning_utils.py prune-config --importance imp.json --channel-importance ch.json \
+        --target-speedup 2 --config CFG --checkpoint CKPT --out budget.json   # predicted and measured speedup
     python tools/head_pruning_utils.py analyze --importance imp.json --config CFG --checkpoint CKPT --out a.json
     python tools/head_pruning_utils.py plot --importance imp.json --pruning-config prune.json --out heads.png
 
@@ -45,6 +48,7 @@ from mmcv.models.utils.pruning_config import (BLOCK_NORMALIZATIONS, STRATEGIES, 
                                               validate_pruning_config)
 from mmcv.models.utils.pruning_cost import UnitCosts, analytic_unit_costs  # noqa: E402
 from tools.head_pruning.analysis import analyze_pruning_impact, format_impact_table  # noqa: E402
+from tools.head_pruning.budget import BudgetResult, UnreachableTargetError, prune_to_budget  # noqa: E402
 from tools.head_pruning.channel_importance import (CHANNEL_METHODS, compute_channel_importance,  # noqa: E402
                                                    compute_channel_importance_activation,
                                                    compute_channel_importance_gradient,
@@ -67,7 +71,8 @@ __all__ = [
     "compute_channel_importance_gradient", "compute_channel_importance_activation", "create_pruning_config",
     "validate_pruning_config", "validate_channel_selection", "describe_backbone", "analyze_pruning_impact",
     "format_impact_table", "plot_head_importance", "plot_channel_importance", "plot_fidelity_vs_ratio",
-    "head_mask_hooks", "channel_mask_hooks", "channel_prune_hooks", "main",
+    "head_mask_hooks", "channel_mask_hooks", "channel_prune_hooks", "prune_to_budget", "BudgetResult",
+    "UnreachableTargetError", "main",
 ]
 
 if __name__ == "__main__":
