@@ -52,13 +52,14 @@ def _load_config(path: str) -> Any:
 
 
 def _teacher_backbone_cfg(cfg: Any) -> Dict[str, Any]:
-    """``cfg.model.img_backbone`` with all heads and channels (a student config's backbone becomes its teacher)."""
+    """``cfg.model.img_backbone`` with all blocks, heads and channels (a student config's backbone becomes its
+    teacher)."""
     model_cfg = cfg.get("model", None)
     if model_cfg is None or model_cfg.get("img_backbone", None) is None:
         raise ValueError("config: expected model.img_backbone (an ORION-style detector config)")
     backbone = dict(model_cfg["img_backbone"])
     teacher_heads = backbone.get("teacher_num_heads")
-    for key in ("selected_heads_per_layer", "mlp_hidden", "selected_channels_per_layer"):
+    for key in ("selected_heads_per_layer", "mlp_hidden", "selected_channels_per_layer", "selected_blocks"):
         backbone.pop(key, None)
     if teacher_heads is not None:
         backbone["num_heads"] = int(teacher_heads)

@@ -17,9 +17,9 @@ sums every key containing 'loss'). Alpha follows the iteration (``resolve_distil
 set by ``mmcv/runner/hooks/kd_hooks.py``). Which blocks, heads and SwiGLU channels the student keeps:
 ``mmcv/models/utils/student_selection.py``; the teacher always keeps all. Distillation taps are keyed by
 teacher block: a depth-pruned student records teacher block ``t`` at its kept block ``block_map[t]``
-(``eva_taps.default_block_map``, overridden by ``kd_config.block_map``). With ``kd_config.label_fraction < 1`` every frame is
-distilled but the task loss reaches the student only through the labelled frames
-(``mmcv/models/utils/label_subset.py``). This file is a plugin: Python 3.8, torch 2.0-2.4, no mmengine.
+(``eva_taps.default_block_map``, overridden by ``kd_config.block_map``). With
+``kd_config.label_fraction < 1`` every frame is distilled but the task loss reaches the student only
+through the labelled frames (``mmcv/models/utils/label_subset.py``). This file is a plugin: Python 3.8, torch 2.0-2.4, no mmengine.
 """
 from __future__ import annotations
 
@@ -205,7 +205,8 @@ class OrionStudent(nn.Module):
                     f"trainable {sum(p.numel() for p in self.parameters() if p.requires_grad) / 1e6:.2f} M of "
                     f"{sum(p.numel() for p in self.parameters()) / 1e6:.2f} M parameters")
         self._print("[OrionStudent] teacher heads kept, per teacher block: " + "; ".join(
-            f"{layer}: {heads}" for layer, heads in zip(self.img_backbone.kept_blocks, self.img_backbone.selected_heads)))
+            f"{block}: {heads}" for block, heads in zip(self.img_backbone.kept_blocks,
+                                                        self.img_backbone.selected_heads)))
 
     # ------------------------------------------------------------------ configuration
 
