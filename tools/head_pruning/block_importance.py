@@ -191,10 +191,12 @@ def compute_block_importance_kd_loss(model: nn.Module, dataloader: Iterable, num
     teacher's loss is 0, so the score is the loss itself, averaged over frames (batches weighted by their
     images). The attention part is not used: a removed block has no attention map to distil.
 
-    The budget ranks blocks by this method: a measured loss ranks blocks better than a cosine, because it
-    sees what the skip does to every later block and to the output; it costs one forward per block and
-    frame (``depth + 1`` in all). The ``num_batches`` batches are held in memory. ``metadata`` keeps
-    the two parts (``feature_loss``, ``output_loss``) and the cosine scores of the same frames
+    The budget ranks blocks by this method by default: it measures what removing the block costs in the
+    loss the student is trained on, including what the skip does to every later block and to the output,
+    which the cosine (the block's own input against its output) only approximates. It costs one forward
+    per block and frame (``depth + 1`` in all, against one for the cosine); ``analyze_block_importance``
+    compares the two orders on validation frames. The ``num_batches`` batches are held in memory.
+    ``metadata`` keeps the two parts (``feature_loss``, ``output_loss``) and the cosine scores of the same frames
     (``cosine``, from the full teacher's forward).
     """
     start = time.perf_counter()
