@@ -274,8 +274,8 @@ def test_cli_end_to_end_on_the_tiny_kd_config(tiny_teacher_checkpoint, tiny_teac
     capsys.readouterr()
     one_line_error(capsys, ["importance", "--unit", "blocks", "--method", "gradient", *common, "--out",
                             str(tmp_path / "x.json")], "--unit blocks: expected --method kd_loss or cosine, got 'gradient'")
-    one_line_error(capsys, ["prune-config", *common, "--method", "kd_loss", "--out", str(tmp_path / "x.json")],
-                   "--method kd_loss: scores whole blocks (importance --unit blocks)")
+    one_line_error(capsys, ["importance", *common, "--method", "cosine", "--out", str(tmp_path / "x.json")],
+                   "--method cosine: scores whole blocks (importance --unit blocks)")
     one_line_error(capsys, ["analyze", "--block-importance", str(tmp_path / "heads.json"), "--out",
                             str(tmp_path / "x.json")], "not a block importance file (expected format")
     one_line_error(capsys, ["plot", "--importance", str(tmp_path / "kd.json"), "--block-importance",

@@ -242,13 +242,17 @@ def _block_importance_from_args(args: argparse.Namespace) -> BlockImportance:
     return compute_block_importance(backbone, loader, args.method, num_batches=args.num_batches, kd_loss=kd_loss)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, blocks: bool = False) -> None:
     p.add_argument("--config", help="ORION-style config (model.img_backbone, data.train/val)")
     p.add_argument("--checkpoint", help="checkpoint with the teacher's weights (an OrionStudent config is scored "
                                         "on its base detector); default: teacher_backbone_path, then load_from")
-    p.add_argument("--method", choices=METHODS + BLOCK_METHODS, default=None,
-                   help="heads/channels: magnitude (default), gradient, entropy (heads), activation; blocks: kd_loss "
-                        "(default: the distillation loss with the block skipped) or cosine (ShortGPT block influence)")
+    if blocks:
+        p.add_argument("--method", choices=METHODS + BLOCK_METHODS, default=None,
+                       help="heads/channels: magnitude (default), gradient, entropy (heads), activation; blocks: "
+                            "kd_loss (default: the distillation loss with the block skipped) or cosine (ShortGPT block "
+                            "influence)")
+    else:
+        p.add_argument("--method", choices=METHODS, default="magnitude")
     p.add_argument("--importance", help="importance file (.json/.npz/.pkl) instead of computing it")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a .pkl importance file")
     p.add_argument("--num-batches", type=int, default=8)
@@ -287,7 +291,7 @@ def _parser() -> argparse.ArgumentParser:
                                                  "configurations, impact analysis (ratios = fractions REMOVED).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("importance", help="compute head, channel or block importance and save it")
-    _add_common(p)
+    _add_common(p, blocks=True)
     p.add_argument("--unit", choices=("heads", "channels", "blocks"), default="heads",
                    help="score attention heads, SwiGLU channels or whole blocks")
     p.add_argument("--out", required=True, help=".json, .npz or .pkl")
