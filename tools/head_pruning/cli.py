@@ -417,6 +417,9 @@ def _analyze(args: argparse.Namespace) -> None:
         loader = _build_loader(cfg, args, model)
     img_size = None if not args.img_size else (args.img_size[0] if len(args.img_size) == 1 else args.img_size)
     analysis: Dict[str, Any] = {}
+    if blocks and args.plot and not (args.importance or args.config):
+        raise ValueError("--plot draws the head fidelity; give --importance or --config as well (block importance "
+                         "alone writes the tables and the JSON)")
     if not blocks or args.importance or args.config:
         analysis = analyze_pruning_impact(_importance_from_args(args), args.pruning_ratios, model=model,
                                           dataloader=loader, strategies=args.strategies, num_batches=args.num_batches,
