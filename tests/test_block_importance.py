@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmcv.models.backbones.eva_vit_student import resize_abs_pos_embed
+from mmcv.models.backbones.eva_vit_student import EVAViTStudent, resize_abs_pos_embed
 from mmcv.models.losses.kd_losses import CombinedKDLoss, default_distill_blocks
 from mmcv.models.utils.eva_cost import analytic_backbone_macs
 from mmcv.models.utils.head_importance import BlockImportance, ChannelImportance, HeadImportance, load_importance
-from tests.head_pruning_fixtures import loader_of, make_teacher, orion_twin
+from tests.head_pruning_fixtures import HEADS, SMALL, loader_of, make_teacher, orion_twin
 from tools.head_pruning.block_importance import (SkippedBlock, analyze_block_importance, compute_block_importance,
                                                  compute_block_importance_cosine, compute_block_importance_kd_loss,
                                                  skipped_blocks)
@@ -76,9 +76,9 @@ def test_kd_loss_is_zero_for_an_identity_block_and_equals_the_kd_loss_of_the_zer
     assert imp.scores[1].item() == 0.0
     assert imp.scores[0] > 0 and imp.scores[2] > 0
     loss = CombinedKDLoss(attention_distill_weight=0.0)
-    for b in (0, 2):
-        assert imp.scores[b].item() == pytest.approx(explicit_kd_loss(teacher, made_identity(teacher, [b]), loader,
-                                                                      loss), rel=1e-6)
+    # block 2's tap is its input either way; block 0's follows the student's block map (the depth-pruned test)
+    assert imp.scores[2].item() == pytest.approx(explicit_kd_loss(teacher, made_identity(teacher, [2]), loader, loss),
+                                                 rel=1e-6)
     parts = 0.5 * torch.tensor(imp.metadata["feature_loss"]) + 0.2 * torch.tensor(imp.metadata["output_loss"])
     assert torch.allclose(imp.scores, parts.double(), rtol=1e-12)
     assert imp.metadata["feature_blocks"] == [0, 1, 2] and imp.metadata["backbone"]["depth"] == 3
@@ -87,6 +87,23 @@ def test_kd_loss_is_zero_for_an_identity_block_and_equals_the_kd_loss_of_the_zer
                                                                          output_distill_weight=1.0), progress=False)
     assert torch.allclose(only_output.scores, torch.tensor(imp.metadata["output_loss"], dtype=torch.float64))
     assert only_output.metadata["feature_blocks"] == []
+
+
+def test_kd_loss_equals_the_kd_loss_of_the_depth_pruned_student_without_the_block():
+    """The skip is what a student built without the block computes, taps included (default block map)."""
+    teacher = make_teacher(seed=7)
+    loader = loader_of(2)
+    imp = compute_block_importance_kd_loss(teacher, loader, progress=False)
+    loss = CombinedKDLoss(attention_distill_weight=0.0)
+    for b in range(3):
+        kept = [k for k in range(3) if k != b]
+        student = EVAViTStudent(**dict(SMALL, num_heads=HEADS, teacher_num_heads=HEADS, selected_blocks=kept)).eval()
+        student.load_from_teacher(teacher.state_dict())
+        assert len(student.blocks) == 2
+        assert imp.scores[b].item() == pytest.approx(explicit_kd_loss(teacher, student, loader, loss), rel=1e-5)
+        with torch.no_grad(), skipped_blocks(teacher, [b]):
+            img = loader[0]
+            assert torch.equal(teacher(img)[0], student(img)[0])
 
 
 def test_kd_loss_runs_on_orion_own_module_tree_with_the_same_scores():

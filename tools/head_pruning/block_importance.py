@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmcv.models.backbones.eva_taps import default_block_map
 from mmcv.models.losses.kd_losses import CombinedKDLoss
 from mmcv.models.utils.checkpoint_io import atomic_write_json
 from mmcv.models.utils.eva_cost import analytic_backbone_macs
@@ -60,7 +61,7 @@ def find_blocks(backbone: nn.Module) -> nn.ModuleList:
 def skipped_blocks(backbone: nn.Module, indices: Iterable[int]) -> Iterator[None]:
     """Run ``backbone`` without the blocks ``indices``: each is replaced by a :class:`SkippedBlock`, put back after.
 
-    The hidden state after a skipped block is its input, which is what a student without the block gives.
+    The residual stream after a skipped block is its input, as in a student built without the block.
     """
     blocks = find_blocks(backbone)
     chosen = sorted({int(i) for i in indices})
@@ -108,8 +109,10 @@ def _cosine_hooks(blocks: nn.ModuleList, sums: torch.Tensor, counts: torch.Tenso
 
 
 def _tapped_forward(backbone: nn.Module, img: torch.Tensor, tap_blocks: Sequence[int],
-                    extra: Sequence[Tuple[nn.Module, Callable]] = ()) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
-    """The backbone's feature map and the hidden states after ``tap_blocks`` (forward hooks, whatever sits there)."""
+                    extra: Sequence[Tuple[nn.Module, Callable]] = (), block_map: Optional[Mapping[int, int]] = None
+                    ) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
+    """The backbone's feature map and the hidden state of each tapped block ``t``: the output of block
+    ``block_map[t]`` (``t`` itself by default), read by forward hooks on whatever module sits there."""
     blocks = find_blocks(backbone)
     hidden: Dict[int, torch.Tensor] = {}
 
@@ -118,7 +121,8 @@ def _tapped_forward(backbone: nn.Module, img: torch.Tensor, tap_blocks: Sequence
             hidden[index] = _block_output(index, output)
         return hook
 
-    with _forward_hooks([(blocks[i], make(i)) for i in tap_blocks] + list(extra)):
+    source = {t: t if block_map is None else block_map[t] for t in tap_blocks}
+    with _forward_hooks([(blocks[source[t]], make(t)) for t in tap_blocks] + list(extra)):
         features = features_of(backbone(img))
     return features, hidden
 
@@ -187,7 +191,9 @@ def compute_block_importance_kd_loss(model: nn.Module, dataloader: Iterable, num
     ``L_KD = w_f * FeatureDistillLoss(hidden states at the tapped blocks) + w_o * OutputDistillLoss(feature
     map)``, the feature and output parts of ``kd_loss`` (default ``CombinedKDLoss()``; the CLI uses the
     config's ``kd_config``) with their weights, taps and modes (``tap_request``: by default the last block
-    of each quarter). A skipped block's tap is its input, what a student without it gives. The full
+    of each quarter). A skipped block's tap is what a student without the block records
+    (``eva_taps.default_block_map``): its input, the previous block's output; for block 0, the output of
+    block 1, the first block kept. The full
     teacher's loss is 0, so the score is the loss itself, averaged over frames (batches weighted by their
     images). The attention part is not used: a removed block has no attention map to distil.
 
@@ -204,6 +210,8 @@ def compute_block_importance_kd_loss(model: nn.Module, dataloader: Iterable, num
     backbone = find_backbone(model)
     blocks = find_blocks(backbone)
     depth = len(blocks)
+    if depth < 2:
+        raise ValueError("kd_loss block importance needs a teacher of at least 2 blocks (one must stay)")
     tap_blocks = loss.tap_request(depth)[0]
     dtype, device = param_dtype_device(backbone)
     sums, counts = torch.zeros(depth, dtype=torch.float64), torch.zeros(depth, dtype=torch.float64)
@@ -214,9 +222,10 @@ def compute_block_importance_kd_loss(model: nn.Module, dataloader: Iterable, num
         references = [_tapped_forward(backbone, img, tap_blocks, _cosine_hooks(blocks, sums, counts))
                       for img in images]
         for b in progress_bar(range(depth), depth, "block importance (kd_loss), blocks", progress):
+            block_map = default_block_map(depth, [k for k in range(depth) if k != b])
             with skipped_blocks(backbone, [b]):
                 for img, (ref_features, ref_hidden) in zip(images, references):
-                    features, hidden = _tapped_forward(backbone, img, tap_blocks)
+                    features, hidden = _tapped_forward(backbone, img, tap_blocks, block_map=block_map)
                     if loss.feature_distill_weight > 0:
                         parts[b, 0] += float(loss.feature_loss(hidden, ref_hidden)) * img.shape[0]
                     if loss.output_distill_weight > 0:
