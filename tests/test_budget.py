@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from mmcv.models.utils.head_importance import ChannelImportance, HeadImportance
+from mmcv.models.utils.head_importance import BlockImportance, ChannelImportance, HeadImportance
 from mmcv.models.utils.pruning_config import PruningConfig
 from mmcv.models.utils.pruning_cost import UnitCosts, analytic_unit_costs
 from tests.eva_reference import reference_macs
@@ -231,8 +231,7 @@ def tiny_files(tmp_path_factory):
     common = ["--config", TINY_CFG, "--checkpoint", str(ckpt), "--device", "cpu"]
     assert main(["importance", *common, "--out", str(root / "imp.json")]) == 0
     assert main(["importance", *common, "--unit", "channels", "--out", str(root / "ch.json")]) == 0
-    blocks = dict(format="orion-kd-block-importance", version=1, method="kd_loss", scores=[0.9, 0.2, 0.5, 0.1])
-    (root / "blocks.json").write_text(json.dumps(blocks))
+    BlockImportance(torch.tensor([0.9, 0.2, 0.5, 0.1]), "kd_loss").save(root / "blocks.json")
     return root, common
 
 

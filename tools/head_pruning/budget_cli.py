@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from mmcv.models.utils.head_importance import read_json
+from mmcv.models.utils.head_importance import BlockImportance
 from mmcv.models.utils.pruning_config import PruningConfig
 from mmcv.models.utils.pruning_cost import UnitCosts
 from tools.bench_record import spread
@@ -24,8 +24,6 @@ from tools.head_pruning.batches import features_of, images_of, take_batches
 from tools.head_pruning.budget import AXES, BudgetResult, format_candidates, prune_to_budget
 from tools.head_pruning.sites import describe_backbone
 from tools.head_pruning.timing import measure_block_costs, time_alternating
-
-BLOCK_IMPORTANCE_FORMAT = "orion-kd-block-importance"
 
 
 def add_budget_options(p: argparse.ArgumentParser) -> None:
@@ -42,16 +40,8 @@ def add_budget_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, help="--target-speedup: alternating timing rounds")
 
 
-def _block_scores(path: str) -> Any:
-    """A block importance file (``BlockImportance`` when this ORION-KD has it, else its scores)."""
-    try:
-        from mmcv.models.utils.head_importance import BlockImportance  # type: ignore[attr-defined]
-    except ImportError:
-        payload = read_json(path, "block importance file")
-        if not isinstance(payload, dict) or payload.get("format") != BLOCK_IMPORTANCE_FORMAT or "scores" not in payload:
-            raise ValueError(f"{path}: not a block importance file (expected format {BLOCK_IMPORTANCE_FORMAT!r} with "
-                             f"'scores')") from None
-        return torch.as_tensor(payload["scores"], dtype=torch.float64)
+def _block_scores(path: str) -> BlockImportance:
+    """A block importance file (``importance --unit blocks``)."""
     return BlockImportance.load(path)
 
 
