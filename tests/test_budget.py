@@ -243,7 +243,7 @@ def test_prune_config_to_a_budget_prints_predicted_and_measured(tiny_files, caps
                  "--calibrate-batches", "1", "--repeats", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     predicted = float(re.search(r"predicted speedup ([\d.]+)x", printed).group(1))
-    measured = float(re.search(r"measured speedup ([\d.]+)x \(median of 3 alternating rounds", printed).group(1))
+    measured = float(re.search(r"measured speedup ([\d.]+)x \(median of 3 alternating rounds of (\d+) forward", printed).group(1))
     config = PruningConfig.load(out)
     budget = config.metadata["budget"]
     assert predicted >= 1.5 and predicted == round(budget["predicted_speedup"], 3)

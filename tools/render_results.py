@@ -223,13 +223,40 @@ def _budget_rows(result: Mapping[str, Any]) -> List[str]:
         return []
     blocks = result.get("student_blocks")
     kept = f"{len(blocks)} of {result['depth']} (removed {budget['chosen']['removed_blocks']})" if blocks else "all"
-    heads = [h for h in result["student_heads"] if h]
-    hidden = [c for c in result["student_mlp_hidden"] if c]
+    heads = _range([h for h in result["student_heads"] if h])
+    hidden = _range([c for c in result["student_mlp_hidden"] if c])
     return [f"| budget target | {budget['target_speedup']:g}x ({budget['cost_model'].split(';')[0]}) |",
             f"| predicted / measured | {budget['predicted_speedup']:.3f}x / {budget['measured_speedup']:.3f}x "
             f"(measured / analytic {budget['measured_over_analytic']:.1%}) |",
             f"| student blocks kept | {kept} |",
-            f"| student per kept block | {min(heads)}-{max(heads)} heads, {min(hidden)}-{max(hidden)} SwiGLU channels |"]
+            f"| student per kept block | {heads} heads, {hidden} SwiGLU channels |"]
+
+
+def _range(values: Sequence[int]) -> str:
+    return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+
+BUDGET_BENCH = "docs/bench/budget_orion_l_depth12_3x.json"
+
+
+def budget_block(path: Path) -> str:
+    """The ORION-L budget run (``benchmark_backbone.py --target-speedup``): target, predicted, measured, student."""
+    if not path.exists():
+        return (f"No run is committed yet: `python tools/benchmark_backbone.py --depth 12 --target-speedup 3 "
+                f"--skip-math --out {BUDGET_BENCH}`, then `python tools/render_results.py`.\n")
+    result = load_json(path)
+    budget, rounds = result["budget"], result["ratio_spread"]["speedup"]
+    load = result.get("load_average") or [float("nan")]
+    after = result.get("load_average_after") or [float("nan")]
+    rows = [f"`{_rel(path)}`: depth {result['depth']} ({result['image_size']}x{result['image_size']}, "
+            f"{result['dtype']} on {result['device_name']}, {result['threads']} threads, torch {result['torch']}, "
+            f"{result['repeats']} alternating rounds, load average {load[0]:.2f} before and {after[0]:.2f} after):", "",
+            "| quantity | value |", "|---|---|"] + _budget_rows(result)[1:]
+    rows += [f"| target | {budget['target_speedup']:g}x |",
+             f"| measured per round | {rounds['min']:.3f}-{rounds['max']:.3f}x (median {rounds['median']:.3f}x) |",
+             f"| medians | teacher {result['median_s']['teacher_sdpa']:.2f} s, student "
+             f"{result['median_s']['student_sdpa']:.2f} s |"]
+    return "\n".join(rows) + "\n"
 
 
 def _load(result: Mapping[str, Any]) -> str:
@@ -311,6 +338,7 @@ def renderers() -> Dict[str, Dict[str, Callable[[], str]]]:
         "README.md": {"demo": _demo(lambda report: "```\n" + demo_table(report) + "\n```\n"),
                       "reproducibility": lambda: reproducibility_block(DOCS / "reproducibility")},
         "README_KD.md": {"fidelity": lambda: fidelity_block(DOCS / "head_importance" / "fidelity.json")},
+        "docs/prune_to_budget.md": {"orion-l": lambda: budget_block(DOCS / "bench" / Path(BUDGET_BENCH).name)},
     }
 
 

@@ -10,6 +10,7 @@ Plugin file: Python 3.8, torch 2.0-2.4, no mmengine.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -98,17 +99,27 @@ def _calibration(teacher: _Teacher, batches: int) -> Callable[[PruningConfig], f
     return calibrate
 
 
-def measure_speedup(teacher: _Teacher, config: PruningConfig, repeats: int) -> Dict[str, Any]:
-    """Teacher and the configuration's student, batch 1, timed in alternating rounds: median and spread."""
+def measure_speedup(teacher: _Teacher, config: PruningConfig, repeats: int, round_seconds: float = 0.2
+                    ) -> Dict[str, Any]:
+    """Teacher and the configuration's student, batch 1, timed in alternating rounds: median and spread.
+
+    A small model's forward takes milliseconds, where one busy moment of the machine decides a round, so
+    each round runs each model as many times as the teacher needs for ``round_seconds`` (at least once);
+    the times are per forward.
+    """
     student = teacher.student(config)
     image = teacher.image()
     with torch.no_grad():
-        times = time_alternating(dict(teacher=lambda: teacher.model(image), student=lambda: student(image)),
+        once = time_alternating(dict(teacher=lambda: teacher.model(image)), 1, 1, teacher.device)["teacher"][0]
+        count = max(1, min(1000, int(math.ceil(round_seconds / max(once, 1e-6)))))
+        times = time_alternating(dict(teacher=lambda: [teacher.model(image) for _ in range(count)],
+                                      student=lambda: [student(image) for _ in range(count)]),
                                  repeats, 1, teacher.device)
+    times = {name: [t / count for t in values] for name, values in times.items()}
     ratios = [t / s for t, s in zip(times["teacher"], times["student"])]
     return dict(speedup=statistics.median(times["teacher"]) / statistics.median(times["student"]),
                 per_round=ratios, per_round_spread=spread(ratios), times_s=times, repeats=repeats,
-                device=str(teacher.device), threads=torch.get_num_threads(),
+                forwards_per_round=count, device=str(teacher.device), threads=torch.get_num_threads(),
                 image_hw=list(teacher.geometry["img_hw"]))
 
 
@@ -166,9 +177,9 @@ def _print(args: argparse.Namespace, result: BudgetResult, measured: Optional[Di
         print("measured speedup: not measured (no --config: the backbone to time is unknown)")
     else:
         rounds = measured["per_round_spread"]
-        print(f"measured speedup {measured['speedup']:.3f}x (median of {measured['repeats']} alternating rounds, "
-              f"{rounds['min']:.3f}-{rounds['max']:.3f}x per round, batch 1, {measured['device']}, "
-              f"{measured['threads']} threads)")
+        print(f"measured speedup {measured['speedup']:.3f}x (median of {measured['repeats']} alternating rounds of "
+              f"{measured['forwards_per_round']} forward(s), {rounds['min']:.3f}-{rounds['max']:.3f}x per round, "
+              f"batch 1, {measured['device']}, {measured['threads']} threads)")
 
 
 __all__ = ["add_budget_options", "measure_speedup", "run_budget"]
