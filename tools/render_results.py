@@ -256,6 +256,15 @@ def budget_block(path: Path) -> str:
              f"| measured per round | {rounds['min']:.3f}-{rounds['max']:.3f}x (median {rounds['median']:.3f}x) |",
              f"| medians | teacher {result['median_s']['teacher_sdpa']:.2f} s, student "
              f"{result['median_s']['student_sdpa']:.2f} s |"]
+    loaded = path.with_name(path.stem + "_loaded.json")
+    if loaded.exists():  # the same command while other jobs shared the cores
+        other = load_json(loaded)
+        teacher = other["time_spread_s"]["teacher_sdpa"]
+        rows += ["", f"The same command while other jobs shared the cores (`{_rel(loaded)}`, load average "
+                     f"{other['load_average'][0]:.2f} before and {other['load_average_after'][0]:.2f} after, teacher "
+                     f"rounds {teacher['min']:.2f}-{teacher['max']:.2f} s) measured {other['speedup']:.3f}x (per round "
+                     f"{other['ratio_spread']['speedup']['min']:.3f}-{other['ratio_spread']['speedup']['max']:.3f}x): "
+                     f"on a shared CPU the load decides, hence the load in every record."]
     return "\n".join(rows) + "\n"
 
 
