@@ -199,6 +199,8 @@ def test_measured_block_costs_recover_slopes_overhead_and_stem(monkeypatch):
     truth = dict(window=(3.0, 0.01, 0.7), global_=(5.0, 0.02, 0.2))  # per head, per channel, overhead
 
     def fake_times(runners, repeats, warmup, device):
+        if "once" in runners:  # how long one call takes: one call per round
+            return {"once": [1.0] * repeats}
         counts = dict(full=(16, 341), half_heads=(8, 341), half_mlp=(16, 170), minimal=(1, 32))
         out = {"stem": [0.4] * repeats}
         for name in runners:
@@ -284,6 +286,8 @@ def test_prune_config_measure_prices_units_and_blocks_with_this_machines_times(t
     root, common = tiny_files
 
     def fake_times(runners, repeats, warmup, device):  # block time = 1 + 0.5 per head + 0.01 per channel; stem 2
+        if "once" in runners:
+            return {"once": [1.0] * repeats}
         counts = dict(full=(16, 341), half_heads=(8, 341), half_mlp=(16, 170), minimal=(1, 8))
         return {name: [2.0 if name == "stem" else 1.0 + 0.5 * counts[name.split("/")[1]][0]
                        + 0.01 * counts[name.split("/")[1]][1]] * repeats for name in runners}

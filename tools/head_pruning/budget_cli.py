@@ -133,8 +133,14 @@ def _unit_costs(args: argparse.Namespace, teacher: Optional[_Teacher]) -> Option
     if teacher is None:
         raise ValueError("--measure times --config's backbone on this machine: pass --config")
     geometry = teacher.geometry
-    return measure_block_costs(lambda heads, hidden: teacher.student(num_heads=heads, mlp_hidden=hidden),
-                               teacher.image(), int(geometry["num_heads"]), int(geometry["mlp_hidden"]),
+    windows = list(geometry["window_per_block"])
+    kinds = {("window" if w > 0 else "global"): b for b, w in reversed(list(enumerate(windows)))}
+    timed = sorted(kinds.values())  # the first block of each kind is all the measurement runs
+
+    def make(heads: int, hidden: int) -> nn.Module:
+        return teacher.student(num_heads=heads, mlp_hidden=hidden, selected_blocks=timed)
+
+    return measure_block_costs(make, teacher.image(), int(geometry["num_heads"]), int(geometry["mlp_hidden"]),
                                max(args.repeats, 3), 1, teacher.device, min_channels=max(args.channel_multiple, 1),
                                source=f"measured block latency of {args.config} on {teacher.device}",
                                metadata=dict(window_per_block=geometry["window_per_block"]))

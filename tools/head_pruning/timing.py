@@ -9,6 +9,7 @@ Plugin file: Python 3.8, torch 2.0-2.4, no mmengine.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
@@ -63,7 +64,7 @@ def _first_blocks(backbone: nn.Module) -> Dict[str, int]:
 def measure_block_costs(make_backbone: Callable[[int, int], nn.Module], image: torch.Tensor, teacher_heads: int,
                         teacher_hidden: int, repeats: int, warmup: int, device: torch.device,
                         min_channels: int = 64, source: str = "measured block latency",
-                        metadata: Optional[Dict[str, object]] = None) -> UnitCosts:
+                        metadata: Optional[Dict[str, object]] = None, round_seconds: float = 0.05) -> UnitCosts:
     """Seconds per head, per channel and per block (beyond its units), by block type, and of the stem.
 
     ``make_backbone(heads, hidden)``: the backbone with every block keeping ``heads`` heads and ``hidden``
@@ -71,7 +72,8 @@ def measure_block_costs(make_backbone: Callable[[int, int], nn.Module], image: t
     with half the channels and at the minimum (1 head, ``min_channels`` channels): the slopes are
     (median full - median reduced) / units removed; the overhead is the minimum block's median minus what
     its head and channels cost by the slopes (0 when noise makes it negative; the raw value is kept in the
-    metadata). A slope that is not positive means noise won: the error says so.
+    metadata). A slope that is not positive means noise won: the error says so. Each round calls every block
+    as often as the full block needs for ``round_seconds`` (times are per call).
     """
     variants = dict(full=(teacher_heads, teacher_hidden), half_heads=(teacher_heads // 2, teacher_hidden),
                     half_mlp=(teacher_heads, teacher_hidden // 2), minimal=(1, min(min_channels, teacher_hidden)))
@@ -79,12 +81,18 @@ def measure_block_costs(make_backbone: Callable[[int, int], nn.Module], image: t
     with torch.no_grad():
         x = stem_output(models["full"], image)
     kinds = _first_blocks(models["full"])
-    runners: Dict[str, Callable[[], None]] = {"stem": lambda: stem_output(models["full"], image)}
+    with torch.no_grad():  # a small block runs in microseconds: each round calls it enough times to be timed
+        first = models["full"].blocks[0]
+        once = min(time_alternating({"once": lambda: first(x)}, 3, 1, device)["once"])
+    count = max(1, min(1000, int(math.ceil(round_seconds / max(once, 1e-7)))))
+    runners: Dict[str, Callable[[], None]] = {"stem": lambda: [stem_output(models["full"], image)
+                                                               for _ in range(count)]}
     for name, model in models.items():
         for block_type, index in kinds.items():
-            runners[f"{block_type}/{name}"] = (lambda block=model.blocks[index]: block(x))
+            runners[f"{block_type}/{name}"] = (lambda block=model.blocks[index]: [block(x) for _ in range(count)])
     with torch.no_grad():
-        times = time_alternating(runners, repeats, warmup, device)
+        times = {name: [t / count for t in values]
+                 for name, values in time_alternating(runners, repeats, warmup, device).items()}
     median = {name: statistics.median(values) for name, values in times.items()}
     head: Dict[str, float] = {}
     channel: Dict[str, float] = {}
@@ -102,7 +110,7 @@ def measure_block_costs(make_backbone: Callable[[int, int], nn.Module], image: t
         raw[block_type] = median[f"{block_type}/minimal"] - units[0] * head[block_type] - units[1] * channel[block_type]
         block[block_type] = max(raw[block_type], 0.0)
     info = dict(metadata or {}, median_s=median, repeats=repeats, threads=torch.get_num_threads(),
-                overhead_raw_s=raw, minimal_block=list(variants["minimal"]), times_s=times)
+                overhead_raw_s=raw, minimal_block=list(variants["minimal"]), calls_per_round=count, times_s=times)
     return UnitCosts(head=head, channel=channel, unit="seconds", source=source, metadata=info, block=block,
                      fixed=median["stem"])
 
