@@ -244,8 +244,13 @@ def test_missing_onnxruntime_is_one_line_and_writes_nothing(teacher, tmp_path, c
         KDExportStudentHook(onnx=True)  # refused before training, not after it
 
 
-def test_export_hook_writes_the_onnx_next_to_the_checkpoint(teacher_ckpt, tmp_path) -> None:  # noqa: F811
-    student = make_student(teacher_ckpt)
+@pytest.mark.parametrize("selection", ["magnitude", "budgeted"])
+def test_export_hook_writes_the_onnx_next_to_the_checkpoint(selection, teacher_ckpt, tmp_path) -> None:  # noqa: F811
+    from tests.test_orion_student import student_backbone_cfg
+    from tests.test_orion_student_depth import KEPT, budgeted_config
+
+    student = make_student(teacher_ckpt) if selection == "magnitude" else make_student(
+        teacher_ckpt, pruning_config=budgeted_config(tmp_path), img_backbone=student_backbone_cfg())
     hook = KDExportStudentHook(filename="student.pth", inference_config=None, onnx=True)
     hook.after_run(make_runner(Wrapper(student), str(tmp_path)))
     assert hook.written["onnx"] == str(tmp_path / "student_backbone.onnx")
@@ -253,6 +258,8 @@ def test_export_hook_writes_the_onnx_next_to_the_checkpoint(teacher_ckpt, tmp_pa
     assert sidecar["source"]["path"] == str(tmp_path / "student.pth")
     assert sidecar["backbone"]["selected_heads_per_layer"] == student.img_backbone.selected_heads
     assert sidecar["img_backbone"] == student.student_backbone_cfg
+    kept = KEPT if selection == "budgeted" else [0, 1, 2, 3]
+    assert sidecar["backbone"]["kept_blocks"] == kept and sidecar["backbone"]["num_blocks"] == len(kept)
     with pytest.raises(KDRunError, match="opset 3"):
         KDExportStudentHook(onnx=True, onnx_opset=3)
 
