@@ -34,7 +34,11 @@ if _ROOT is None and not os.environ.get("ORION_ROOT"):
     pytest.skip(_WHY_NOT, allow_module_level=True)  # one line for the whole tier; a wrong ORION_ROOT fails
 
 KD_CONFIG = "adzoo/orion/configs/orion_stage3_kd_train.py"
-SCENARIOS = ("config", "epoch", "train", "load", "ddp", "fp16")  # load reads what train exported
+#: load reads what train exported, budget_load what budget exported
+SCENARIOS = ("config", "epoch", "train", "load", "ddp", "fp16", "budget", "budget_load")
+#: What scenarios.BUDGET keeps of the tier's teacher (2 blocks, 4 heads, MLP width 85): block 1, heads 1 and 3, and
+#: every other SwiGLU channel.
+BUDGET = dict(blocks=[1], heads=[1, 3], channels=list(range(1, 85, 2)))
 
 
 def tree_digest(root: Path) -> str:
@@ -195,6 +199,47 @@ def test_orions_non_strict_load_takes_the_exported_student_and_refuses_another_s
     assert refused is not None, "load_checkpoint(strict=False) loaded a student with other heads"
     assert "head_index" in refused["message"] and "\n" not in refused["message"].strip()
     assert str(result["kept"][0]) in refused["message"] and str(result["other"][0]) in refused["message"]
+
+
+# --------------------------------------------------------------------------- a budgeted configuration
+def test_the_kd_config_takes_a_budgeted_file_like_a_heads_only_one_and_trains_in_orions_runner(tier) -> None:
+    """Heads + channels + blocks from PruningConfig.save, given as model.pruning_config with head_selection=None."""
+    kd = scenario(tier, "config")["kd_config"]
+    result = scenario(tier, "budget")
+    assert result["head_selection"] is None and result["source"] == "pruning_config " + result["pruning_config"]
+    assert not {"selected_blocks", "mlp_hidden", "selected_heads_per_layer"} & set(result["given_backbone"])
+    assert result["kept_blocks"] == BUDGET["blocks"] and result["selected_heads"] == [BUDGET["heads"]]
+    assert result["selected_channels"] == [BUDGET["channels"]]
+    assert result["initial_from_teacher_block"] == {"0": False, "1": True}  # the kept block starts as teacher block 1
+    assert [(r["iter"], r["alpha"]) for r in result["records"]] == [
+        (1, kd["warmup_alpha"]), (2, kd["warmup_alpha"]), (3, kd["finetune_alpha"]), (4, kd["finetune_alpha"])]
+    for record in result["records"]:
+        assert record["total_loss"] == pytest.approx((1 - record["alpha"]) * record["task_loss"]
+                                                     + record["alpha"] * record["backbone_distill_loss"], abs=1e-3)
+        assert record["feature_distill_loss"] > 0 and "grad_norm" in record
+    assert result["trained_keys"] and all(k.startswith("img_backbone.") for k in result["trained_keys"])
+    assert result["exported_blocks"] == ["0"] and result["exported_kept_blocks"] == BUDGET["blocks"]
+    meta = result["meta_pruning"]
+    assert meta["selected_blocks"] == BUDGET["blocks"] and meta["selected_heads_per_layer"] == [[], BUDGET["heads"]]
+    assert meta["selected_channels_per_layer"] == [[], BUDGET["channels"]]
+    assert result["meta_backbone"]["selected_blocks"] == BUDGET["blocks"]
+    assert {"student_pruned.pth", "student_pruned_infer.py"} <= set(result["files"])
+
+
+def test_the_budgeted_student_loads_through_orions_inference_config_and_other_blocks_are_refused(tier) -> None:
+    result = scenario(tier, "budget_load")
+    assert result["infer_base"] == str(tier["copy"] / "adzoo/orion/configs/orion_stage3_kd_infer.py")
+    assert result["infer_model_type"] == "Orion"  # everything but img_backbone is ORION's inference config
+    backbone = result["infer_backbone"]
+    assert backbone["selected_blocks"] == BUDGET["blocks"] and backbone["depth"] == 2
+    assert backbone["selected_heads_per_layer"] == [[], BUDGET["heads"]]
+    assert result["kept_blocks"] == BUDGET["blocks"] and result["state_equal"]
+    assert result["forward_equal"] and result["forward_shape"] == [3, 32, 4, 4]  # the trained student's backbone
+    refused = result["refused"]
+    assert refused is not None, "load_checkpoint(strict=False) loaded a student that keeps another block"
+    assert refused["type"] == "SelectionMismatchError" and "\n" not in refused["message"].strip()
+    assert "kept_blocks" in refused["message"] and "blocks [1], this model keeps [0]" in refused["message"]
+    assert result["other_blocks"] == [0]
 
 
 def test_the_orion_tree_itself_is_never_written(tier) -> None:

@@ -7,14 +7,16 @@
 The graph is fixed: one image size (the configuration's ``img_size``, for which the rotary tables are
 built), a dynamic batch dimension, input ``img`` [batch, 3, H, W] and output ``last_feat``
 [batch, C, H/16, W/16]. The rotary tables, the absolute position embedding at that size, the window
-partitioning and the kept heads and SwiGLU channels are constants of the graph: the ONNX file needs no
-configuration to run. The teacher (``type='EVAViT'``) goes through the same path, built as an
+partitioning, the kept blocks (a depth-pruned student's graph holds only those, each with its teacher
+block's window/global kind) and the kept heads and SwiGLU channels are constants of the graph: the ONNX
+file needs no configuration to run. The teacher (``type='EVAViT'``) goes through the same path, built as an
 ``EVAViTStudent`` keeping every head (it loads ORION's ``img_backbone.*`` keys unchanged).
 
 Before the ``.onnx`` is kept, ONNX Runtime (CPU) must load it and reproduce PyTorch on random images
 (batch 2 and 1, so the dynamic batch is exercised) within ``atol`` (1e-4 in fp32 by default); the
-results go into a sidecar JSON (``<out>.json``) with the backbone configuration, the kept units per
-block, the sha256 of the weights file it came from and of the backbone tensors, the opset and versions.
+results go into a sidecar JSON (``<out>.json``) with the backbone configuration, the kept teacher blocks
+and the kept units per block, the sha256 of the weights file it came from and of the backbone tensors,
+the opset and versions.
 Everything is written to temporary files and renamed into place only after the check, so a failed
 export leaves nothing behind.
 
@@ -121,12 +123,15 @@ def tensors_sha256(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def describe_backbone(backbone: EVAViTStudent) -> Dict[str, Any]:
-    """What the exported graph computes: geometry, the kept teacher blocks and the kept heads / SwiGLU channels of
-    every block (``depth``: the blocks in the graph; ``kept_blocks``: their teacher indices)."""
+    """What the exported graph computes: geometry, the kept teacher blocks and the kept heads / SwiGLU channels.
+
+    ``depth`` and ``window_block_indexes`` are the teacher's (ORION's meaning); ``kept_blocks`` lists the
+    teacher blocks the graph holds and every per-block list has one entry per kept block, in that order.
+    """
     return dict(
         img_size=backbone.img_size, patch_size=backbone.patch_size, embed_dim=backbone.embed_dim,
-        depth=len(backbone.blocks), kept_blocks=list(backbone.kept_blocks), head_dim=backbone.head_dim,
-        teacher_num_heads=backbone.teacher_num_heads,
+        depth=backbone.depth, kept_blocks=list(backbone.kept_blocks), num_blocks=backbone.num_blocks,
+        head_dim=backbone.head_dim, teacher_num_heads=backbone.teacher_num_heads,
         teacher_mlp_hidden=backbone.teacher_mlp_hidden, window_block_indexes=list(backbone.window_block_indexes),
         window_per_block=[block.window_size for block in backbone.blocks],
         num_heads=backbone.num_heads_per_layer, mlp_hidden=backbone.mlp_hidden_per_layer,
@@ -342,7 +347,8 @@ def build_backbone(config: Mapping[str, Any], label: str) -> EVAViTStudent:
 def load_backbone(checkpoint: str, backbone_config: Optional[str] = None) -> Tuple[EVAViTStudent, Dict[str, Any]]:
     """The backbone of ``checkpoint`` built from its own config (or ``backbone_config``), loaded strictly.
 
-    Weights whose kept heads/channels or shapes differ from the config fail with one line naming both files.
+    Weights whose kept blocks, heads or channels (their ``kept_blocks`` / ``head_index`` / ``channel_index``
+    records) or shapes differ from the config fail with one line naming both files.
     """
     state, own_config = read_weights(checkpoint)
     if backbone_config:
@@ -405,9 +411,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise SystemExit(2)
     out = args.out or default_output(args.checkpoint)
     worst = max(result["max_abs_diff"] for result in sidecar["parity"]["inputs"].values())
-    print("[export_onnx] wrote {} (opset {}, {} heads, MLP {} per block) and {}.json; ONNX Runtime vs PyTorch: "
-          "max |diff| {:.2e}".format(out, sidecar["opset"], sidecar["backbone"]["num_heads"],
-                                     sidecar["backbone"]["mlp_hidden"], out, worst))
+    described = sidecar["backbone"]
+    blocks = "" if described["num_blocks"] == described["depth"] else "teacher blocks {} of {}, ".format(
+        described["kept_blocks"], described["depth"])
+    print("[export_onnx] wrote {} (opset {}, {}{} heads, MLP {} per block) and {}.json; ONNX Runtime vs PyTorch: "
+          "max |diff| {:.2e}".format(out, sidecar["opset"], blocks, described["num_heads"], described["mlp_hidden"],
+                                     out, worst))
     return sidecar
 
 

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Every CUDA measurement in one prepared run, from a fresh clone, within 8 minutes on one H100/H200:
+# Every CUDA measurement in one prepared run, from a fresh clone, within 8 minutes on one H100/H200 (the step
+# timeouts add up to 470 s with one GPU):
 #   0. the shipped miniature teacher, materialised (checksum checked; not retrained)
 #   1. tools/benchmark_backbone.py  bf16, full ORION-L (24 blocks, 640x640): teacher vs heads-only student
 #                                   (8 of 16 heads, + sdpa vs math), then teacher vs joint student (8 heads +
-#                                   MLP 1536 of 2730); medians of alternating rounds and peak memory
+#                                   MLP 1536 of 2730), then teacher vs the student the budget chooses for a 3x
+#                                   target (--target-speedup 3: heads, channels and whole blocks, analytic costs);
+#                                   medians of alternating rounds, peak memory, the budget's predicted speedup
 #   2. tools/benchmark_kd_step.py   bf16, KD step vs student-only step, tiny world and full ORION-L
 #   3. NCCL DDP smoke run           the tiny KD config on 2 ranks (only when 2 GPUs are visible), which must
 #                                   export student_pruned.pth
@@ -36,12 +39,15 @@ status=0
 echo "== 0/3 the shipped miniature teacher"
 timeout 60 "$PYTHON" tools/train_tiny_teacher.py --materialize || status=1
 
-echo "== 1/3 backbone speed (bf16, ORION-L): teacher vs heads-only, teacher vs joint"
+echo "== 1/3 backbone speed (bf16, ORION-L): teacher vs heads-only, vs joint, vs the 3x budget"
 timeout 120 "$PYTHON" tools/benchmark_backbone.py --depth 24 --repeats 15 --warmup 3 --dtype bf16 \
     --student-heads 8 --out "$OUT_DIR/benchmark_backbone.json" || status=1
 timeout 90 "$PYTHON" tools/benchmark_backbone.py --depth 24 --repeats 15 --warmup 3 --dtype bf16 \
     --student-heads 8 --student-mlp-hidden 1536 --skip-math --out "$OUT_DIR/benchmark_backbone_joint.json" \
     || status=1
+timeout 80 "$PYTHON" tools/benchmark_backbone.py --depth 24 --repeats 15 --warmup 3 --dtype bf16 \
+    --target-speedup 3 --save-config "$OUT_DIR/budget3x_config.json" --skip-math \
+    --out "$OUT_DIR/benchmark_backbone_budget3x.json" || status=1
 
 echo "== 2/3 KD step vs student-only step (bf16)"
 timeout 120 "$PYTHON" tools/benchmark_kd_step.py --settings tiny,orion-l --depth 24 --repeats 8 \

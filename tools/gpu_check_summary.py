@@ -3,9 +3,10 @@
     python tools/gpu_check_summary.py --out-dir work_dirs/gpu_check --ranks 2 --nccl-status 0
 
 Reads the step files in ``--out-dir`` (``benchmark_backbone.json``: teacher vs heads-only student,
-``benchmark_backbone_joint.json``: teacher vs joint student, ``benchmark_kd_step.json``, and the NCCL run's
-work dir ``nccl_tiny_kd/``), writes ``gpu_check.json`` there atomically and prints each ratio. Every ratio
-comes from one run that timed both sides alternately. Exit status 1 when a step left nothing to read.
+``benchmark_backbone_joint.json``: teacher vs joint student, ``benchmark_backbone_budget3x.json``: teacher vs
+the student the budget chooses for a 3x target (heads, channels and blocks), ``benchmark_kd_step.json``, and
+the NCCL run's work dir ``nccl_tiny_kd/``), writes ``gpu_check.json`` there atomically and prints each ratio.
+Every ratio comes from one run that timed both sides alternately. Exit status 1 when a step left nothing to read.
 """
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ from mmcv.models.utils.checkpoint_io import atomic_write_json  # noqa: E402
 
 #: The file KDExportStudentHook writes in the tiny KD config's work dir.
 EXPORTED = "student_pruned.pth"
+#: The backbone benchmarks: summary key -> (step file, label of its line).
+BACKBONE_STEPS = {
+    "backbone_heads_only": ("benchmark_backbone.json", "heads-only student (8/16):"),
+    "backbone_joint": ("benchmark_backbone_joint.json", "joint student (8 + MLP 1536):"),
+    "backbone_budget_3x": ("benchmark_backbone_budget3x.json", "budgeted student (3x):"),
+}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -54,18 +61,23 @@ def _backbone_line(label: str, result: Optional[Dict[str, Any]]) -> str:
     if memory:
         line += "; peak memory {:.0f} MB vs {:.0f} MB (ratio {:.3f})".format(
             memory["student"], memory["teacher"], result["peak_memory_ratio"])
+    budget = result.get("budget")
+    if budget:
+        removed = (budget.get("chosen") or {}).get("removed_blocks")
+        line += "; the budget predicted {:.3f}x{}".format(
+            budget["predicted_speedup"], ", teacher blocks removed: {}".format(removed) if removed else "")
     return line
 
 
 def summarise(args: argparse.Namespace) -> Dict[str, Any]:
     """The summary dict (what gpu_check.json holds)."""
-    heads, joint = _load(args.out_dir, "benchmark_backbone.json"), _load(args.out_dir, "benchmark_backbone_joint.json")
+    backbones = {key: _load(args.out_dir, name) for key, (name, _) in BACKBONE_STEPS.items()}
     kd_step = _load(args.out_dir, "benchmark_kd_step.json")
     exported = os.path.join(args.out_dir, "nccl_tiny_kd", EXPORTED)
     nccl = dict(ranks=args.ranks, exit_status=args.nccl_status,
                 exported=os.path.isfile(exported) if args.ranks else None, export_path=exported)
-    device = next((r.get("device_name") for r in (heads, joint, kd_step) if r), None)
-    return dict(device=device, backbone_heads_only=heads, backbone_joint=joint, kd_step=kd_step, nccl=nccl)
+    device = next((r.get("device_name") for r in list(backbones.values()) + [kd_step] if r), None)
+    return dict(device=device, kd_step=kd_step, nccl=nccl, **backbones)
 
 
 def report(summary: Dict[str, Any]) -> List[str]:
@@ -73,8 +85,7 @@ def report(summary: Dict[str, Any]) -> List[str]:
     heads = summary["backbone_heads_only"]
     lines = ["gpu_check on {}: bf16, full ORION-L (24 blocks, 640x640), medians of alternating rounds".format(
         summary["device"] or "?")]
-    lines.append(_backbone_line("heads-only student (8/16):", heads))
-    lines.append(_backbone_line("joint student (8 + MLP 1536):", summary["backbone_joint"]))
+    lines += [_backbone_line(label, summary[key]) for key, (_, label) in BACKBONE_STEPS.items()]
     if heads and "sdpa_vs_math_speedup" in heads:
         lines.append("  {:<28} {:.3f}x (teacher)".format("sdpa vs math attention:", heads["sdpa_vs_math_speedup"]))
     kd = summary["kd_step"]
@@ -99,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     atomic_write_json(os.path.join(args.out_dir, "gpu_check.json"), summary)
     print("\n".join(report(summary)))
     nccl = summary["nccl"]
-    complete = all(summary[k] is not None for k in ("backbone_heads_only", "backbone_joint", "kd_step"))
+    complete = all(summary[k] is not None for k in list(BACKBONE_STEPS) + ["kd_step"])
     return 0 if complete and (not nccl["ranks"] or (nccl["exit_status"] == 0 and nccl["exported"])) else 1
 
 

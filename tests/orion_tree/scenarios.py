@@ -352,8 +352,108 @@ def scenario_epoch(root: str, out: str) -> Dict[str, Any]:
                 checkpoints=sorted(n for n in os.listdir(work_dir) if n.startswith("iter_")))
 
 
+#: What the budgeted student keeps of the tier's 2-block, 4-head teacher (MLP width int(32 * 8 / 3) = 85): the
+#: windowed block 0 is removed; the global block 1 keeps heads 1 and 3 and every other SwiGLU channel.
+BUDGET = dict(blocks=[1], heads=[1, 3], channels=list(range(1, 85, 2)))
+#: The trained budgeted student, for scenario_budget_load (same process, run after scenario_budget).
+_TRAINED: Dict[str, Any] = {}
+
+
+def budget_file(path: str) -> str:
+    """A budgeted configuration (heads + channels + blocks) written by the installed ``PruningConfig.save``."""
+    from mmcv.models.utils.pruning_config import PruningConfig
+
+    kept = [b in BUDGET["blocks"] for b in range(2)]
+    PruningConfig(selected_heads_per_layer=[BUDGET["heads"] if k else [] for k in kept], teacher_num_heads=4,
+                  pruning_ratio=0.5, selected_channels_per_layer=[BUDGET["channels"] if k else [] for k in kept],
+                  teacher_mlp_hidden=85, mlp_pruning_ratio=0.5, selected_blocks=BUDGET["blocks"],
+                  method="tier", channel_method="tier").save(path)
+    return path
+
+
+def scenario_budget(root: str, out: str) -> Dict[str, Any]:
+    """The stage-3 KD config given a budgeted file the way a heads-only one is given (ORION's Config merges
+    ``model.pruning_config=FILE`` and ``model.kd_config.head_selection=None``); four KD iterations in ORION's runner."""
+    import torch
+
+    from mmcv.models import build_model
+
+    work_dir = os.path.join(out, "wd_budget")
+    cfg = kd_config(root, out, work_dir, 4)
+    given_backbone = dict(cfg.model.img_backbone)
+    cfg.merge_from_dict({"model.pruning_config": budget_file(os.path.join(out, "budget_prune.json")),
+                         "model.kd_config.head_selection": None})
+    torch.manual_seed(0)
+    initial = build_model(cfg.model).state_dict()
+    model = train(cfg)
+    teacher = torch.load(cfg.model.kd_config.teacher_backbone_path, map_location="cpu", weights_only=True)
+    rows = [h * 8 + i for h in BUDGET["heads"] for i in range(8)]  # head_dim 8
+    from_block = {b: torch.equal(initial["img_backbone.blocks.0.attn.q_proj.weight"],
+                                 teacher["state_dict"]["img_backbone.blocks.{}.attn.q_proj.weight".format(b)][rows])
+                  for b in range(2)}
+    exported = torch.load(os.path.join(work_dir, "student_pruned.pth"), map_location="cpu", weights_only=True)
+    state = exported["state_dict"]
+    backbone = model.img_backbone
+    _TRAINED.update(model=model, work_dir=work_dir)
+    return dict(records=train_records(work_dir), given_backbone=given_backbone,
+                pruning_config=cfg.model.pruning_config, head_selection=cfg.model.kd_config.head_selection,
+                source=model.head_selection_source, kept_blocks=list(backbone.kept_blocks),
+                selected_heads=backbone.selected_heads, selected_channels=backbone.selected_channels,
+                initial_from_teacher_block=from_block, files=sorted(os.listdir(work_dir)),
+                meta_pruning=exported["meta"].get("pruning"), meta_backbone=exported["meta"].get("img_backbone"),
+                exported_kept_blocks=state["img_backbone.kept_blocks"].tolist(),
+                exported_blocks=sorted({k.split(".")[2] for k in state if k.startswith("img_backbone.blocks.")}),
+                trained_keys=sorted(k for k, v in state.items() if k.startswith("img_backbone.")
+                                    and v.is_floating_point() and not torch.equal(v, initial[k])))
+
+
+def scenario_budget_load(root: str, out: str) -> Dict[str, Any]:
+    """The budgeted student's export through ORION's config for inference: build_model from the written
+    ``student_pruned_infer.py``, ORION's load_checkpoint(strict=False), the backbone's forward; a model that keeps
+    another block is refused."""
+    import torch
+
+    from mmcv import Config, ConfigDict
+    from mmcv.models import build_model
+    from mmcv.utils import load_checkpoint
+
+    if "work_dir" not in _TRAINED:
+        raise RuntimeError("scenario budget_load reads what scenario budget exported: run budget first (it failed "
+                           "or did not run)")
+    work_dir = _TRAINED["work_dir"]
+    path, written = os.path.join(work_dir, "student_pruned.pth"), os.path.join(work_dir, "student_pruned_infer.py")
+    infer = Config.fromfile(written)
+    backbone = dict(infer.model.img_backbone)
+    model = build_model(ConfigDict(type="OrionTierDetector", img_backbone=backbone)).eval()
+    load_checkpoint(model, path, map_location="cpu", strict=False)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    trained = _TRAINED["model"].img_backbone.eval()
+    with torch.no_grad():
+        got, expected = model.img_backbone(images)[0], trained(images)[0]
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    loaded = model.state_dict()
+    other = {k: list(reversed(v)) if isinstance(v, list) and len(v) == 2 else v for k, v in backbone.items()
+             if k != "selected_blocks"}  # the per-block lists moved to block 0
+    other["selected_blocks"] = [b for b in range(2) if b not in backbone["selected_blocks"]]
+    refused = None
+    try:
+        load_checkpoint(build_model(ConfigDict(type="OrionTierDetector", img_backbone=other)), path,
+                        map_location="cpu", strict=False)
+    except Exception as exc:
+        refused = dict(type=type(exc).__name__, message=str(exc))
+    with open(written) as handle:
+        inherits = re.search(r"^_base_ = \[(.*)\]$", handle.read(), re.M)
+    return dict(infer_config=written, infer_base=inherits.group(1).strip("'\"") if inherits else None,
+                infer_backbone=backbone,
+                infer_model_type=infer.model.type, kept_blocks=list(model.img_backbone.kept_blocks),
+                state_equal=sorted(loaded) == sorted(state) and all(torch.equal(loaded[k], state[k]) for k in state),
+                forward_equal=torch.equal(got, expected), forward_shape=list(got.shape),
+                other_blocks=other["selected_blocks"], refused=refused)
+
+
 SCENARIOS: Dict[str, Callable[[str, str], Dict[str, Any]]] = dict(
-    config=scenario_config, epoch=scenario_epoch, train=scenario_train, fp16=scenario_fp16, load=scenario_load, ddp=scenario_ddp)
+    config=scenario_config, epoch=scenario_epoch, train=scenario_train, fp16=scenario_fp16, load=scenario_load,
+    ddp=scenario_ddp, budget=scenario_budget, budget_load=scenario_budget_load)
 
 
 def main(argv: List[str]) -> int:
