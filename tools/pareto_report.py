@@ -52,7 +52,9 @@ def aggregate(records: Sequence[Mapping[str, Any]], speed: Mapping[str, Mapping[
     for record in records:
         groups[group_key(record)].append(record)
     rows = []
-    for (family, target, schedule), members in sorted(groups.items()):
+    order = list(FAMILY_LABELS)
+    for (family, target, schedule), members in sorted(groups.items(), key=lambda item: (
+            order.index(item[0][0]), item[0][1], item[0][2] != "oneshot")):
         per_seed = [quantities(r) for r in members]
         retained = {k: stats([q[k] for q in per_seed]) for k in METRICS}
         configs = sorted({r["config"] for r in members})
@@ -104,15 +106,17 @@ def comparisons(records: Sequence[Mapping[str, Any]]) -> Dict[str, List[Dict[str
             if family != "random":
                 found = paired(records, (family, target, "oneshot"), ("random", target, "oneshot"))
                 vs_random += [found] if found else []
-        if target in HEADLINE_TARGETS:
-            for i, a in enumerate(families):
-                for b in families[i + 1:]:
+        if target in HEADLINE_TARGETS:  # each family against the ones with fewer axes (random: above)
+            chosen = [f for f in families if f != "random"]
+            for i, a in enumerate(chosen):
+                for b in chosen[i + 1:]:
                     found = paired(records, (b, target, "oneshot"), (a, target, "oneshot"))
                     pairs += [found] if found else []
     return dict(vs_random=vs_random, families=pairs)
 
 
-def headline(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+def headline(rows: Sequence[Mapping[str, Any]], unreachable: Sequence[Mapping[str, Any]] = ()
+             ) -> List[Dict[str, Any]]:
     """At 2x and 3x: every family's worst retention and measured speed; whether the best keeps the target."""
     out = []
     for target, threshold in HEADLINE_TARGETS.items():
@@ -127,6 +131,7 @@ def headline(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
                         best_worst_metric=best["worst_metric"], met=met,
                         miss_pp=0.0 if met else (threshold - mean) * 100.0, sentence=headline_sentence(
                             target, threshold, best, met),
+                        side_by_side=side_by_side(target, present, [u for u in unreachable if u["target"] == target]),
                         rows=[dict(family=r["family"], worst=r["worst"], worst_metric=r["worst_metric"],
                                    measured_speedup=r["measured_speedup"]) for r in present]))
     return out
@@ -142,6 +147,20 @@ def headline_sentence(target: float, threshold: float, best: Mapping[str, Any], 
     if met:
         return text + f": the {threshold:.0%} target is met."
     return text + f": it misses the {threshold:.0%} target by {(threshold - worst['mean']) * 100:.1f} points."
+
+
+def side_by_side(target: float, present: Sequence[Mapping[str, Any]], unreachable: Sequence[Mapping[str, Any]]
+                 ) -> str:
+    """Every family's worst headline retention (mean, seed range, which metric) and measured speed at a budget."""
+    parts = []
+    for row in present:
+        speed = row["measured_speedup"]
+        parts.append(f"{FAMILY_LABELS[row['family']]} {_pct(row['worst'])} ({row['worst_metric']})"
+                     + (f" at {speed['median']:.2f}x" if speed else ""))
+    for u in unreachable:
+        fastest = f"{u['fastest_reachable']:.2f}x" if u.get("fastest_reachable") else "unknown"
+        parts.append(f"{FAMILY_LABELS[u['family']]} out of reach (fastest reachable {fastest})")
+    return f"Worst headline metric at the {target:g}x budget, measured speedup: " + "; ".join(parts) + "."
 
 
 def iterative_comparison(records: Sequence[Mapping[str, Any]], family: str, target: float) -> Any:
@@ -214,6 +233,11 @@ def plot_front(rows: Sequence[Mapping[str, Any]], unreachable: Sequence[Mapping[
             ax.plot([x[-1]], [y[-1]], marker="x", markersize=12, color=line[0].get_color())
             ax.annotate(f"{family}: ends here" + (f" (fastest reachable {fastest:.2f}x predicted)" if fastest else ""),
                         (x[-1], y[-1]), textcoords="offset points", xytext=(6, -12), fontsize=7)
+    never = [u for u in unreachable if not any(r["family"] == u["family"] for r in rows)]
+    for i, family in enumerate(dict.fromkeys(u["family"] for u in never)):
+        fastest = next(u.get("fastest_reachable") for u in never if u["family"] == family)
+        ax.text(0.01, 0.02 + 0.05 * i, f"{FAMILY_LABELS[family]}: no target reached" + (
+            f" (fastest reachable {fastest:.2f}x predicted)" if fastest else ""), transform=ax.transAxes, fontsize=7)
     for r in rows:
         if r["schedule"] == "iterative" and r["measured_speedup"]:
             ax.errorbar([r["measured_speedup"]["median"]], [r["worst"]["mean"]],
@@ -275,7 +299,8 @@ def build_payload(records: Sequence[Mapping[str, Any]], choices: Sequence[Mappin
     lines = [describe_verdicts(c) for part in compared.values() for c in part]
     return dict(format=SWEEP_FORMAT, version=SWEEP_VERSION, settings=dict(settings), teacher_metrics=dict(teacher),
                 choices=list(choices), speed=dict(speed), cells=list(records), groups=rows, unreachable=unreachable,
-                comparisons=compared, verdicts=lines, headline=headline(rows), iterative=dict(iterative or {}),
+                comparisons=compared, verdicts=lines, headline=headline(rows, unreachable),
+                iterative=dict(iterative or {}),
                 table=markdown_table(rows, unreachable))
 
 
@@ -288,7 +313,7 @@ def report_markdown(payload: Mapping[str, Any]) -> str:
              f"students judged on the {s['validation_frames']} validation frames; speedups measured with "
              f"{s['timing']['rounds']} alternating rounds on a batch of {s['timing']['batch']} images. Retention: "
              "mean (min-max) over seeds.", "", payload["table"], ""]
-    parts += [h["sentence"] for h in payload["headline"]] + [""]
+    parts += [line for h in payload["headline"] for line in (f"- {h['sentence']}", f"  {h['side_by_side']}")] + [""]
     parts += ["## Paired comparisons", "", "A minus B per seed; 'ahead' / 'behind' when the mean lies more than "
               "2 standard errors from 0, else 'not separable'. Retentions in percentage points (pp).", ""]
     parts += list(payload["verdicts"]) + ["", "Plot: pareto.png", ""]

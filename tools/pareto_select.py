@@ -175,11 +175,12 @@ def is_subselection(sub: Any, sup: Any) -> bool:
     if not set(kept_blocks(sub)) <= set(kept_blocks(sup)):
         return False
     cs, cp = channel_lists(sub), channel_lists(sup)
+    hidden = int((sub if cs is not None else sup).teacher_mlp_hidden or 0) if cs or cp else 0
     for t in kept_blocks(sub):
         if not set(sub.selected_heads_per_layer[t]) <= set(sup.selected_heads_per_layer[t]):
             return False
-        if cp is not None and (cs is None or not set(cs[t]) <= set(cp[t])):
-            return False
+        if cp is not None and not set(range(hidden) if cs is None else cs[t]) <= set(cp[t]):
+            return False  # None: every channel
     return True
 
 
