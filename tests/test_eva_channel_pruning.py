@@ -92,7 +92,7 @@ def test_sliced_tensors_are_the_teachers_rows_entries_and_columns():
     student.load_from_teacher(teacher.state_dict())
     t_sd, s_sd = teacher.state_dict(), student.state_dict()
     assert set(s_sd) - set(t_sd) == {f"blocks.{i}.{kind}" for i in range(3)
-                                     for kind in ("attn.head_index", "mlp.channel_index")}
+                                     for kind in ("attn.head_index", "mlp.channel_index")} | {"kept_blocks"}
     for layer, kept in enumerate(channel_sel):
         p = f"blocks.{layer}.mlp."
         index = torch.tensor(kept)

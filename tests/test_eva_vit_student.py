@@ -116,7 +116,8 @@ def test_orion_l_keys_shapes_and_counts_on_meta_device():
     head_keys = [k for k in s_sd if k.endswith(".attn.head_index")]
     channel_keys = [k for k in s_sd if k.endswith(".mlp.channel_index")]
     assert len(head_keys) == 24 and len(channel_keys) == 24
-    assert set(s_sd) - set(head_keys) - set(channel_keys) == set(t_sd)
+    assert set(s_sd) - set(head_keys) - set(channel_keys) - {"kept_blocks"} == set(t_sd)
+    assert s_sd["kept_blocks"].shape == (24,) and "kept_blocks" not in t_sd  # the teacher alias: ORION's keys
     assert t_sd["pos_embed"].shape == (1, 197, 1024)
     assert t_sd["patch_embed.proj.weight"].shape == (1024, 3, 16, 16)
     assert t_sd["rope_win.freqs_cos"].shape == (256, 64) and t_sd["rope_glb.freqs_sin"].shape == (1600, 64)
@@ -284,7 +285,8 @@ def test_load_errors_name_key_expected_and_got(tmp_path):
     teacher = make_teacher()
     sd = teacher.state_dict()
     shallow = EVAViTStudent(**dict(SMALL, depth=2, window_block_indexes=(0,)), num_heads=4, teacher_num_heads=HEADS)
-    with pytest.raises(ValueError, match=r"unexpected 21 key\(s\), e.g. \['blocks.2"):
+    with pytest.raises(ValueError, match=r"^<state dict>: the teacher backbone has 3 blocks, expected depth 2 \(the "
+                                         r"teacher's depth; the student keeps blocks \[0, 1\]\)$"):
         shallow.load_from_teacher(sd)
     student = EVAViTStudent(**SMALL, num_heads=4, teacher_num_heads=HEADS)
     missing = {k: v for k, v in sd.items() if k != "blocks.1.mlp.w3.bias"}
@@ -358,7 +360,8 @@ def test_a_head_mask_indexed_by_teacher_head_is_refused_by_a_pruned_student(imag
         student(image, head_mask=torch.ones(3, HEADS))
     with pytest.raises(ValueError, match=r"head_mask\[1\]: expected a 1-D row of 4 entries, got shape \(2, 2\)"):
         student(image, head_mask=[torch.ones(4), torch.ones(2, 2), torch.ones(4)])
-    with pytest.raises(ValueError, match=r"head_mask: expected 3 rows \(one per block\), got 2"):
+    with pytest.raises(ValueError, match=r"head_mask: expected 3 rows \(one per kept block, teacher blocks "
+                                         r"\[0, 1, 2\]\), got 2"):
         student(image, head_mask=torch.ones(2, 4))
 
 

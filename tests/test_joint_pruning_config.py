@@ -125,7 +125,7 @@ def test_head_only_files_of_version_1_still_load_and_newer_versions_are_refused(
     assert not config.prunes_channels and config.selected_heads_per_layer == [[0, 1], [2, 3]]
     assert "mlp_hidden" not in config.to_model_kwargs()
     (tmp_path / "v9.json").write_text(json.dumps(dict(old, version=9)))
-    with pytest.raises(ValueError, match=r"version 9; this ORION-KD reads versions 1..2"):
+    with pytest.raises(ValueError, match=r"version 9; this ORION-KD reads versions 1..3"):
         PruningConfig.load(tmp_path / "v9.json")
     broken = dict(old, version=2, selected_channels_per_layer=[[0, 1], [0, 1]])
     (tmp_path / "broken.json").write_text(json.dumps(broken))

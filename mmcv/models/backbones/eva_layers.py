@@ -155,8 +155,8 @@ class RecordedSelection(nn.Module):
         self.selection = [int(i) for i in selected]
         self.teacher_units = int(teacher_units)
         self.record_selection = bool(record)
-        if record:
-            self.register_buffer(index_key, torch.tensor(self.selection, dtype=torch.long))
+        if record:  # set directly: the buffer may share its name with a read-only property (a backbone's kept_blocks)
+            self._buffers[index_key] = torch.tensor(self.selection, dtype=torch.long)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
                               missing_keys: List[str], unexpected_keys: List[str], error_msgs: List[str]) -> None:

@@ -18,7 +18,8 @@ class EVAViT(EVAViTStudent):
     """ORION's EVA-02 backbone: all ``num_heads`` heads, ORION's 511-key layout at depth 24."""
 
     def __init__(self, num_heads: int = 12, **kwargs: Any) -> None:
-        for key in ("teacher_num_heads", "selected_heads_per_layer", "mlp_hidden", "selected_channels_per_layer"):
+        for key in ("teacher_num_heads", "selected_heads_per_layer", "mlp_hidden", "selected_channels_per_layer",
+                    "selected_blocks"):
             if key in kwargs:
                 raise TypeError(f"EVAViT (the unpruned teacher) takes no {key!r}; use EVAViTStudent")
         if not isinstance(num_heads, int):

@@ -13,17 +13,23 @@ columns of the kept channels. ``ffn_ln`` then normalises over the kept channels 
 MLP is NOT the teacher with the other channels masked; with every channel kept it is the teacher.
 Blocks record what they keep in ``attn.head_index`` and ``mlp.channel_index``.
 
+Depth pruning: ``selected_blocks`` keeps a sorted subset of the teacher's ``depth`` blocks. ``blocks`` then
+holds only those (compact keys ``blocks.0..K-1``; block ``j`` is teacher block ``kept_blocks[j]``, with
+that block's window/global kind, rotary table and drop-path rate), the root buffer ``kept_blocks``
+records them and is checked on load, and the per-block arguments keep one entry per TEACHER block (the
+removed blocks' entries are ignored). The model is the teacher with the removed blocks skipped (exactly
+so when heads and channels are all kept). ``depth`` and ``window_block_indexes`` keep ORION's meaning.
+
 The layers (rotary tables, windows, SwiGLU, ...) live in ``eva_layers.py`` and are re-exported here.
-Besides the plain forward the backbone can record distillation taps: hidden
-states after chosen blocks and pre-softmax attention logits of sampled query
-rows (see :class:`BackboneTaps`). This file is a plugin: it also runs inside
+Besides the plain forward the backbone can record distillation taps, keyed by teacher block: hidden
+states after chosen blocks and pre-softmax attention logits of sampled query rows (``eva_taps.py``:
+:class:`BackboneTaps`, :func:`default_block_map`). This file is a plugin: it also runs inside
 ORION's Python 3.8 / torch 2.0-2.4 environment.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -34,51 +40,18 @@ from torch.utils.checkpoint import checkpoint
 from mmcv.models.backbones.eva_layers import (DropPath, PatchEmbed, RecordedSelection, RotaryEmbedding2D, SwiGLU,
                                               drop_path, resize_abs_pos_embed, rotate_half, window_partition,
                                               window_unpartition)
+from mmcv.models.backbones.eva_taps import BackboneTaps, default_block_map, resolve_block_maps
 from mmcv.models.builder import BACKBONES
 from mmcv.models.utils.eva_cost import analytic_backbone_macs
-from mmcv.models.utils.eva_surgery import (CHANNEL_INDEX_SUFFIX, HEAD_INDEX_KEY, HEAD_INDEX_SUFFIX, apply_slice_plan,
-                                           extract_backbone_state_dict, is_selection_index_key, pruning_slice_plan)
-from mmcv.models.utils.pruning_config import resolve_channel_selection, resolve_head_selection
+from mmcv.models.utils.eva_surgery import (CHANNEL_INDEX_SUFFIX, HEAD_INDEX_KEY, HEAD_INDEX_SUFFIX, KEPT_BLOCKS_KEY,
+                                           apply_slice_plan, extract_backbone_state_dict, is_selection_index_key,
+                                           pruning_slice_plan, resolve_block_selection, select_teacher_blocks,
+                                           teacher_block_count)
+from mmcv.models.utils.selection_checks import resolve_channel_selection, resolve_head_selection
 
 HeadMask = Union[torch.Tensor, Sequence[torch.Tensor], None]
 #: eps of ORION's ``inner_attn_ln``: its Attention builds it with ``nn.LayerNorm``'s default, whatever norm_layer is.
 INNER_ATTN_LN_EPS = 1e-5
-
-
-# --------------------------------------------------------------------------- taps
-
-
-@dataclass
-class BackboneTaps:
-    """Intermediate values recorded for distillation (mmrazor-style recorder output).
-
-    ``hidden_states[l]``: output of block ``l``, [B, Hp, Wp, C].
-    ``attn_logits[l]``: pre-softmax logits (rope applied, scaled) of the sampled query rows,
-    [B', heads, Q, K] (B' = B * windows for window blocks, K includes padded keys).
-    ``query_index[l]``: the sampled positions within the attention sequence, [Q].
-    ``head_map[l]``: teacher head index of each head of block ``l``.
-    """
-
-    hidden_blocks: Tuple[int, ...] = ()
-    attn_blocks: Tuple[int, ...] = ()
-    num_query_samples: int = 64
-    generator: Optional[torch.Generator] = None
-    query_index: Dict[int, torch.Tensor] = field(default_factory=dict)
-    hidden_states: Dict[int, torch.Tensor] = field(default_factory=dict)
-    attn_logits: Dict[int, torch.Tensor] = field(default_factory=dict)
-    features: List[torch.Tensor] = field(default_factory=list)
-    head_map: List[List[int]] = field(default_factory=list)
-
-    def sample_queries(self, block: int, seq_len: int, device: torch.device) -> torch.Tensor:
-        """Query rows for ``block``: the given ones, or a sorted random subset drawn from ``generator``."""
-        if block not in self.query_index:
-            count = min(self.num_query_samples, seq_len)
-            perm = torch.randperm(seq_len, generator=self.generator)
-            self.query_index[block] = perm[:count].sort().values
-        index = self.query_index[block]
-        if int(index.max()) >= seq_len or int(index.min()) < 0:
-            raise ValueError(f"query_index of block {block} must lie in [0, {seq_len}), got {index.tolist()}")
-        return index.to(device)
 
 
 # --------------------------------------------------------------------------- modules
@@ -89,7 +62,8 @@ class HeadPrunedAttention(RecordedSelection):
 
     ``selected_heads`` lists the teacher heads kept (sorted); every head keeps the teacher's
     ``head_dim`` and rotary table, so q/k/v have ``len(selected_heads) * head_dim`` rows. With
-    ``record_head_index`` the selection is stored as ``head_index`` and checked on load.
+    ``record_head_index`` the selection is stored as ``head_index`` and checked on load. ``block_index``
+    of ``forward`` is the block's TEACHER index (the key of its attention taps).
     """
 
     def __init__(self, dim: int, head_dim: int, selected_heads: Sequence[int], rope: RotaryEmbedding2D,
@@ -132,9 +106,9 @@ class HeadPrunedAttention(RecordedSelection):
         q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q = self.rope(q)
         k = self.rope(k)
-        if taps is not None and block_index in taps.attn_blocks:
-            rows = taps.sample_queries(block_index, n, x.device)
-            taps.attn_logits[block_index] = (q[:, :, rows] * self.scale) @ k.transpose(-2, -1)
+        for tap in taps.attn_taps_at(block_index) if taps is not None else ():
+            rows = taps.sample_queries(tap, n, x.device)
+            taps.attn_logits[tap] = (q[:, :, rows] * self.scale) @ k.transpose(-2, -1)
         if self.attn_impl == "math":
             attn = ((q * self.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1).to(q.dtype)
             out = attn @ v
@@ -222,10 +196,12 @@ def check_orion_only_arguments(use_rel_pos: bool, rope: bool, residual_block_ind
 
 
 @BACKBONES.register_module()
-class EVAViTStudent(nn.Module):
-    """ORION's EVA-02 ViT backbone keeping a chosen subset of each block's attention heads.
+class EVAViTStudent(RecordedSelection):
+    """ORION's EVA-02 ViT backbone keeping a chosen subset of the teacher's blocks, heads and SwiGLU channels.
 
-    Args match ORION's ``EVAViT`` (same meaning and defaults) plus:
+    Args match ORION's ``EVAViT`` (same meaning and defaults; ``depth`` is the TEACHER's block count) plus:
+        selected_blocks: sorted teacher block indices kept (default: all). Per-block arguments below keep
+            one entry per teacher block; the entries of removed blocks are ignored (``[]`` / 0 is fine).
         num_heads: heads kept, one int for all blocks or one per block.
         teacher_num_heads: heads of the unpruned model; ``head_dim = embed_dim // teacher_num_heads``.
         selected_heads_per_layer: sorted teacher head indices kept per block (default: the first ones).
@@ -255,6 +231,7 @@ class EVAViTStudent(nn.Module):
                  mlp_hidden: Optional[Union[int, Sequence[int]]] = None,
                  selected_channels_per_layer: Optional[Sequence[Sequence[int]]] = None, attn_impl: Optional[str] = None,
                  norm_eps: Optional[float] = None, init_cfg: Optional[dict] = None,
+                 selected_blocks: Optional[Sequence[int]] = None,
                  norm_layer: Optional[Callable[..., nn.Module]] = None, act_layer: Any = None,
                  use_rel_pos: bool = False, rope: bool = True, residual_block_indexes: Sequence[int] = (),
                  out_feature: str = "last_feat", **unknown: Any) -> None:
@@ -282,8 +259,11 @@ class EVAViTStudent(nn.Module):
         self._out_feature_channels = {out_feature: embed_dim}
         self._out_feature_strides = {out_feature: patch_size}
         self.teacher_mlp_hidden = int(embed_dim * mlp_ratio)
-        heads = resolve_head_selection(depth, teacher_num_heads, num_heads, selected_heads_per_layer)
-        channels = resolve_channel_selection(depth, self.teacher_mlp_hidden, mlp_hidden, selected_channels_per_layer)
+        kept = resolve_block_selection(depth, selected_blocks)
+        self._init_selection(KEPT_BLOCKS_KEY, "blocks", kept, depth, self._records_selection_index())
+        heads = resolve_head_selection(depth, teacher_num_heads, num_heads, selected_heads_per_layer, kept)
+        channels = resolve_channel_selection(depth, self.teacher_mlp_hidden, mlp_hidden, selected_channels_per_layer,
+                                             kept)
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         if use_abs_pos:
@@ -309,10 +289,11 @@ class EVAViTStudent(nn.Module):
 
     def _build_blocks(self, heads: Sequence[Sequence[int]], channels: Sequence[Sequence[int]], window_size: int,
                       global_window_size: int, block_kwargs: Dict[str, Any], drop_path_rate: float) -> nn.ModuleList:
-        """The blocks with their kept heads and channels; drop-path rates grow linearly (as torch.linspace)."""
+        """The kept blocks with their kept heads and channels; each takes its teacher block's window/global kind,
+        rotary table and drop-path rate (rates grow linearly over the teacher's blocks, as torch.linspace)."""
         rates = [drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
         blocks = []
-        for i in range(self.depth):
+        for i in self.kept_blocks:
             windowed = i in self.window_block_indexes
             if windowed and self.rope_win is None:
                 raise ValueError(f"block {i} is a window block but window_size is {window_size}")
@@ -325,8 +306,24 @@ class EVAViTStudent(nn.Module):
         return nn.ModuleList(blocks)
 
     def _records_selection_index(self) -> bool:
-        """Whether blocks keep ``head_index`` / ``channel_index`` buffers in the state dict (the teacher alias does not)."""
+        """Whether the state dict records the selections: ``head_index`` / ``channel_index`` per block and the
+        root's ``kept_blocks`` (the teacher alias does not: ORION's keys)."""
         return True
+
+    @property
+    def kept_blocks(self) -> Tuple[int, ...]:
+        """Teacher indices of the blocks held, in order (``blocks[j]`` is teacher block ``kept_blocks[j]``)."""
+        return tuple(self.selection)
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of blocks held (``len(blocks)``; ``depth`` stays the teacher's)."""
+        return len(self.selection)
+
+    @property
+    def prunes_blocks(self) -> bool:
+        """Whether some teacher blocks are removed."""
+        return self.num_blocks != self.depth
 
     def init_weights(self) -> None:
         """Truncated-normal init (std 0.02) for linear layers and ``pos_embed``; unit LayerNorms."""
@@ -353,7 +350,7 @@ class EVAViTStudent(nn.Module):
 
     @property
     def selected_heads(self) -> List[List[int]]:
-        """Teacher head indices kept by each block (the head map used for distillation)."""
+        """Teacher head indices kept by each kept block (the head map used for distillation)."""
         return [list(block.attn.selected_heads) for block in self.blocks]
 
     @property
@@ -385,11 +382,12 @@ class EVAViTStudent(nn.Module):
     # ---------------------------------------------------------------- forward
 
     def _block_masks(self, head_mask: HeadMask) -> List[Optional[torch.Tensor]]:
-        """One mask row per block, indexed by KEPT head: entry ``j`` scales head ``selected_heads[l][j]``."""
+        """One mask row per KEPT block, indexed by kept head: entry ``j`` scales head ``selected_heads[l][j]``."""
         if head_mask is None:
-            return [None] * self.depth
-        if len(head_mask) != self.depth:
-            raise ValueError(f"head_mask: expected {self.depth} rows (one per block), got {len(head_mask)}")
+            return [None] * self.num_blocks
+        if len(head_mask) != self.num_blocks:
+            raise ValueError(f"head_mask: expected {self.num_blocks} rows (one per kept block, teacher blocks "
+                             f"{list(self.kept_blocks)}), got {len(head_mask)}")
         masks = []
         for i, block in enumerate(self.blocks):
             row, kept = head_mask[i], block.attn.num_heads
@@ -406,7 +404,7 @@ class EVAViTStudent(nn.Module):
         """[B, 3, H, W] images -> ``[feature map [B, C, H/16, W/16]]`` (ORION's output).
 
         The input is cast to the weights' dtype first, as ORION's EVAViT does (bf16 weights, fp32 images).
-        ``head_mask``: ``[depth, heads]`` or one row per block, indexed by kept head (see
+        ``head_mask``: ``[num_blocks, heads]`` or one row per kept block, indexed by kept head (see
         :meth:`_block_masks`); it multiplies each head's output before ``inner_attn_ln``/``proj``.
         """
         taps = self._active_taps
@@ -414,14 +412,14 @@ class EVAViTStudent(nn.Module):
         if self.pos_embed is not None:
             x = x + resize_abs_pos_embed(self.pos_embed, self.pretrain_use_cls_token, (x.shape[1], x.shape[2]))
         masks = self._block_masks(head_mask)
-        for i, block in enumerate(self.blocks):
-            tapped_attn = taps is not None and i in taps.attn_blocks
+        for i, (block, teacher_index) in enumerate(zip(self.blocks, self.kept_blocks)):
+            tapped_attn = taps is not None and bool(taps.attn_taps_at(teacher_index))
             if self.with_cp and self.training and torch.is_grad_enabled() and not tapped_attn:
-                x = checkpoint(block, x, masks[i], None, i, use_reentrant=False)
+                x = checkpoint(block, x, masks[i], None, teacher_index, use_reentrant=False)
             else:
-                x = block(x, masks[i], taps, i)
-            if taps is not None and i in taps.hidden_blocks:
-                taps.hidden_states[i] = x
+                x = block(x, masks[i], taps, teacher_index)
+            for tap in taps.hidden_taps_at(teacher_index) if taps is not None else ():
+                taps.hidden_states[tap] = x
         features = [x.permute(0, 3, 1, 2).contiguous()]
         if taps is not None:
             taps.features = features
@@ -430,15 +428,24 @@ class EVAViTStudent(nn.Module):
     @contextlib.contextmanager
     def tapping(self, hidden_blocks: Sequence[int] = (), attn_blocks: Sequence[int] = (),
                 num_query_samples: int = 64, query_index: Optional[Mapping[int, torch.Tensor]] = None,
-                generator: Optional[torch.Generator] = None) -> Iterator[BackboneTaps]:
-        """Make every ``forward`` inside the block record distillation taps into the yielded object."""
+                generator: Optional[torch.Generator] = None,
+                block_map: Optional[Mapping[int, int]] = None) -> Iterator[BackboneTaps]:
+        """Make every ``forward`` inside the block record distillation taps into the yielded object.
+
+        Blocks are TEACHER indices in ``[0, depth)``; ``block_map`` ({teacher block: kept teacher block})
+        overrides :func:`default_block_map` (``eva_taps.resolve_block_maps``). Attention taps of removed
+        blocks that no ``block_map`` entry names are dropped (``taps.attn_blocks`` lists those recorded).
+        """
         for name, blocks in (("hidden_blocks", hidden_blocks), ("attn_blocks", attn_blocks)):
             bad = [b for b in blocks if not 0 <= b < self.depth]
             if bad:
-                raise ValueError(f"{name}: expected block indices in [0, {self.depth}), got {bad}")
-        taps = BackboneTaps(hidden_blocks=tuple(hidden_blocks), attn_blocks=tuple(attn_blocks),
+                raise ValueError(f"{name}: expected teacher block indices in [0, {self.depth}), got {bad}")
+        hidden_map, attn_map = resolve_block_maps(self.depth, self.kept_blocks, self.window_block_indexes, block_map)
+        heads = dict(zip(self.kept_blocks, self.selected_heads))
+        taps = BackboneTaps(hidden_blocks=tuple(hidden_blocks), attn_blocks=tuple(b for b in attn_blocks if b in attn_map),
                             num_query_samples=num_query_samples, generator=generator,
-                            query_index=dict(query_index or {}), head_map=self.selected_heads)
+                            query_index=dict(query_index or {}), block_map=hidden_map, attn_map=attn_map,
+                            head_map=[list(heads[attn_map.get(t, hidden_map[t])]) for t in range(self.depth)])
         previous, self._active_taps = self._active_taps, taps
         try:
             yield taps
@@ -448,9 +455,10 @@ class EVAViTStudent(nn.Module):
     def forward_with_taps(self, x: torch.Tensor, hidden_blocks: Sequence[int] = (),
                           attn_blocks: Sequence[int] = (), num_query_samples: int = 64,
                           query_index: Optional[Mapping[int, torch.Tensor]] = None,
-                          generator: Optional[torch.Generator] = None, head_mask: HeadMask = None) -> BackboneTaps:
-        """One forward that also returns hidden states and sampled attention logits (see BackboneTaps)."""
-        with self.tapping(hidden_blocks, attn_blocks, num_query_samples, query_index, generator) as taps:
+                          generator: Optional[torch.Generator] = None, head_mask: HeadMask = None,
+                          block_map: Optional[Mapping[int, int]] = None) -> BackboneTaps:
+        """One forward that also returns hidden states and sampled attention logits (see :meth:`tapping`)."""
+        with self.tapping(hidden_blocks, attn_blocks, num_query_samples, query_index, generator, block_map) as taps:
             self.forward(x, head_mask=head_mask)
         return taps
 
@@ -459,12 +467,21 @@ class EVAViTStudent(nn.Module):
     def load_from_teacher(self, source: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[str, Any]:
         """Fill every tensor from an unpruned teacher backbone, cutting the kept heads and channels (``eva_surgery``).
 
-        ``source``: a backbone state dict, a full ORION/mmcv checkpoint dict, or a path to one.
-        Anything missing, unexpected or mis-shaped raises ``ValueError`` naming the key.
-        Returns a report: ``{'source', 'copied', 'sliced', 'teacher_num_heads', 'teacher_mlp_hidden'}``.
+        Block ``j`` comes from teacher block ``kept_blocks[j]``. ``source``: a backbone state dict, a full
+        ORION/mmcv checkpoint dict, or a path to one. Anything missing, unexpected or mis-shaped raises
+        ``ValueError`` naming the key. Returns a report: ``{'source', 'copied', 'sliced', 'teacher_num_heads',
+        'teacher_mlp_hidden', 'kept_blocks'}``.
         """
         label = str(source) if isinstance(source, (str, os.PathLike)) else "<state dict>"
         teacher = extract_backbone_state_dict(source)
+        if KEPT_BLOCKS_KEY in teacher and teacher[KEPT_BLOCKS_KEY].tolist() != list(range(self.depth)):
+            raise ValueError(f"{label}: {KEPT_BLOCKS_KEY} says this source keeps only blocks "
+                             f"{teacher[KEPT_BLOCKS_KEY].tolist()}; load_from_teacher needs the unpruned backbone")
+        found = teacher_block_count(teacher)
+        if found != self.depth:
+            raise ValueError(f"{label}: the teacher backbone has {found} blocks, expected depth {self.depth} (the "
+                             f"teacher's depth; the student keeps blocks {list(self.kept_blocks)})")
+        teacher = select_teacher_blocks(teacher, self.kept_blocks)
         own = self.state_dict()
         expected_keys = [k for k in own if not is_selection_index_key(k)]
         teacher_keys = {k for k in teacher if not is_selection_index_key(k)}
@@ -494,11 +511,14 @@ class EVAViTStudent(nn.Module):
         new_state.update({key: value for key, value in own.items() if is_selection_index_key(key)})
         self.load_state_dict(new_state, strict=True)
         return dict(source=label, copied=len(expected_keys) - len(sliced), sliced=len(sliced),
-                    teacher_num_heads=self.teacher_num_heads, teacher_mlp_hidden=self.teacher_mlp_hidden)
+                    teacher_num_heads=self.teacher_num_heads, teacher_mlp_hidden=self.teacher_mlp_hidden,
+                    kept_blocks=list(self.kept_blocks))
 
 
 __all__ = [
-    "EVAViTStudent", "EVABlock", "HeadPrunedAttention", "BackboneTaps", "layer_norm_eps", "check_orion_only_arguments",
+    "EVAViTStudent", "EVABlock", "HeadPrunedAttention", "layer_norm_eps", "check_orion_only_arguments",
+    # re-exported from eva_taps
+    "BackboneTaps", "default_block_map",
     # re-exported from eva_layers (their home before the split)
     "drop_path", "DropPath", "rotate_half", "RotaryEmbedding2D", "window_partition", "window_unpartition",
     "resize_abs_pos_embed", "PatchEmbed", "SwiGLU",

@@ -14,8 +14,10 @@ One training step:
 
 ``_parse_losses`` is overridden so that the optimised loss IS ``total_loss`` (ORION's version
 sums every key containing 'loss'). Alpha follows the iteration (``resolve_distillation_alpha``,
-set by ``mmcv/runner/hooks/kd_hooks.py``). Which heads and SwiGLU channels the student keeps:
-``mmcv/models/utils/student_selection.py``. With ``kd_config.label_fraction < 1`` every frame is
+set by ``mmcv/runner/hooks/kd_hooks.py``). Which blocks, heads and SwiGLU channels the student keeps:
+``mmcv/models/utils/student_selection.py``; the teacher always keeps all. Distillation taps are keyed by
+teacher block: a depth-pruned student records teacher block ``t`` at its kept block ``block_map[t]``
+(``eva_taps.default_block_map``, overridden by ``kd_config.block_map``). With ``kd_config.label_fraction < 1`` every frame is
 distilled but the task loss reaches the student only through the labelled frames
 (``mmcv/models/utils/label_subset.py``). This file is a plugin: Python 3.8, torch 2.0-2.4, no mmengine.
 """
@@ -37,8 +39,9 @@ from mmcv.models.backbones.eva_vit_student import EVAViTStudent
 from mmcv.models.builder import DETECTORS, build_backbone, build_loss
 from mmcv.models.utils.checkpoint_io import (atomic_torch_save, atomic_write, load_checkpoint_file, require_finite,
                                             state_dict_of)
-from mmcv.models.utils.eva_surgery import (BACKBONE_PREFIX, CHANNEL_INDEX_SUFFIX, HEAD_INDEX_SUFFIX, apply_slice_plan,
-                                           backbone_subdict, pruning_slice_plan, split_block_key)
+from mmcv.models.utils.eva_surgery import (BACKBONE_PREFIX, CHANNEL_INDEX_SUFFIX, HEAD_INDEX_SUFFIX, KEPT_BLOCKS_KEY,
+                                           apply_slice_plan, backbone_subdict, pruning_slice_plan,
+                                           select_teacher_blocks, split_block_key, teacher_block_count)
 from mmcv.models.utils.kd_config import distillation_loss_config, resolve_distillation_alpha, resolve_kd_config
 from mmcv.models.utils.label_subset import detach_unlabelled, labelled_mask
 from mmcv.models.utils.student_selection import resolve_student_selection
@@ -104,11 +107,12 @@ class OrionStudent(nn.Module):
         kd_config: the guide's KD keys (see ``KD_CONFIG_KEYS``; unknown keys are errors).
         distillation_loss: a ``CombinedKDLoss`` config; its weights/temperature are ``kd_config``'s (a value
             given in both places must agree).
-        pruning_config: which heads (and SwiGLU channels) each block keeps: a configuration file written
-            by ``tools/head_pruning_utils.py prune-config`` (``PruningConfig.save``), a ``PruningConfig``, a dict
-            with ``selected_heads_per_layer`` (+ ``selected_channels_per_layer``) or the head lists. A pruned
-            student needs exactly one of this, ``img_backbone.selected_heads_per_layer`` /
-            ``selected_channels_per_layer`` or ``kd_config.head_selection='magnitude'`` per unit kind.
+        pruning_config: which heads (and SwiGLU channels, and blocks) the student keeps: a configuration file
+            written by ``tools/head_pruning_utils.py prune-config`` (``PruningConfig.save``), a ``PruningConfig``,
+            a dict with ``selected_heads_per_layer`` (+ ``selected_channels_per_layer``, ``selected_blocks``) or
+            the head lists. A pruned student needs exactly one of this, ``img_backbone.selected_heads_per_layer``
+            / ``selected_channels_per_layer`` / ``selected_blocks`` or ``kd_config.head_selection='magnitude'``
+            (heads and channels) per unit kind.
         teacher_backbone: config of the teacher backbone; default: the student's config with every
             head kept (``EVAViTStudent``, ORION's arithmetic on the fused attention path).
         load_base_weights: fill the frozen parts from the teacher checkpoint (default True).
@@ -190,13 +194,16 @@ class OrionStudent(nn.Module):
         self.train(self.training)
         channels = (f", SwiGLU channels kept per block {self.img_backbone.mlp_hidden_per_layer} of "
                     f"{self.img_backbone.teacher_mlp_hidden}" if self.img_backbone.prunes_channels else "")
+        if self.img_backbone.prunes_blocks:
+            channels += (f", blocks kept {list(self.img_backbone.kept_blocks)} ({self.img_backbone.num_blocks} of "
+                         f"{self.img_backbone.depth})")
         self._print(f"[OrionStudent] base={self.base_detector_name} heads kept per block "
                     f"{self.img_backbone.num_heads_per_layer} of {self.img_backbone.teacher_num_heads}{channels} "
                     f"({selection_source}); teacher from {teacher_path} in {time.time() - started:.1f}s; "
                     f"trainable {sum(p.numel() for p in self.parameters() if p.requires_grad) / 1e6:.2f} M of "
                     f"{sum(p.numel() for p in self.parameters()) / 1e6:.2f} M parameters")
-        self._print("[OrionStudent] teacher heads kept, per block: " + "; ".join(
-            f"{layer}: {heads}" for layer, heads in enumerate(self.img_backbone.selected_heads)))
+        self._print("[OrionStudent] teacher heads kept, per teacher block: " + "; ".join(
+            f"{layer}: {heads}" for layer, heads in zip(self.img_backbone.kept_blocks, self.img_backbone.selected_heads)))
 
     # ------------------------------------------------------------------ configuration
 
@@ -205,7 +212,8 @@ class OrionStudent(nn.Module):
     def _default_teacher_cfg(student_cfg: Mapping[str, Any]) -> Dict[str, Any]:
         cfg = dict(student_cfg)
         cfg.update(type="EVAViTStudent", num_heads=cfg["teacher_num_heads"], selected_heads_per_layer=None,
-                   mlp_hidden=None, selected_channels_per_layer=None, with_cp=False, drop_path_rate=0.0, frozen=True)
+                   mlp_hidden=None, selected_channels_per_layer=None, selected_blocks=None, with_cp=False,
+                   drop_path_rate=0.0, frozen=True)
         return cfg
 
     # ------------------------------------------------------------------ weights
@@ -241,10 +249,17 @@ class OrionStudent(nn.Module):
         ORION's loader is non-strict and only warns on shape mismatches; without this hook a
         ``load_from`` of the original checkpoint would leave the pruned units random. A block whose
         heads (channels) are cut here gets its ``head_index`` (``channel_index``) entry, so that the
-        selection check of the load passes.
+        selection check of the load passes. A depth-pruned student first takes the kept blocks of a
+        checkpoint that holds all ``depth`` teacher blocks and no ``kept_blocks`` (the original one).
         """
         backbone = self.img_backbone
         root = f"{prefix}{TRAINABLE_PREFIX}"
+        if backbone.prunes_blocks and root + KEPT_BLOCKS_KEY not in state_dict and \
+                teacher_block_count(state_dict, root) == backbone.depth:
+            renamed = select_teacher_blocks(state_dict, backbone.kept_blocks, prefix=root)
+            state_dict.clear()
+            state_dict.update(renamed)
+            state_dict[root + KEPT_BLOCKS_KEY] = torch.tensor(backbone.kept_blocks, dtype=torch.long)
         plans = pruning_slice_plan(backbone.selected_heads, backbone.head_dim, backbone.teacher_num_heads,
                                    backbone.selected_channels, backbone.teacher_mlp_hidden)
         sliced = apply_slice_plan(state_dict, plans, prefix=root, label="load_state_dict", teacher_shaped_only=True)
@@ -300,7 +315,10 @@ class OrionStudent(nn.Module):
     def forward_train(self, **data: Any) -> Dict[str, torch.Tensor]:
         """Base task losses on the student backbone plus backbone distillation from the teacher."""
         alpha = self.distillation_alpha
+        # Taps are keyed by teacher block (depth = the teacher's); the student records teacher block t at its
+        # kept block block_map[t] and drops the attention of removed blocks that kd_config.block_map leaves out.
         hidden_blocks, attn_blocks, num_queries = self.distill_loss.tap_request(self.img_backbone.depth)
+        block_map = self.kd_config.get("block_map")
         if alpha < 1.0:
             captured: List[Tuple[torch.Tensor, Optional[torch.dtype]]] = []
 
@@ -314,7 +332,8 @@ class OrionStudent(nn.Module):
                     lambda module, inputs, output: detach_unlabelled(output, labelled) if torch.is_tensor(output)
                     else type(output)(detach_unlabelled(f, labelled) for f in output)))
             try:
-                with self.img_backbone.tapping(hidden_blocks, attn_blocks, num_queries) as student_taps:
+                with self.img_backbone.tapping(hidden_blocks, attn_blocks, num_queries,
+                                               block_map=block_map) as student_taps:
                     losses = super().forward_train(**data)
             finally:
                 for handle in handles:
@@ -330,10 +349,10 @@ class OrionStudent(nn.Module):
             run_dtype = self._backbone_run_dtype(backbone_input.device.type)
             with _autocast(backbone_input.device.type, run_dtype):
                 student_taps = self.img_backbone.forward_with_taps(backbone_input, hidden_blocks, attn_blocks,
-                                                                   num_queries)
+                                                                   num_queries, block_map=block_map)
             losses = OrderedDict()
             task_loss = backbone_input.new_zeros((), dtype=torch.float32)
-        teacher_taps = self._teacher_taps(backbone_input, hidden_blocks, attn_blocks, num_queries,
+        teacher_taps = self._teacher_taps(backbone_input, hidden_blocks, student_taps.attn_blocks, num_queries,
                                           student_taps.query_index, run_dtype)
         vl_kwargs = {}
         if getattr(self.distill_loss, "vl_distill_weight", 0.0) > 0:
@@ -441,13 +460,25 @@ class OrionStudent(nn.Module):
         return written
 
     def _pruning_meta(self) -> Dict[str, Any]:
-        """What the exported backbone keeps (heads always; SwiGLU channels when the MLPs are pruned)."""
+        """What the exported backbone keeps (heads always; SwiGLU channels when the MLPs are pruned; the kept
+        blocks when some are removed). One entry per teacher block, as in a configuration file (removed: [] / 0)."""
         backbone = self.img_backbone
-        meta = dict(selected_heads_per_layer=backbone.selected_heads, num_heads=backbone.num_heads_per_layer,
+
+        def per_teacher_block(values: Sequence[Any], removed: Any) -> List[Any]:
+            full = [removed] * backbone.depth
+            for block, value in zip(backbone.kept_blocks, values):
+                full[block] = value
+            return full
+
+        meta = dict(selected_heads_per_layer=per_teacher_block(backbone.selected_heads, []),
+                    num_heads=per_teacher_block(backbone.num_heads_per_layer, 0),
                     teacher_num_heads=backbone.teacher_num_heads, source=self.head_selection_source)
+        if backbone.prunes_blocks:
+            meta.update(selected_blocks=list(backbone.kept_blocks))
         if backbone.prunes_channels:
-            meta.update(selected_channels_per_layer=backbone.selected_channels,
-                        mlp_hidden=backbone.mlp_hidden_per_layer, teacher_mlp_hidden=backbone.teacher_mlp_hidden)
+            meta.update(selected_channels_per_layer=per_teacher_block(backbone.selected_channels, []),
+                        mlp_hidden=per_teacher_block(backbone.mlp_hidden_per_layer, 0),
+                        teacher_mlp_hidden=backbone.teacher_mlp_hidden)
         return meta
 
     @staticmethod

@@ -14,6 +14,10 @@ records what it kept in two buffers, ``attn.head_index`` and ``mlp.channel_index
 arithmetic, used by ``EVAViTStudent.load_from_teacher``, OrionStudent's load hook, magnitude
 importance and the tools.
 
+A depth-pruned backbone keeps a sorted subset of the teacher's blocks, recorded in the root buffer
+``kept_blocks``; its compact ``blocks.j.*`` keys hold teacher block ``kept_blocks[j]``
+(:func:`select_teacher_blocks` renames a teacher's keys that way).
+
 Plugin file: Python 3.8, torch 2.0-2.4, no mmengine.
 """
 from __future__ import annotations
@@ -32,6 +36,8 @@ CHANNEL_INDEX_KEY = "channel_index"
 #: Key suffixes (relative to ``blocks.N.``) of the two selection records.
 HEAD_INDEX_SUFFIX = "attn." + HEAD_INDEX_KEY
 CHANNEL_INDEX_SUFFIX = "mlp." + CHANNEL_INDEX_KEY
+#: Buffer (at the backbone root) that records the teacher blocks a depth-pruned backbone keeps.
+KEPT_BLOCKS_KEY = "kept_blocks"
 #: Prefix of the backbone's keys in an ORION detector checkpoint.
 BACKBONE_PREFIX = "img_backbone."
 
@@ -80,8 +86,59 @@ def describe_indices(indices: Sequence[int], limit: int = 16) -> str:
 
 
 def is_selection_index_key(key: str) -> bool:
-    """Whether ``key`` is a selection record (``...attn.head_index`` or ``...mlp.channel_index``), not a weight."""
-    return key.endswith("." + HEAD_INDEX_KEY) or key.endswith("." + CHANNEL_INDEX_KEY)
+    """Whether ``key`` is a selection record (``...attn.head_index``, ``...mlp.channel_index`` or the root's
+    ``kept_blocks``), not a weight."""
+    return key.endswith("." + HEAD_INDEX_KEY) or key.endswith("." + CHANNEL_INDEX_KEY) or \
+        key == KEPT_BLOCKS_KEY or key.endswith("." + KEPT_BLOCKS_KEY)
+
+
+def resolve_block_selection(depth: int, selected_blocks: Optional[Sequence[int]],
+                            name: str = "selected_blocks") -> List[int]:
+    """The kept teacher blocks: every block for ``None``, else checked (sorted, unique, in range, not empty)."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth: expected a positive int, got {depth!r}")
+    if selected_blocks is None:
+        return list(range(depth))
+    if isinstance(selected_blocks, (str, bytes)) or not isinstance(selected_blocks, Sequence):
+        raise ValueError(f"{name}: expected a sorted list of teacher block indices or None, got "
+                         f"{type(selected_blocks).__name__}")
+    blocks = list(selected_blocks)
+    if any(isinstance(b, bool) or not isinstance(b, int) for b in blocks):
+        raise ValueError(f"{name}: expected integer block indices, got {blocks!r}")
+    if not blocks:
+        raise ValueError(f"{name}: at least one block must be kept, got []")
+    bad = [b for b in blocks if not 0 <= b < depth]
+    if bad:
+        raise ValueError(f"{name}: expected indices in [0, {depth}) (the teacher's depth), got {bad}")
+    if len(set(blocks)) != len(blocks):
+        raise ValueError(f"{name}: duplicate block indices in {blocks}")
+    if blocks != sorted(blocks):
+        raise ValueError(f"{name}: expected sorted indices, got {blocks}")
+    return [int(b) for b in blocks]
+
+
+def teacher_block_count(state: Mapping[str, Any], prefix: str = "") -> int:
+    """Number of blocks of a backbone state dict (1 + the highest ``blocks.N`` index; 0 when none)."""
+    indices = [split_block_key(k[len(prefix):])[0] for k in state if k.startswith(prefix)]
+    return max(indices, default=-1) + 1
+
+
+def select_teacher_blocks(state: Mapping[str, Any], kept_blocks: Sequence[int], prefix: str = ""
+                          ) -> Dict[str, Any]:
+    """A teacher state dict with the kept blocks renumbered compactly (``blocks.t`` -> ``blocks.j`` for
+    ``t = kept_blocks[j]``) and the other blocks dropped; keys outside ``prefix + 'blocks.'`` stay."""
+    position = {int(t): j for j, t in enumerate(kept_blocks)}
+    out: Dict[str, Any] = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            out[key] = value
+            continue
+        layer, suffix = split_block_key(key[len(prefix):])
+        if layer < 0:
+            out[key] = value
+        elif layer in position:
+            out[f"{prefix}blocks.{position[layer]}.{suffix}"] = value
+    return out
 
 
 def unit_channels(units: Sequence[int], width: int) -> torch.Tensor:
@@ -263,7 +320,8 @@ def extract_backbone_state_dict(source: Union[str, "os.PathLike[str]", Mapping[s
 
 
 __all__ = [
-    "HEAD_INDEX_KEY", "CHANNEL_INDEX_KEY", "HEAD_INDEX_SUFFIX", "CHANNEL_INDEX_SUFFIX", "BACKBONE_PREFIX", "OwnedSlice",
+    "HEAD_INDEX_KEY", "CHANNEL_INDEX_KEY", "KEPT_BLOCKS_KEY", "resolve_block_selection", "teacher_block_count",
+    "select_teacher_blocks", "HEAD_INDEX_SUFFIX", "CHANNEL_INDEX_SUFFIX", "BACKBONE_PREFIX", "OwnedSlice",
     "SlicePlan", "HEAD_SLICES", "CHANNEL_SLICES", "describe_indices", "is_selection_index_key", "unit_channels", "head_slice_plan",
     "channel_slice_plan", "pruning_slice_plan", "split_block_key", "cut", "apply_slice_plan", "head_weight_norms",
     "magnitude_scores", "channel_weight_norms", "channel_magnitude_scores", "backbone_subdict",

@@ -14,8 +14,9 @@ One home, shared by OrionStudent (a plugin module) and the tools (``tools/head_p
   keep, and units are ranked by normalised score per cost, so a global block's head is priced at what
   it costs. Heads and channels are allocated separately, each within its own budget.
 - :class:`HeadImportance` / :class:`ChannelImportance` (``.json``/``.npz``/``.pkl``) and
-  :class:`PruningConfig` (``.json``; heads, and channels when the MLPs are pruned) are the file
-  formats; :func:`load_pruning_selection` is how OrionStudent reads a configuration.
+  :class:`PruningConfig` (``.json``; heads, and channels when the MLPs are pruned, and the kept blocks
+  when whole blocks are removed) are the file formats; :func:`load_pruning_selection` is how
+  OrionStudent reads a configuration. The checks of a selection live in ``selection_checks.py``.
 
 Plugin file: Python 3.8, torch 2.0-2.4, no mmengine.
 """
@@ -27,35 +28,21 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 
 from mmcv.models.utils.checkpoint_io import atomic_write_json
-from mmcv.models.utils.eva_surgery import describe_indices
+from mmcv.models.utils.eva_surgery import resolve_block_selection
 from mmcv.models.utils.head_importance import ChannelImportance, HeadImportance, ScoresLike, read_json
 from mmcv.models.utils.pruning_cost import UnitCosts, allocate_by_cost, analytic_unit_costs, round_to_multiple
+from mmcv.models.utils.selection_checks import (CHANNELS, HEADS, Selection, UnitKind, validate_unit_selection,
+                                                check_pruning_ratio, kept_per_block, resolve_channel_selection,
+                                                resolve_head_selection)
 
 CONFIG_FORMAT = "orion-kd-pruning-config"
-CONFIG_VERSION = 2  # 2: optional SwiGLU channels; version 1 files (heads only) load unchanged
+CONFIG_VERSION = 3  # 2: optional SwiGLU channels, 3: optional kept blocks; older files load unchanged
 STRATEGIES = ("uniform", "global", "cost")
 #: How each block's scores are scaled before the global ranking ('none' ranks the raw scores).
 BLOCK_NORMALIZATIONS = ("l2", "none")
-Selection = List[List[int]]
-
-
-class UnitKind(NamedTuple):
-    """Names used in messages and arguments for one kind of prunable unit."""
-
-    singular: str
-    count_arg: str
-    selection_arg: str
-    full_arg: str
-    ratio_arg: str
-
-
-HEADS = UnitKind("head", "num_heads", "selected_heads_per_layer", "teacher_num_heads", "pruning_ratio")
-CHANNELS = UnitKind("channel", "mlp_hidden", "selected_channels_per_layer", "the teacher's MLP width",
-                    "mlp_pruning_ratio")
 
 
 def _number(payload: Mapping[str, Any], key: str, kind: type) -> Any:
@@ -66,151 +53,37 @@ def _number(payload: Mapping[str, Any], key: str, kind: type) -> Any:
     return kind(value)
 
 
-# --------------------------------------------------------------------------- ratio and counts
-
-
-def check_pruning_ratio(pruning_ratio: Any, name: str = "pruning_ratio", unit: str = "heads") -> float:
-    """``pruning_ratio`` as a float in [0, 1) (the fraction REMOVED), or ``ValueError``."""
-    if isinstance(pruning_ratio, bool) or not isinstance(pruning_ratio, (int, float)) or \
-            not math.isfinite(float(pruning_ratio)) or not 0.0 <= float(pruning_ratio) < 1.0:
-        raise ValueError(f"{name}: expected the fraction of {unit} REMOVED in [0, 1) (0.5 keeps half), "
-                         f"got {pruning_ratio!r}")
-    return float(pruning_ratio)
-
-
-def kept_per_block(units: int, pruning_ratio: float) -> int:
-    """THE rounding policy: ``round(units * (1 - pruning_ratio))``, half up (8 of 16 for 0.5, 11 for 0.3)."""
-    return int(math.floor(units * (1.0 - pruning_ratio) + 0.5 + 1e-9))
-
-
-def _kept_count_message(ratio: float, keep: int, units: int, depth: int, kept: int, kind: UnitKind) -> str:
-    """Why a selection does not match ``ratio``; names the other reading of the ratio only when it fits."""
-    message = (f"{kind.ratio_arg} {ratio:g} is the fraction of {kind.singular}s REMOVED: it keeps {keep} of {units} "
-               f"{kind.singular}s per block ({depth * keep} in total), but the selection keeps {kept} "
-               f"({kept / depth:g} per block on average)")
-    if ratio > 0 and kept == depth * kept_per_block(units, 1.0 - ratio):
-        message += (f"; that is {kind.ratio_arg} {1 - ratio:g} in this code base ({ratio:g} would be the kept "
-                    f"fraction, the other reading)")
-    else:
-        message += (f"; fix: keep {keep} {kind.singular}s per block ({kind.count_arg}), or set {kind.ratio_arg} "
-                    f"to {1 - kept / (depth * units):.4g}, the fraction this selection removes")
-    return message
-
-
-def _unit_counts(depth: int, full: int, counts: Union[int, Sequence[int]], kind: UnitKind) -> List[int]:
-    if isinstance(counts, (int, np.integer)) and not isinstance(counts, bool):
-        result = [int(counts)] * depth
-    else:
-        result = list(counts) if isinstance(counts, Sequence) and not isinstance(counts, str) else [counts]
-        if any(not isinstance(n, (int, np.integer)) or isinstance(n, bool) for n in result):
-            raise ValueError(f"{kind.count_arg}: expected an int or one int per block, got {counts!r}")
-        if len(result) != depth:
-            raise ValueError(f"{kind.count_arg}: expected one count per block ({depth}), got {len(result)}")
-        result = [int(n) for n in result]
-    for layer, count in enumerate(result):
-        if not 1 <= count <= full:
-            raise ValueError(f"{kind.count_arg}[{layer}]: expected 1..{full} ({kind.full_arg}), got {count}")
-    return result
-
-
-def _resolve_selection(depth: int, full: int, counts: Union[int, Sequence[int]],
-                       selection: Optional[Sequence[Sequence[int]]], kind: UnitKind) -> Selection:
-    """Check counts (int or one per block) against a selection; without one each block keeps its first units."""
-    counts = _unit_counts(depth, full, counts, kind)
-    if selection is None:
-        return [list(range(count)) for count in counts]
-    selection = [list(units) for units in selection]
-    if len(selection) != depth:
-        raise ValueError(f"{kind.selection_arg}: expected {depth} blocks, got {len(selection)}")
-    for layer, units in enumerate(selection):
-        prefix = f"{kind.selection_arg}[{layer}]"
-        shown = describe_indices(units)
-        if not units:
-            raise ValueError(f"{prefix}: at least one {kind.singular} must be kept, got []")
-        if any(not isinstance(u, int) or isinstance(u, bool) for u in units):
-            raise ValueError(f"{prefix}: expected integers, got {shown}")
-        if any(u < 0 or u >= full for u in units):
-            raise ValueError(f"{prefix}: expected indices in [0, {full}), got {shown}")
-        if len(set(units)) != len(units):
-            raise ValueError(f"{prefix}: duplicate {kind.singular} indices in {shown}")
-        if units != sorted(units):
-            raise ValueError(f"{prefix}: expected sorted indices, got {shown}")
-        if len(units) != counts[layer]:
-            raise ValueError(f"{prefix} keeps {len(units)} {kind.singular}s but {kind.count_arg} says {counts[layer]}")
-    return selection
-
-
-def resolve_head_selection(depth: int, teacher_num_heads: int, num_heads: Union[int, Sequence[int]],
-                           selected_heads_per_layer: Optional[Sequence[Sequence[int]]]) -> Selection:
-    """Check ``num_heads`` (int or one per block) against a selection; return one sorted list per block.
-
-    Without a selection each block keeps its first ``num_heads`` heads.
-    """
-    return _resolve_selection(depth, teacher_num_heads, num_heads, selected_heads_per_layer, HEADS)
-
-
-def resolve_channel_selection(depth: int, teacher_hidden: int, mlp_hidden: Union[int, Sequence[int], None],
-                              selected_channels_per_layer: Optional[Sequence[Sequence[int]]]) -> Selection:
-    """As :func:`resolve_head_selection` for SwiGLU hidden channels; ``mlp_hidden=None`` keeps every channel."""
-    counts = teacher_hidden if mlp_hidden is None else mlp_hidden
-    return _resolve_selection(depth, teacher_hidden, counts, selected_channels_per_layer, CHANNELS)
-
-
-def _clean_selection(selection: Any, depth: int, kind: UnitKind) -> Selection:
-    if isinstance(selection, (str, bytes)) or not isinstance(selection, Sequence):
-        raise ValueError(f"{kind.selection_arg}: expected one list of {kind.singular} indices per block, "
-                         f"got {type(selection).__name__}")
-    if len(selection) != depth:
-        raise ValueError(f"{kind.selection_arg}: expected {depth} blocks, got {len(selection)}")
-    cleaned = []
-    for layer, units in enumerate(selection):
-        if isinstance(units, (str, bytes)) or not isinstance(units, Sequence):
-            raise ValueError(f"{kind.selection_arg}[{layer}]: expected a list of {kind.singular} indices, got {units!r}")
-        if any(isinstance(u, bool) or not isinstance(u, (int, np.integer)) for u in units):
-            raise ValueError(f"{kind.selection_arg}[{layer}]: expected integers, got {describe_indices(units)}")
-        cleaned.append([int(u) for u in units])
-    return cleaned
-
-
-def _validate_selection(selection: Any, depth: int, full: int, counts: Optional[Union[int, Sequence[int]]],
-                        ratio: Optional[float], kind: UnitKind) -> Selection:
-    for name, value in (("depth", depth), (kind.full_arg, full)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    cleaned = _clean_selection(selection, depth, kind)
-    if counts is None:
-        counts = [min(max(len(u), 1), full) for u in cleaned]
-    result = _resolve_selection(depth, full, counts, cleaned, kind)
-    if ratio is not None:
-        ratio = check_pruning_ratio(ratio, kind.ratio_arg, kind.singular + "s")
-        keep, kept = kept_per_block(full, ratio), sum(len(u) for u in result)
-        if kept != depth * keep:
-            raise ValueError(_kept_count_message(ratio, keep, full, depth, kept, kind))
-    return result
-
-
 def validate_pruning_config(selected_heads_per_layer: Union["PruningConfig", Sequence[Sequence[int]]], depth: int,
                             teacher_num_heads: int, num_heads: Optional[Union[int, Sequence[int]]] = None,
-                            pruning_ratio: Optional[float] = None) -> Selection:
+                            pruning_ratio: Optional[float] = None,
+                            selected_blocks: Optional[Sequence[int]] = None) -> Selection:
     """Check a head selection and return it as lists of ints; every problem raises ``ValueError``.
 
-    Checks: one list per block, integer indices in ``[0, teacher_num_heads)``, unique, sorted, at least one
-    head per block, agreement with ``num_heads`` (int or per block) and with ``pruning_ratio`` (the fraction
-    REMOVED: ``depth * kept_per_block(H, ratio)`` heads in total, the budget of every strategy).
+    Checks: one list per teacher block, integer indices in ``[0, teacher_num_heads)``, unique, sorted, at
+    least one head per kept block, agreement with ``num_heads`` (int or per block) and with ``pruning_ratio``
+    (the fraction REMOVED: ``kept blocks * kept_per_block(H, ratio)`` heads in total, the budget of every
+    strategy). ``selected_blocks`` (None: all; a ``PruningConfig`` brings its own): the entries of the
+    removed blocks are ignored (``[]`` there is fine) and come back ``[]``.
     """
     if isinstance(selected_heads_per_layer, PruningConfig):
+        if selected_blocks is None:
+            selected_blocks = selected_heads_per_layer.selected_blocks
         selected_heads_per_layer = selected_heads_per_layer.selected_heads_per_layer
-    return _validate_selection(selected_heads_per_layer, depth, teacher_num_heads, num_heads, pruning_ratio, HEADS)
+    return validate_unit_selection(selected_heads_per_layer, depth, teacher_num_heads, num_heads, pruning_ratio, HEADS,
+                               selected_blocks)
 
 
 def validate_channel_selection(selected_channels_per_layer: Union["PruningConfig", Sequence[Sequence[int]]],
                                depth: int, teacher_hidden: int, mlp_hidden: Optional[Union[int, Sequence[int]]] = None,
-                               mlp_pruning_ratio: Optional[float] = None) -> Selection:
+                               mlp_pruning_ratio: Optional[float] = None,
+                               selected_blocks: Optional[Sequence[int]] = None) -> Selection:
     """As :func:`validate_pruning_config` for the SwiGLU hidden channels (``mlp_hidden``: kept per block)."""
     if isinstance(selected_channels_per_layer, PruningConfig):
+        if selected_blocks is None:
+            selected_blocks = selected_channels_per_layer.selected_blocks
         selected_channels_per_layer = selected_channels_per_layer.selected_channels_per_layer
-    return _validate_selection(selected_channels_per_layer, depth, teacher_hidden, mlp_hidden, mlp_pruning_ratio,
-                               CHANNELS)
+    return validate_unit_selection(selected_channels_per_layer, depth, teacher_hidden, mlp_hidden, mlp_pruning_ratio,
+                               CHANNELS, selected_blocks)
 
 
 # --------------------------------------------------------------------------- the configuration record
@@ -223,8 +96,10 @@ class PruningConfig:
     ``selected_heads_per_layer``: sorted teacher head indices per block; ``num_heads``: heads kept per
     block; ``pruning_ratio``: fraction of heads REMOVED that was asked for. With channels:
     ``selected_channels_per_layer`` (sorted teacher channel indices), ``teacher_mlp_hidden``,
-    ``mlp_hidden`` (kept per block) and ``mlp_pruning_ratio``. Iterating yields the per-block head
-    lists, so it can be passed where a list of lists is expected.
+    ``mlp_hidden`` (kept per block) and ``mlp_pruning_ratio``. ``selected_blocks``: the teacher blocks
+    kept (sorted; None: every block); the per-block lists keep one entry per teacher block and a removed
+    block's entry is ``[]`` (count 0). Iterating yields the per-block head lists, so it can be passed where
+    a list of lists is expected.
     """
 
     selected_heads_per_layer: Selection
@@ -241,12 +116,15 @@ class PruningConfig:
     mlp_hidden: List[int] = field(default_factory=list)
     channel_method: str = ""
     min_channels_per_layer: int = 1
+    selected_blocks: Optional[List[int]] = None
 
     def __post_init__(self) -> None:
         depth = len(self.selected_heads_per_layer)
+        if self.selected_blocks is not None:
+            self.selected_blocks = resolve_block_selection(depth, self.selected_blocks)
         self.selected_heads_per_layer = validate_pruning_config(
             self.selected_heads_per_layer, depth=depth, teacher_num_heads=self.teacher_num_heads,
-            num_heads=self.num_heads or None)
+            num_heads=self.num_heads or None, selected_blocks=self.selected_blocks)
         self.num_heads = [len(h) for h in self.selected_heads_per_layer]
         check_pruning_ratio(self.pruning_ratio)
         if self.strategy not in STRATEGIES:
@@ -260,7 +138,8 @@ class PruningConfig:
             raise ValueError("pruning configuration: selected_channels_per_layer needs teacher_mlp_hidden and "
                              "mlp_pruning_ratio")
         self.selected_channels_per_layer = validate_channel_selection(
-            self.selected_channels_per_layer, depth, int(self.teacher_mlp_hidden), mlp_hidden=self.mlp_hidden or None)
+            self.selected_channels_per_layer, depth, int(self.teacher_mlp_hidden), mlp_hidden=self.mlp_hidden or None,
+            selected_blocks=self.selected_blocks)
         self.mlp_hidden = [len(c) for c in self.selected_channels_per_layer]
         check_pruning_ratio(self.mlp_pruning_ratio, "mlp_pruning_ratio", "channels")
 
@@ -282,11 +161,19 @@ class PruningConfig:
         """Whether the configuration selects SwiGLU channels (otherwise every MLP keeps its full width)."""
         return self.selected_channels_per_layer is not None
 
+    @property
+    def kept_blocks(self) -> List[int]:
+        """The teacher blocks kept (every block when ``selected_blocks`` is None)."""
+        return list(range(self.depth)) if self.selected_blocks is None else list(self.selected_blocks)
+
     def to_model_kwargs(self) -> Dict[str, Any]:
         """``EVAViTStudent`` arguments: ``num_heads``, ``teacher_num_heads``, ``selected_heads_per_layer``
-        (+ ``mlp_hidden``, ``selected_channels_per_layer`` when channels are selected)."""
+        (+ ``mlp_hidden``, ``selected_channels_per_layer`` when channels are selected, ``selected_blocks``
+        when blocks are)."""
         kwargs = dict(num_heads=list(self.num_heads), teacher_num_heads=self.teacher_num_heads,
                       selected_heads_per_layer=[list(h) for h in self.selected_heads_per_layer])
+        if self.selected_blocks is not None:
+            kwargs.update(selected_blocks=list(self.selected_blocks))
         if self.prunes_channels:
             kwargs.update(mlp_hidden=list(self.mlp_hidden),
                           selected_channels_per_layer=[list(c) for c in self.selected_channels_per_layer])
@@ -300,7 +187,7 @@ class PruningConfig:
                     selected_channels_per_layer=self.selected_channels_per_layer, mlp_hidden=self.mlp_hidden or None,
                     teacher_mlp_hidden=self.teacher_mlp_hidden, mlp_pruning_ratio=self.mlp_pruning_ratio,
                     channel_method=self.channel_method, min_channels_per_layer=self.min_channels_per_layer,
-                    metadata=self.metadata)
+                    selected_blocks=self.selected_blocks, metadata=self.metadata)
 
     def save(self, path: Union[str, "os.PathLike[str]"]) -> str:
         """Write the configuration as JSON (atomically)."""
@@ -332,7 +219,8 @@ class PruningConfig:
                        mlp_pruning_ratio=None if mlp_ratio is None else _number(payload, "mlp_pruning_ratio", float),
                        mlp_hidden=list(payload.get("mlp_hidden") or []),
                        channel_method=payload.get("channel_method", ""),
-                       min_channels_per_layer=int(payload.get("min_channels_per_layer", 1)))
+                       min_channels_per_layer=int(payload.get("min_channels_per_layer", 1)),
+                       selected_blocks=payload.get("selected_blocks"))
         except KeyError as err:
             raise ValueError(f"{path}: pruning configuration without the key {err}") from None
         except (TypeError, ValueError) as err:
@@ -507,34 +395,38 @@ def _channel_part(channel_importance: Any, mlp_pruning_ratio: Optional[float], s
 
 
 class PruningSelection(NamedTuple):
-    """What a configuration says a student keeps: heads per block, channels per block (None: all), a label."""
+    """What a configuration says a student keeps: heads per block, channels per block (None: all), a label,
+    and the kept teacher blocks (None: all)."""
 
     heads: Selection
     channels: Optional[Selection]
     label: str
+    blocks: Optional[List[int]] = None
 
 
 def load_pruning_selection(source: Union[PruningConfig, str, "os.PathLike[str]", Mapping[str, Any],
                                          Sequence[Sequence[int]]], teacher_num_heads: Optional[int] = None,
                            teacher_mlp_hidden: Optional[int] = None) -> PruningSelection:
-    """Heads and channels per block from a configuration file, a :class:`PruningConfig`, a dict or head lists.
+    """Heads, channels and blocks from a configuration file, a :class:`PruningConfig`, a dict or head lists.
 
     A file must be a configuration written by ``PruningConfig.save`` (``prune-config`` on the command
-    line); a dict needs ``selected_heads_per_layer`` (and may hold ``selected_channels_per_layer``). A
-    configuration made for another teacher head count or MLP width is refused; the indices themselves
-    are checked by the caller, who knows the backbone.
+    line); a dict needs ``selected_heads_per_layer`` (and may hold ``selected_channels_per_layer`` and
+    ``selected_blocks``). A configuration made for another teacher head count or MLP width is refused;
+    the block list is checked here (sorted, unique, within the heads' depth), the unit indices by the
+    caller, who knows the backbone.
     """
-    label, recorded, recorded_hidden, channels = "pruning_config", None, None, None
+    label, recorded, recorded_hidden, channels, blocks = "pruning_config", None, None, None, None
     if isinstance(source, (str, os.PathLike)):
         label, source = f"pruning_config {os.fspath(source)}", PruningConfig.load(source)
     if isinstance(source, PruningConfig):
-        recorded, recorded_hidden = source.teacher_num_heads, source.teacher_mlp_hidden
+        recorded, recorded_hidden, blocks = source.teacher_num_heads, source.teacher_mlp_hidden, source.selected_blocks
         channels, source = source.selected_channels_per_layer, source.selected_heads_per_layer
     elif isinstance(source, Mapping):
         if "selected_heads_per_layer" not in source:
             raise ValueError(f"pruning_config: expected key 'selected_heads_per_layer', got keys {sorted(source)}")
         recorded, recorded_hidden = source.get("teacher_num_heads"), source.get("teacher_mlp_hidden")
-        channels, source = source.get("selected_channels_per_layer"), source["selected_heads_per_layer"]
+        channels, blocks = source.get("selected_channels_per_layer"), source.get("selected_blocks")
+        source = source["selected_heads_per_layer"]
     if not isinstance(source, (list, tuple)) or not all(isinstance(h, (list, tuple)) for h in source):
         raise ValueError(f"{label}: expected one list of head indices per block, got {type(source).__name__}")
     if recorded is not None and teacher_num_heads is not None and int(recorded) != int(teacher_num_heads):
@@ -546,7 +438,13 @@ def load_pruning_selection(source: Union[PruningConfig, str, "os.PathLike[str]",
     if channels is not None and (not isinstance(channels, (list, tuple)) or
                                  not all(isinstance(c, (list, tuple)) for c in channels)):
         raise ValueError(f"{label}: expected one list of channel indices per block, got {type(channels).__name__}")
-    return PruningSelection([list(h) for h in source], None if channels is None else [list(c) for c in channels], label)
+    if blocks is not None:
+        try:
+            blocks = resolve_block_selection(len(source), blocks)
+        except ValueError as err:
+            raise ValueError(f"{label}: {err}") from None
+    return PruningSelection([list(h) for h in source], None if channels is None else [list(c) for c in channels],
+                            label, blocks)
 
 
 __all__ = [
