@@ -190,7 +190,7 @@ def test_a_further_pruning_that_adds_units_back_is_refused_naming_them():
 
 def _fake_budget(reach):
     """A budget that reaches ``reach[family]`` at most (tests only): uniform heads by target."""
-    def choose(family, target, importances, geometry):
+    def choose(family, target, importances, geometry, unit_costs=None):
         if target > reach[family]:
             return select.Choice(family, target, fastest_reachable=reach[family], note="out of reach")
         keep = max(1, int(HEADS / target))
@@ -216,7 +216,7 @@ def test_unreachable_targets_are_records_with_the_fastest_value_and_random_follo
 
 
 def test_the_intermediate_selection_holds_the_final_one(monkeypatch):
-    def choose(family, target, importances, geometry):
+    def choose(family, target, importances, geometry, unit_costs=None):
         heads = [[0, 1, 2, 3, 4, 5]] * 4 if target < 2 else [[0, 1, 6], [2, 3], [4], [5, 7]]
         return select.Choice(family, target, config=config(heads), predicted_speedup=target)
     monkeypatch.setattr(select, "budget_choice", choose)

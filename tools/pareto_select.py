@@ -53,16 +53,25 @@ class Choice:
 # The two call sites of the budget and block-importance modules: everything else calls these.
 
 
-def block_importance(model: Any, batches: Sequence[Any]) -> Any:
-    """Per teacher block: the KD-loss increase when the block is skipped, on ``batches`` (training frames)."""
+def block_importance(model: Any, dataloader: Any, model_cfg: Mapping[str, Any]) -> Any:
+    """Per teacher block: the increase of the KD loss the students train on (``model_cfg``'s ``kd_config`` and
+    ``distillation_loss``) when the block is skipped, on ``dataloader`` (training frames)."""
+    from mmcv.models.utils.kd_config import distillation_loss_config, resolve_kd_config
     from tools.head_pruning.block_importance import compute_block_importance
 
-    return compute_block_importance(model, batches, method="kd_loss")
+    kd_cfg = dict(model_cfg.get("kd_config") or {})
+    loss = distillation_loss_config(resolve_kd_config(dict(kd_cfg)), kd_cfg,
+                                    dict(model_cfg.get("distillation_loss") or {}))
+    return compute_block_importance(model, dataloader, method="kd_loss", num_batches=None, kd_loss=loss,
+                                    progress=False)
 
 
-def budget_choice(family: str, target: float, importances: Mapping[str, Any], geometry: Mapping[str, Any]
-                  ) -> Choice:
-    """The budget's selection for ``family`` at ``target`` (predicted speedup), or an unreachable record."""
+def budget_choice(family: str, target: float, importances: Mapping[str, Any], geometry: Mapping[str, Any],
+                  unit_costs: Any = None) -> Choice:
+    """The budget's selection for ``family`` at ``target`` (its predicted speedup), or an unreachable record.
+
+    Costs: ``unit_costs`` (measured on the machine) or, when None, the analytic MACs of ``geometry``.
+    """
     from tools.head_pruning.budget import UnreachableTargetError, prune_to_budget
 
     axes = FAMILY_AXES[family]
@@ -70,19 +79,25 @@ def budget_choice(family: str, target: float, importances: Mapping[str, Any], ge
         result = prune_to_budget(target, importances["heads"],
                                  importances.get("channels") if "channels" in axes else None,
                                  importances.get("blocks") if "blocks" in axes else None,
-                                 geometry=dict(geometry), axes=axes)
+                                 geometry=dict(geometry), unit_costs=unit_costs, axes=axes)
     except UnreachableTargetError as err:
         return Choice(family, target, fastest_reachable=fastest_of(err), note=str(err))
-    return Choice(family, target, config=result.config, predicted_speedup=float(result.predicted_speedup))
+    return Choice(family, target, config=result.config, predicted_speedup=float(result.predicted_speedup),
+                  fastest_reachable=float(result.fastest_reachable))
+
+
+def measured_unit_costs(make_backbone: Any, image: Any, teacher_heads: int, teacher_hidden: int, repeats: int) -> Any:
+    """Seconds per head, channel, block overhead and stem on this machine (``make_backbone(heads, hidden)``)."""
+    from tools.head_pruning.timing import measure_block_costs
+
+    return measure_block_costs(make_backbone, image, teacher_heads, teacher_hidden, repeats, 2, image.device,
+                               source="measured block latency, miniature world")
 
 
 def fastest_of(err: Exception) -> Optional[float]:
     """The fastest reachable speedup an ``UnreachableTargetError`` names."""
-    for name in ("fastest_speedup", "fastest_reachable", "fastest", "best_speedup"):
-        value = getattr(err, name, None)
-        if isinstance(value, (int, float)):
-            return float(value)
-    return None
+    value = getattr(err, "fastest_reachable", None)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 # --------------------------------------------------------------------------- reading and writing selections
@@ -249,5 +264,6 @@ def narrow_student(backbone: Any, backbone_cfg: Mapping[str, Any], config: Any) 
 
 
 __all__ = ["FAMILY_AXES", "FAMILIES", "RANDOM_MATCHES", "Choice", "block_importance", "budget_choice",
+           "measured_unit_costs",
            "fastest_of", "teacher_blocks", "kept_blocks", "channel_lists", "kept_counts", "make_config", "random_like",
            "union", "is_subselection", "describe", "narrow_student"]

@@ -88,7 +88,7 @@ def score_importance(study: Any) -> Dict[str, Any]:
 
     importances = dict(heads=study.importance("heads", "gradient", 0),
                        channels=study.importance("channels", "gradient", 0))
-    importances["blocks"] = block_importance(study.teacher, list(study.importance_loader))
+    importances["blocks"] = block_importance(study.teacher, study.importance_loader, study.cfg.model)
     folder = study.out / "importance"
     folder.mkdir(parents=True, exist_ok=True)
     for unit, importance in importances.items():
@@ -97,14 +97,37 @@ def score_importance(study: Any) -> Dict[str, Any]:
     return importances
 
 
+def unit_costs_for(study: Any, cost: str, rounds: int) -> Any:
+    """None for the analytic MAC model; ``measured``: per-unit latencies of this machine (kept in the folder)."""
+    if cost == "analytic":
+        return None
+    from mmcv.models.backbones.eva_vit_student import EVAViTStudent
+    from mmcv.models.utils.pruning_cost import UnitCosts
+    from tools.pareto_select import measured_unit_costs
+
+    path = study.out / "unit_costs.json"
+    if path.is_file() and UnitCosts.load(path).metadata.get("repeats") == rounds:
+        return UnitCosts.load(path)
+    base = {k: v for k, v in dict(study.cfg.model.img_backbone).items() if k != "type"}
+    backbone = study.teacher.img_backbone
+
+    def make(heads: int, hidden: int) -> Any:
+        return EVAViTStudent(**dict(base, num_heads=heads, mlp_hidden=hidden)).eval()
+
+    image = next(iter(study.loader))["img"].flatten(0, 1)
+    costs = measured_unit_costs(make, image, backbone.teacher_num_heads, backbone.teacher_mlp_hidden, rounds)
+    costs.save(path)
+    return costs
+
+
 def make_choices(targets: Sequence[float], families: Sequence[str], seeds: Sequence[int],
-                 importances: Mapping[str, Any], geometry: Mapping[str, Any]) -> List[Choice]:
+                 importances: Mapping[str, Any], geometry: Mapping[str, Any], unit_costs: Any = None) -> List[Choice]:
     """Every family's selection at every target (random: one per seed, with the counts of RANDOM_MATCHES)."""
     from tools.pareto_select import budget_choice, random_like
 
     choices: List[Choice] = []
     for target in targets:
-        chosen = {f: budget_choice(f, target, importances, geometry) for f in FAMILY_AXES
+        chosen = {f: budget_choice(f, target, importances, geometry, unit_costs) for f in FAMILY_AXES
                   if f in families or (f == RANDOM_MATCHES and "random" in families)}
         choices += [chosen[f] for f in FAMILY_AXES if f in families]
         if "random" not in families:
@@ -122,13 +145,14 @@ def make_choices(targets: Sequence[float], families: Sequence[str], seeds: Seque
     return choices
 
 
-def intermediate_choice(final: Choice, importances: Mapping[str, Any], geometry: Mapping[str, Any]) -> Choice:
+def intermediate_choice(final: Choice, importances: Mapping[str, Any], geometry: Mapping[str, Any],
+                        unit_costs: Any = None) -> Choice:
     """Stage 1 of the iterative schedule: the budget's choice at sqrt(target), widened to hold the final one
     (so stage 2 only removes units, and both schedules end with the same student architecture)."""
     from tools.pareto_select import budget_choice, is_subselection, union
 
     target = math.sqrt(final.target)
-    part = budget_choice(final.family, target, importances, geometry)
+    part = budget_choice(final.family, target, importances, geometry, unit_costs)
     if not part.reachable:
         raise ValueError(f"iterative schedule: {final.family} cannot reach {target:.3g}x ({part.note})")
     config = part.config if is_subselection(final.config, part.config) else union(part.config, final.config)
@@ -308,7 +332,7 @@ def build_cells(choices: Sequence[Choice], seeds: Sequence[int], iterative: Opti
 
 
 def plan_iterative(args: argparse.Namespace, choices: Sequence[Choice], importances: Mapping[str, Any],
-                   geometry: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+                   geometry: Mapping[str, Any], unit_costs: Any) -> Optional[Dict[str, Any]]:
     """The iterative schedule at the highest target, when its family reaches it (else None, said in a line)."""
     if args.no_iterative:
         return None
@@ -317,7 +341,7 @@ def plan_iterative(args: argparse.Namespace, choices: Sequence[Choice], importan
     if final is None or not final.reachable:
         print(f"iterative schedule skipped: {args.iterative_family} does not reach {top:g}x", flush=True)
         return None
-    mid = intermediate_choice(final, importances, geometry)
+    mid = intermediate_choice(final, importances, geometry, unit_costs)
     return dict(family=final.family, target=top, final=final.config.metadata["name"], digest=digest_of(final.config),
                 intermediate=mid.config.metadata["name"], intermediate_target=mid.target, choice=mid,
                 stage_frames=args.frames // 2, stage2_train_data_seed=STAGE2_DATA_SEED)
@@ -344,8 +368,9 @@ def run_sweep(args: argparse.Namespace) -> Dict[str, Any]:
     study = Study(out, args.epochs, args.frames, args.threads)
     importances = score_importance(study)
     geometry = describe_backbone(study.teacher.img_backbone)
-    choices = make_choices(args.targets, args.families, args.seeds, importances, geometry)
-    iterative = plan_iterative(args, choices, importances, geometry)
+    unit_costs = unit_costs_for(study, args.cost, args.timing_rounds)
+    choices = make_choices(args.targets, args.families, args.seeds, importances, geometry, unit_costs)
+    iterative = plan_iterative(args, choices, importances, geometry, unit_costs)
     timed = [c for c in choices if c.reachable] + ([iterative["choice"]] if iterative else [])
     print(f"timing {len(timed)} selections against the teacher ({args.timing_rounds} alternating rounds each)",
           flush=True)
@@ -384,7 +409,7 @@ def settings(args: argparse.Namespace, study: Any, command: str, speed: Mapping[
     return dict(command=command, targets=list(args.targets), seeds=list(args.seeds), families=list(args.families),
                 epochs=args.epochs, frames=args.frames, iterations=args.epochs * args.frames // BATCH,
                 threads=args.threads, jobs=args.jobs, importance_frames=IMPORTANCE_FRAMES,
-                importance=dict(heads="gradient", channels="gradient", blocks="kd_loss"),
+                importance=dict(heads="gradient", channels="gradient", blocks="kd_loss"), cost=args.cost,
                 validation_frames=len(study.val_set), teacher=os.path.relpath(study.teacher_path, ROOT),
                 timing=dict(rounds=args.timing_rounds, batch=next((s["batch"] for s in speed.values()), None),
                             threads=args.threads, environment=environment()),
@@ -405,6 +430,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help=f"training frames per epoch (multiple of {2 * BATCH}: the iterative schedule's two "
                              f"stages train on half each)")
     parser.add_argument("--timing-rounds", type=int, default=21, help="alternating teacher/student rounds per selection")
+    parser.add_argument("--cost", choices=("analytic", "measured"), default="analytic",
+                        help="the budget's cost model: analytic MACs, or per-unit latency measured here first")
     parser.add_argument("--iterative-family", choices=list(FAMILY_AXES), default=ITERATIVE_FAMILY,
                         help="family pruned iteratively at the highest target")
     parser.add_argument("--no-iterative", action="store_true", help="skip the one-shot vs iterative comparison")
