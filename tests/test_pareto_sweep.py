@@ -339,3 +339,42 @@ def test_quick_mode_and_cell_names():
     cell = sweep.SweepCell("heads_width", 2.5, 1, "heads_width_t2.5", "d")
     assert cell.name == "heads_width_t2.5_oneshot_s1" and (cell.training, cell.alpha, cell.label_fraction) == \
         ("kd", None, 1.0)
+
+
+def test_stage_two_starts_from_the_stage_one_student_pruned_further(tmp_path):
+    """The iterative schedule's hand-over: the narrowed checkpoint loads (``load_from``) into the KD model of the
+    final selection, whose backbone then holds the stage-1 student's own weights, not the teacher's."""
+    import logging
+    from types import SimpleNamespace
+
+    from adzoo.orion.apis.checkpoints import load_from
+    from mmcv import Config
+    from mmcv.models.builder import build_model
+    from tools.kd_study import write_cell_config
+    from tools.train_tiny_teacher import DEFAULT_CHECKPOINT, ensure_tiny_teacher
+
+    study = SimpleNamespace(teacher_path=ensure_tiny_teacher(DEFAULT_CHECKPOINT, verbose=False), frames=64, epochs=1)
+    tiny_heads, tiny_hidden = 16, 341
+    first = PruningConfig(selected_heads_per_layer=random_selection(20, [9, 10, 11, 12], tiny_heads),
+                          teacher_num_heads=tiny_heads, pruning_ratio=0.5, teacher_mlp_hidden=tiny_hidden,
+                          selected_channels_per_layer=random_selection(21, [200, 210, 220, 230], tiny_hidden),
+                          mlp_pruning_ratio=0.5)
+    second = PruningConfig(selected_heads_per_layer=[h[:5] for h in first.selected_heads_per_layer],
+                           teacher_num_heads=tiny_heads, pruning_ratio=0.5, teacher_mlp_hidden=tiny_hidden,
+                           selected_channels_per_layer=[c[::2] for c in first.selected_channels_per_layer],
+                           mlp_pruning_ratio=0.5)
+    models = {}
+    for name, cfg in (("first", first), ("second", second)):
+        cfg.save(tmp_path / f"{name}.json")
+        path = write_cell_config(sweep.SweepCell("heads_width", 2.0, 0, name, "d"), tmp_path, tmp_path / f"{name}.json",
+                                 study, stage=f"{name}_", extra_kd=dict(pruning_ratio=None, mlp_pruning_ratio=None))
+        models[name] = build_model(Config.fromfile(str(path)).model)
+    perturbed(models["first"].img_backbone, 22)  # stage 1 trained it
+    models["first"].export_student(tmp_path / "stage1.pth", backbone_safetensors=False)
+    narrowed = sweep.narrowed_checkpoint(tmp_path / "stage1.pth", tmp_path / "second.json", tmp_path / "narrowed.pth")
+    before = {k: v.clone() for k, v in models["second"].img_backbone.state_dict().items()}  # the teacher's, sliced
+    load_from(models["second"], str(narrowed), logging.getLogger("test"))
+    expected, _ = select.narrow_student(models["first"].img_backbone, models["first"].student_backbone_cfg, second)
+    got = models["second"].img_backbone.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
+    assert not torch.equal(got["blocks.0.attn.q_proj.weight"], before["blocks.0.attn.q_proj.weight"])
