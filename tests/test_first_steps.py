@@ -148,7 +148,7 @@ def test_tensorboard_is_configured_only_where_it_is_installed(name):
 
 SAMPLE_VALUES = dict(teacher_backbone_path="ckpt/other.pth", distillation_alpha=0.5, warmup_epochs=2,
                      warmup_iters=10, pruning_ratio=0.5, mlp_pruning_ratio=0.25, head_selection="magnitude",
-                     teacher_dtype="bf16", label_fraction=0.1)
+                     teacher_dtype="bf16", label_fraction=0.1, block_map={3: 2})
 
 
 def test_every_documented_kd_config_key_can_be_set_on_the_tiny_config():

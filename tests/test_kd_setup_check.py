@@ -33,3 +33,21 @@ def test_a_shipped_teacher_not_yet_materialised_is_a_warning_saying_what_will_ha
     assert "--materialize" in line.fix
     other = check_teacher(dict(model=dict(kd_config=dict(teacher_backbone_path=str(tmp_path / "x.pth")))), "fix")
     assert other.status == FAIL and other.detail.startswith("Teacher model not found")
+
+
+def test_a_depth_pruned_students_teacher_is_checked_with_every_block(tmp_path: Path) -> None:
+    import torch
+    from mmcv import Config
+    from mmcv.models.backbones.eva_vit import EVAViT
+    from tools.kd_setup_check import PASS
+
+    backbone = Config.fromfile(str(ROOT / "adzoo/orion/configs/orion_tiny_train.py")).model.img_backbone.to_dict()
+    backbone.pop("type")
+    path = tmp_path / "teacher.pth"
+    torch.save(dict(state_dict={"img_backbone." + k: v for k, v in EVAViT(**backbone).state_dict().items()}), path)
+    student = dict(backbone, type="EVAViTStudent", teacher_num_heads=16, num_heads=8, selected_blocks=[0, 3],
+                   selected_heads_per_layer=[list(range(8)), [], [], list(range(8))])
+    cfg = Config(dict(model=dict(img_backbone=student, kd_config=dict(teacher_backbone_path=str(path)))))
+    line = check_teacher(cfg, "")
+    assert line.status == PASS and line.detail.endswith(": {} img_backbone tensors fit the config".format(
+        len(EVAViT(**backbone).state_dict()))), line

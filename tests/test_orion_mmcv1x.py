@@ -320,6 +320,30 @@ def test_orions_non_strict_test_py_refuses_a_student_that_keeps_other_heads(orio
                         kept[0], other[0])), last
 
 
+def test_a_depth_pruned_student_trains_in_orion_and_loads_only_into_its_own_blocks(orion, tmp_path: Path) -> None:
+    """ORION's train.py with a student that keeps teacher block 1 of 2; the exported inference config builds it
+    for ORION's test.py, and mmcv's non-strict load_checkpoint refuses a backbone that keeps other blocks."""
+    work_dir = tmp_path / "wd_depth"
+    proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/train.py", str(orion["config"]), "--work-dir",
+                     str(work_dir), "--cfg-options", "model.img_backbone.selected_blocks=[1]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    infer, exported = work_dir / "student_pruned_infer.py", work_dir / "student_pruned.pth"
+    state = torch.load(str(exported), map_location="cpu", weights_only=True)["state_dict"]
+    assert state["img_backbone.kept_blocks"].tolist() == [1] and "img_backbone.blocks.1.norm1.weight" not in state
+    proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/test.py", str(infer), str(exported))
+    assert proc.returncode == 0 and "evaluated 6 samples" in proc.stdout, proc.stderr[-3000:]
+    heads = state["img_backbone.blocks.0.attn.head_index"].tolist()
+    config = tmp_path / "every_block_infer.py"
+    config.write_text("_base_ = [{!r}]\nmodel = dict(img_backbone=dict(selected_blocks=None, "
+                      "selected_heads_per_layer={!r}))\n".format(str(infer), [heads, heads]))
+    proc = run_orion(orion["root"], orion["deps"], "adzoo/orion/test.py", str(config), str(exported))
+    assert proc.returncode != 0 and "evaluated" not in proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mmcv.models.backbones.eva_layers.SelectionMismatchError: img_backbone.kept_blocks: "
+                           "checkpoint keeps teacher blocks [1], this model keeps [0, 1]; build the model with the "
+                           "checkpoint's selection"), last
+
+
 def test_an_epoch_computed_for_other_gpus_stops_orions_run_with_the_cfg_options_that_fix_it(orion) -> None:
     """The stand-in config computes its epoch when the file runs, as ORION's (for num_gpus x batch_size); a run
     with another batch (as with another number of GPUs) has another epoch: one line gives the options."""

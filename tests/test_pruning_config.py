@@ -253,3 +253,69 @@ def test_pruning_config_round_trip_builds_the_student(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(payload))
     with pytest.raises(ValueError, match="duplicate"):
         PruningConfig.load(tmp_path / "bad.json")
+
+
+# --------------------------------------------------------------------------- kept blocks
+
+
+def budgeted(**overrides) -> PruningConfig:
+    """Four teacher blocks of 4 heads and 8 channels; blocks 1 and 2 removed ([] there, as the allocator writes)."""
+    fields = dict(selected_heads_per_layer=[[0, 1], [], [], [2, 3]], teacher_num_heads=4, pruning_ratio=0.5,
+                  selected_channels_per_layer=[[0, 5], [], [], [1, 7]], teacher_mlp_hidden=8, mlp_pruning_ratio=0.75,
+                  selected_blocks=[0, 3])
+    fields.update(overrides)
+    return PruningConfig(**fields)
+
+
+def test_kept_blocks_round_trip_and_older_files_keep_every_block(tmp_path):
+    from mmcv.models.utils.pruning_config import load_pruning_selection
+    config = budgeted()
+    assert config.num_heads == [2, 0, 0, 2] and config.mlp_hidden == [2, 0, 0, 2] and config.kept_blocks == [0, 3]
+    config.save(tmp_path / "budget.json")
+    loaded = PruningConfig.load(tmp_path / "budget.json")
+    assert loaded == config and loaded.to_model_kwargs()["selected_blocks"] == [0, 3]
+    selection = load_pruning_selection(str(tmp_path / "budget.json"), teacher_num_heads=4, teacher_mlp_hidden=8)
+    assert selection.blocks == [0, 3] and selection.heads == [[0, 1], [], [], [2, 3]]
+    payload = json.loads((tmp_path / "budget.json").read_text())
+    del payload["selected_blocks"], payload["selected_channels_per_layer"]
+    older = dict(payload, version=2, selected_heads_per_layer=[[0, 1]] * 4, num_heads=[2] * 4,
+                 teacher_mlp_hidden=None, mlp_pruning_ratio=None, mlp_hidden=None)
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert PruningConfig.load(tmp_path / "older.json").selected_blocks is None
+    assert load_pruning_selection(str(tmp_path / "older.json")).blocks is None
+    assert "selected_blocks" not in PruningConfig.load(tmp_path / "older.json").to_model_kwargs()
+    # a ratio counts the kept blocks only: 2 of 4 heads in each of the 2 kept blocks is 0.5
+    assert validate_pruning_config(config, depth=4, teacher_num_heads=4, pruning_ratio=0.5) == \
+        [[0, 1], [], [], [2, 3]]
+
+
+@pytest.mark.parametrize("blocks, match", [
+    ([3, 0], r"budget.json: selected_blocks: expected sorted indices, got \[3, 0\]"),
+    ([0, 4], r"budget.json: selected_blocks: expected indices in \[0, 4\) \(the teacher's depth\), got \[4\]"),
+    ([], r"budget.json: selected_blocks: at least one block must be kept, got \[\]"),
+    ([0, 0, 3], r"budget.json: selected_blocks: duplicate block indices in \[0, 0, 3\]"),
+    ("0,3", r"budget.json: selected_blocks: expected a sorted list of teacher block indices or None, got str"),
+    ([0, 1, 3], r"budget.json: num_heads\[1\]: expected 1..4 \(teacher_num_heads\), got 0"),  # block 1 is kept now
+])
+def test_bad_kept_blocks_in_a_file_name_the_file_and_the_key(tmp_path, blocks, match):
+    budgeted().save(tmp_path / "budget.json")
+    payload = json.loads((tmp_path / "budget.json").read_text())
+    (tmp_path / "budget.json").write_text(json.dumps(dict(payload, selected_blocks=blocks)))
+    with pytest.raises(ValueError, match=match):
+        PruningConfig.load(tmp_path / "budget.json")
+
+
+def test_empty_entries_are_accepted_for_removed_blocks_only():
+    from mmcv.models.utils.pruning_config import validate_channel_selection
+    heads = [[0, 1], [], [], [2, 3]]
+    with pytest.raises(ValueError, match=r"selected_heads_per_layer\[1\]: at least one head must be kept, got \[\]"):
+        validate_pruning_config(heads, depth=4, teacher_num_heads=4)
+    assert validate_pruning_config(heads, depth=4, teacher_num_heads=4, selected_blocks=[0, 3]) == heads
+    assert validate_pruning_config([[0], [1], [2], [3]], depth=4, teacher_num_heads=4,
+                                   selected_blocks=[0, 3]) == [[0], [], [], [3]]  # removed entries are ignored
+    with pytest.raises(ValueError, match=r"selected_channels_per_layer\[3\]: at least one channel must be kept"):
+        validate_channel_selection([[0], [], [], []], depth=4, teacher_hidden=8, selected_blocks=[0, 3])
+    with pytest.raises(ValueError, match=r"pruning_ratio 0.5 is the fraction of heads REMOVED: it keeps 2 of 4 heads "
+                                         r"per block \(4 in total\), but the selection keeps 3"):
+        validate_pruning_config([[0, 1], [], [], [2]], depth=4, teacher_num_heads=4, pruning_ratio=0.5,
+                                selected_blocks=[0, 3])

@@ -134,3 +134,19 @@ def test_load_from_a_checkpoint_of_another_architecture_names_the_mis_shaped_key
     torch.save(broken, str(path))
     with pytest.raises(ConfigError, match=r"broken.pth does not fit the model: 1 mis-shaped keys.*cls_out.weight"):
         load_from(student, str(path), logging.getLogger("test"))
+
+
+def test_a_depth_pruned_student_trains_in_the_loop_and_load_from_takes_the_kept_teacher_blocks(tmp_path, teachers):
+    config = kd_config(tmp_path, teachers["first"], max_iters=2)
+    with open(str(config), "a") as handle:
+        handle.write("model.update(img_backbone=dict(selected_blocks=[0, 1, 3]))\n")
+    model = train_in_process(config, tmp_path / "wd", seed_before_build=0)
+    saved = load(tmp_path / "wd" / "iter_2.pth")["state_dict"]
+    assert saved["img_backbone.kept_blocks"].tolist() == [0, 1, 3] and model.img_backbone.num_blocks == 3
+    assert "img_backbone.blocks.3.norm1.weight" not in saved
+    student = build_model(Config.fromfile(str(config)).model)
+    load_from(student, str(teachers["second"]), logging.getLogger("test"))  # the teacher-shaped original
+    other = load(teachers["second"])["state_dict"]
+    mine = student.state_dict()
+    assert torch.equal(mine["img_backbone.blocks.2.norm1.weight"], other["img_backbone.blocks.3.norm1.weight"])
+    assert torch.equal(mine["img_backbone.blocks.2.mlp.w3.bias"], other["img_backbone.blocks.3.mlp.w3.bias"])

@@ -22,7 +22,8 @@ def heads_only_backbones(student_cfg: Mapping[str, Any], teacher_heads: int) -> 
     from mmcv.models.backbones.eva_vit_student import EVAViTStudent
 
     base = {k: v for k, v in student_cfg.items() if k != "type"}
-    base.update(selected_heads_per_layer=None, mlp_hidden=None, selected_channels_per_layer=None, drop_path_rate=0.0)
+    base.update(selected_heads_per_layer=None, mlp_hidden=None, selected_channels_per_layer=None, selected_blocks=None,
+                drop_path_rate=0.0)
     return {k: EVAViTStudent(**dict(base, num_heads=k)).eval() for k in range(1, teacher_heads)}
 
 

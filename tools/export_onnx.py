@@ -121,10 +121,12 @@ def tensors_sha256(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def describe_backbone(backbone: EVAViTStudent) -> Dict[str, Any]:
-    """What the exported graph computes: geometry and the kept heads / SwiGLU channels of every block."""
+    """What the exported graph computes: geometry, the kept teacher blocks and the kept heads / SwiGLU channels of
+    every block (``depth``: the blocks in the graph; ``kept_blocks``: their teacher indices)."""
     return dict(
         img_size=backbone.img_size, patch_size=backbone.patch_size, embed_dim=backbone.embed_dim,
-        depth=len(backbone.blocks), head_dim=backbone.head_dim, teacher_num_heads=backbone.teacher_num_heads,
+        depth=len(backbone.blocks), kept_blocks=list(backbone.kept_blocks), head_dim=backbone.head_dim,
+        teacher_num_heads=backbone.teacher_num_heads,
         teacher_mlp_hidden=backbone.teacher_mlp_hidden, window_block_indexes=list(backbone.window_block_indexes),
         window_per_block=[block.window_size for block in backbone.blocks],
         num_heads=backbone.num_heads_per_layer, mlp_hidden=backbone.mlp_hidden_per_layer,

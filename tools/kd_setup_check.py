@@ -132,7 +132,7 @@ def _teacher_backbone_cfg(cfg: Any) -> Dict[str, Any]:
     backbone = dict(cfg.model.get("img_backbone") or {})
     if backbone.get("type") == "EVAViTStudent":
         backbone.update(num_heads=backbone.get("teacher_num_heads", 16), selected_heads_per_layer=None,
-                        mlp_hidden=None, selected_channels_per_layer=None)
+                        mlp_hidden=None, selected_channels_per_layer=None, selected_blocks=None)
     backbone["type"] = "EVAViTStudent"
     backbone.setdefault("teacher_num_heads", backbone.get("num_heads", 16))
     return backbone

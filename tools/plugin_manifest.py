@@ -50,6 +50,7 @@ PLUGIN_FILES: Tuple[str, ...] = (
     "tools/head_pruning/batches.py",
     "tools/head_pruning/importance.py",
     "tools/head_pruning/channel_importance.py",
+    "tools/head_pruning/block_importance.py",
     "tools/head_pruning/analysis.py",
     "tools/head_pruning/plots.py",
     "tools/head_pruning/cli.py",

@@ -60,6 +60,10 @@ KD_KEY_DOCS = {
     "label_fraction": "fraction of the training frames whose labels the task loss may use (a BLAKE2b hash of "
                       "`scene_token/frame_idx`, else `sample_idx`, decides; the task loss's gradient is averaged "
                       "over the labelled frames of each batch); every frame is distilled",
+    "block_map": "`{teacher_block: kept_teacher_block}`: which kept block of a depth-pruned student stands for a "
+                 "teacher block in the distillation taps; unset: the block itself when kept, else the last kept "
+                 "block before it. Attention of a removed block is distilled only when mapped here, to a kept block "
+                 "of the same window/global kind",
 }
 
 

@@ -2,15 +2,18 @@
 
     importance    --config CFG [--checkpoint CKPT] --method magnitude|gradient|entropy|activation --out imp.json
                   [--unit channels]  (SwiGLU channels: magnitude|gradient|activation)
+                  [--unit blocks --method kd_loss|cosine]  (whole blocks, on training frames; kd_loss by default)
     prune-config  --importance imp.json --pruning-ratio 0.5 [--strategy global|cost] --out prune.json
                   [--channel-importance ch.json --mlp-pruning-ratio 0.4375 | --mlp-hidden 1536] [--channel-multiple 64]
                   [--unit-costs latency.json]  (joint heads + channels; cost: measured unit latency)
     analyze       --importance imp.json [--config CFG --checkpoint CKPT] --out analysis.json [--plot fid.png]
                   [--channel-importance ch.json --mlp-pruning-ratios 0.25 0.4375]
-    plot          --importance imp.json|ch.json [--pruning-config prune.json] --out heads.png
+                  [--block-importance blocks.json [cosine.json]]  (per-block scores, fidelity with k blocks skipped)
+    plot          --importance imp.json|ch.json|blocks.json [--pruning-config prune.json] --out heads.png
+                  [--block-importance blocks.json]  (a bar per block beside the head heat map)
 
-The scored model is always the unpruned teacher: a student config's backbone gets every head back,
-and an ``OrionStudent`` config is scored on its base detector. ``--checkpoint`` (default: the config's
+The scored model is always the unpruned teacher: a student config's backbone gets every head, channel
+and block back, and an ``OrionStudent`` config is scored on its base detector. ``--checkpoint`` (default: the config's
 ``teacher_backbone_path``, then ``load_from``) holds the teacher's weights. User errors exit with 2.
 Plugin file: Python 3.8, no mmengine.
 """
@@ -29,15 +32,21 @@ import torch.nn as nn
 
 from mmcv.models.utils.checkpoint_io import load_checkpoint_file, state_dict_of
 from mmcv.models.utils.eva_surgery import BACKBONE_PREFIX, extract_backbone_state_dict
-from mmcv.models.utils.head_importance import ChannelImportance, HeadImportance, load_importance
+from mmcv.models.utils.head_importance import BlockImportance, ChannelImportance, HeadImportance, load_importance
+from mmcv.models.utils.kd_config import distillation_loss_config, resolve_kd_config
 from mmcv.models.utils.pruning_config import BLOCK_NORMALIZATIONS, STRATEGIES, PruningConfig, create_pruning_config
 from mmcv.models.utils.pruning_cost import UnitCosts
 from mmcv.models.utils.user_errors import check_writable_dir, describe_os_error, is_file_system_error, load_config
+from mmcv.models.losses.kd_losses import CombinedKDLoss
+from mmcv.models.utils.checkpoint_io import atomic_write_json
 from tools.head_pruning.analysis import analyze_pruning_impact
+from tools.head_pruning.block_importance import (BLOCK_METHODS, analyze_block_importance, compute_block_importance,
+                                                 format_block_table)
 from tools.head_pruning.channel_importance import CHANNEL_METHODS, compute_channel_importance
 from tools.head_pruning.importance import (METHODS, compute_head_importance_activation, compute_head_importance_entropy,
                                            compute_head_importance_gradient, compute_head_importance_magnitude)
-from tools.head_pruning.plots import plot_channel_importance, plot_fidelity_vs_ratio, plot_head_importance
+from tools.head_pruning.plots import (plot_block_importance, plot_channel_importance, plot_fidelity_vs_ratio,
+                                      plot_head_importance)
 from tools.head_pruning.sites import describe_backbone, find_backbone
 
 
@@ -52,13 +61,14 @@ def _load_config(path: str) -> Any:
 
 
 def _teacher_backbone_cfg(cfg: Any) -> Dict[str, Any]:
-    """``cfg.model.img_backbone`` with all heads and channels (a student config's backbone becomes its teacher)."""
+    """``cfg.model.img_backbone`` with all blocks, heads and channels (a student config's backbone becomes its
+    teacher)."""
     model_cfg = cfg.get("model", None)
     if model_cfg is None or model_cfg.get("img_backbone", None) is None:
         raise ValueError("config: expected model.img_backbone (an ORION-style detector config)")
     backbone = dict(model_cfg["img_backbone"])
     teacher_heads = backbone.get("teacher_num_heads")
-    for key in ("selected_heads_per_layer", "mlp_hidden", "selected_channels_per_layer"):
+    for key in ("selected_heads_per_layer", "mlp_hidden", "selected_channels_per_layer", "selected_blocks"):
         backbone.pop(key, None)
     if teacher_heads is not None:
         backbone["num_heads"] = int(teacher_heads)
@@ -162,6 +172,9 @@ def _importance_from_args(args: argparse.Namespace) -> HeadImportance:
         return HeadImportance.load(args.importance, allow_pickle=args.allow_pickle)
     if not args.config:
         raise ValueError("give --importance FILE, or --config (and --checkpoint) to compute it")
+    if args.method not in METHODS:
+        raise ValueError(f"--method {args.method}: scores whole blocks (importance --unit blocks); heads are scored "
+                         f"by {METHODS}")
     cfg = _load_config(args.config)
     checkpoint = _checkpoint_path(args, cfg)
     device = torch.device(args.device)
@@ -203,11 +216,43 @@ def _channel_importance_from_args(args: argparse.Namespace, method: str) -> Chan
     return compute_channel_importance(model, method, **kwargs)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _kd_loss_from_config(cfg: Any) -> CombinedKDLoss:
+    """The config's distillation loss (``model.kd_config`` weights and temperature, ``model.distillation_loss``),
+    else ``CombinedKDLoss()``'s defaults: block importance measures the loss the student will be trained on."""
+    model_cfg = cfg.get("model", None) or {}
+    kd_cfg = model_cfg.get("kd_config", None)
+    if kd_cfg is None:
+        return CombinedKDLoss()
+    kd = resolve_kd_config(dict(kd_cfg))
+    loss_cfg = distillation_loss_config(kd, dict(kd_cfg), dict(model_cfg.get("distillation_loss", None) or {}))
+    loss_cfg.pop("type", None)
+    return CombinedKDLoss(**loss_cfg)
+
+
+def _block_importance_from_args(args: argparse.Namespace) -> BlockImportance:
+    """Block importance of ``--config``'s teacher (``--method kd_loss`` or ``cosine``) on ``--split`` frames."""
+    if args.method not in BLOCK_METHODS:
+        raise ValueError(f"--unit blocks: expected --method {' or '.join(BLOCK_METHODS)}, got {args.method!r}")
+    if not args.config:
+        raise ValueError("--unit blocks: give --config (and --checkpoint): block importance is measured on frames")
+    cfg = _load_config(args.config)
+    backbone = _build_backbone_from(cfg, _checkpoint_path(args, cfg)).to(torch.device(args.device))
+    loader = _build_loader(cfg, args, backbone)
+    kd_loss = _kd_loss_from_config(cfg) if args.method == "kd_loss" else None
+    return compute_block_importance(backbone, loader, args.method, num_batches=args.num_batches, kd_loss=kd_loss)
+
+
+def _add_common(p: argparse.ArgumentParser, blocks: bool = False) -> None:
     p.add_argument("--config", help="ORION-style config (model.img_backbone, data.train/val)")
     p.add_argument("--checkpoint", help="checkpoint with the teacher's weights (an OrionStudent config is scored "
                                         "on its base detector); default: teacher_backbone_path, then load_from")
-    p.add_argument("--method", choices=METHODS, default="magnitude")
+    if blocks:
+        p.add_argument("--method", choices=METHODS + BLOCK_METHODS, default=None,
+                       help="heads/channels: magnitude (default), gradient, entropy (heads), activation; blocks: "
+                            "kd_loss (default: the distillation loss with the block skipped) or cosine (ShortGPT block "
+                            "influence)")
+    else:
+        p.add_argument("--method", choices=METHODS, default="magnitude")
     p.add_argument("--importance", help="importance file (.json/.npz/.pkl) instead of computing it")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a .pkl importance file")
     p.add_argument("--num-batches", type=int, default=8)
@@ -242,12 +287,13 @@ def _add_allocation(p: argparse.ArgumentParser, joint_ratios: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Attention-head and SwiGLU-channel importance, pruning configurations, "
-                                                 "impact analysis (ratios = fractions REMOVED).")
+    parser = argparse.ArgumentParser(description="Attention-head, SwiGLU-channel and block importance, pruning "
+                                                 "configurations, impact analysis (ratios = fractions REMOVED).")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("importance", help="compute head (or channel) importance and save it")
-    _add_common(p)
-    p.add_argument("--unit", choices=("heads", "channels"), default="heads", help="score heads or SwiGLU channels")
+    p = sub.add_parser("importance", help="compute head, channel or block importance and save it")
+    _add_common(p, blocks=True)
+    p.add_argument("--unit", choices=("heads", "channels", "blocks"), default="heads",
+                   help="score attention heads, SwiGLU channels or whole blocks")
     p.add_argument("--out", required=True, help=".json, .npz or .pkl")
     p = sub.add_parser("prune-config", help="choose the heads (and SwiGLU channels) to keep")
     _add_common(p)
@@ -263,11 +309,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_allocation(p, "many")
     p.add_argument("--img-size", type=int, nargs="+", help="input size for MACs (default: the backbone's)")
     p.add_argument("--no-fidelity", action="store_true", help="skip the measured fidelity (no data pass)")
+    p.add_argument("--block-importance", nargs="+", metavar="FILE",
+                   help="block importance files (importance --unit blocks; e.g. kd_loss and cosine): per-block scores "
+                        "and the fidelity with the k least important blocks skipped")
     p.add_argument("--plot", help="also write the fidelity-vs-ratio plot here (.png)")
     p.add_argument("--out", required=True, help=".json")
-    p = sub.add_parser("plot", help="heat map of head or channel importance (kept units marked)")
+    p = sub.add_parser("plot", help="heat map of head or channel importance, or bars of block importance (kept units marked)")
     _add_common(p)
     p.add_argument("--pruning-config", help="pruning configuration (.json) whose kept units are marked")
+    p.add_argument("--block-importance", metavar="FILE", help="block importance file: a bar per block beside the "
+                                                              "head heat map")
     p.add_argument("--out", required=True, help=".png")
     return parser
 
@@ -298,16 +349,47 @@ def _joint_options(args: argparse.Namespace) -> Dict[str, Any]:
     return options
 
 
+def _importance_command(args: argparse.Namespace) -> None:
+    """``importance``: compute, save and summarise head, channel or block scores."""
+    if args.unit == "blocks":
+        blocks = _block_importance_from_args(args)
+        blocks.save(args.out)
+        print(f"{blocks.method} importance of {blocks.num_blocks} blocks ({blocks.num_samples} samples, "
+              f"{blocks.metadata.get('seconds', 0):.2f} s) -> {args.out}")
+        summary = analyze_block_importance(blocks, verbose=False)
+        print(format_block_table({k: v for k, v in summary.items() if k != "skip"}))
+        return
+    if args.unit == "channels":
+        importance = _channel_importance_from_args(args, args.method)
+    else:
+        importance = _importance_from_args(args)
+    importance.save(args.out)
+    print(f"{importance.method} importance of {importance.num_layers} blocks x {importance.scores.shape[1]} "
+          f"{importance.UNIT} ({importance.num_samples} samples, {importance.metadata.get('seconds', 0):.2f} s) "
+          f"-> {args.out}")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    """``plot``: the heat map of the importance file (bars for block importance), kept units marked."""
+    config = PruningConfig.load(args.pruning_config) if args.pruning_config else None
+    importance = load_importance(args.importance, allow_pickle=args.allow_pickle) if args.importance else \
+        _importance_from_args(args)
+    blocks = BlockImportance.load(args.block_importance) if args.block_importance else None
+    if blocks is not None and type(importance) is not HeadImportance:
+        raise ValueError(f"--block-importance: drawn beside a head importance heat map, but --importance holds "
+                         f"{importance.UNIT[:-1]} importance")
+    if isinstance(importance, BlockImportance):
+        plot_block_importance(importance, args.out, pruning_config=config)
+    elif isinstance(importance, ChannelImportance):
+        plot_channel_importance(importance, args.out, pruning_config=config)
+    else:
+        plot_head_importance(importance, args.out, pruning_config=config, block_importance=blocks)
+    print(f"{'block importance' if isinstance(importance, BlockImportance) else 'heat map'} -> {args.out}")
+
+
 def _run(args: argparse.Namespace) -> None:
     if args.command == "importance":
-        if args.unit == "channels":
-            importance = _channel_importance_from_args(args, args.method)
-        else:
-            importance = _importance_from_args(args)
-        importance.save(args.out)
-        print(f"{importance.method} importance of {importance.num_layers} blocks x {importance.scores.shape[1]} "
-              f"{importance.UNIT} ({importance.num_samples} samples, {importance.metadata.get('seconds', 0):.2f} s) "
-              f"-> {args.out}")
+        _importance_command(args)
     elif args.command == "prune-config":
         config = create_pruning_config(_importance_from_args(args), args.pruning_ratio, args.strategy,
                                        args.min_heads_per_layer, args.block_normalization, **_joint_options(args))
@@ -318,35 +400,46 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "analyze":
         _analyze(args)
     else:
-        config = PruningConfig.load(args.pruning_config) if args.pruning_config else None
-        importance = load_importance(args.importance, allow_pickle=args.allow_pickle) if args.importance else \
-            _importance_from_args(args)
-        if isinstance(importance, ChannelImportance):
-            plot_channel_importance(importance, args.out, pruning_config=config)
-        else:
-            plot_head_importance(importance, args.out, pruning_config=config)
-        print(f"heat map -> {args.out}")
+        _plot(args)
 
 
 def _analyze(args: argparse.Namespace) -> None:
-    importance = _importance_from_args(args)
+    """``analyze``: the head (and channel) table, and with ``--block-importance`` the block table, in one JSON.
+
+    With block importance and neither ``--importance`` nor ``--config``, only the block scores and their
+    analytic costs are reported (no head table, no fidelity).
+    """
+    blocks = [BlockImportance.load(path) for path in args.block_importance or []]
     model = loader = None
     if args.config and not args.no_fidelity:
         cfg = _load_config(args.config)
         model = _build_backbone_from(cfg, _checkpoint_path(args, cfg)).to(torch.device(args.device))
         loader = _build_loader(cfg, args, model)
     img_size = None if not args.img_size else (args.img_size[0] if len(args.img_size) == 1 else args.img_size)
-    analysis = analyze_pruning_impact(importance, args.pruning_ratios, model=model, dataloader=loader,
-                                      strategies=args.strategies, num_batches=args.num_batches, img_size=img_size,
-                                      save_path=args.out, block_normalization=args.block_normalization,
-                                      **_joint_options(args))
-    if args.plot:
-        plot_fidelity_vs_ratio(analysis, args.plot)
+    analysis: Dict[str, Any] = {}
+    if blocks and args.plot and not (args.importance or args.config):
+        raise ValueError("--plot draws the head fidelity; give --importance or --config as well (block importance "
+                         "alone writes the tables and the JSON)")
+    if not blocks or args.importance or args.config:
+        analysis = analyze_pruning_impact(_importance_from_args(args), args.pruning_ratios, model=model,
+                                          dataloader=loader, strategies=args.strategies, num_batches=args.num_batches,
+                                          img_size=img_size, block_normalization=args.block_normalization,
+                                          **_joint_options(args))
+        if args.plot:
+            plot_fidelity_vs_ratio(analysis, args.plot)
+    if blocks:
+        if analysis:
+            print()
+        analysis["blocks"] = analyze_block_importance(blocks, model=model, dataloader=loader,
+                                                      num_batches=args.num_batches, img_size=img_size)
+    atomic_write_json(args.out, analysis)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (2 with one line on stderr for a user error)."""
     args = _parser().parse_args(argv)
+    if args.method is None:  # the default method depends on the unit
+        args.method = "kd_loss" if getattr(args, "unit", None) == "blocks" else "magnitude"
     try:
         for option in ("out", "plot"):  # an output that cannot be written fails before any computation
             if getattr(args, option, None):

@@ -1,16 +1,16 @@
-"""Plots of head and SwiGLU-channel importance and of pruning impact (PNG, written atomically, Agg backend).
+"""Plots of head, SwiGLU-channel and block importance and of pruning impact (PNG, written atomically, Agg backend).
 
 Plugin file: Python 3.8, no mmengine.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from mmcv.models.utils.checkpoint_io import atomic_write
-from mmcv.models.utils.head_importance import ChannelImportance, HeadImportance, ScoresLike
+from mmcv.models.utils.head_importance import BlockImportance, ChannelImportance, HeadImportance, ScoresLike
 from mmcv.models.utils.pruning_config import PruningConfig
 
 
@@ -31,12 +31,43 @@ def save_figure(fig: Any, path: Union[str, os.PathLike], dpi: int = 120) -> str:
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"), binary=True)
 
 
+def _removed_blocks(pruning_config: Optional[PruningConfig], depth: int) -> List[int]:
+    """Teacher blocks a configuration removes (``selected_blocks``; none when it keeps every block)."""
+    kept = getattr(pruning_config, "selected_blocks", None)
+    return [] if kept is None else sorted(set(range(depth)) - {int(b) for b in kept})
+
+
+def _block_kinds(importance: BlockImportance) -> Optional[Sequence[int]]:
+    geometry = importance.metadata.get("backbone")
+    windows = geometry.get("window_per_block") if isinstance(geometry, Mapping) else None
+    return windows if isinstance(windows, list) and len(windows) == importance.num_blocks else None
+
+
+def _block_bars(ax: Any, importance: BlockImportance, removed: Sequence[int] = (), values: Optional[Any] = None,
+                label: Optional[str] = None) -> None:
+    """Horizontal bars, one per block (block 0 on top), window blocks light and global blocks dark; the
+    blocks in ``removed`` hatched."""
+    scores = importance.scores.numpy() if values is None else np.asarray(values, dtype=float)
+    kinds = _block_kinds(importance)
+    colors = ["#9ecae1" if kinds and kinds[b] else "#3182bd" for b in range(len(scores))]
+    bars = ax.barh(range(len(scores)), scores, color=colors, height=0.8)
+    for b in removed:
+        bars[b].set_hatch("xx")
+        bars[b].set_edgecolor("red")
+    ax.set_ylim(len(scores) - 0.5, -0.5)
+    ax.set_xlabel(label or f"{importance.method or 'block'} score", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(axis="x", alpha=0.3)
+
+
 def plot_head_importance(importance: Union[HeadImportance, ScoresLike], path: Union[str, os.PathLike],
-                         pruning_config: Optional[PruningConfig] = None, title: Optional[str] = None) -> str:
+                         pruning_config: Optional[PruningConfig] = None, title: Optional[str] = None,
+                         block_importance: Optional[BlockImportance] = None) -> str:
     """Heat map of the scores (blocks x heads); heads ``pruning_config`` removes are crossed out. PNG.
 
     The removed heads are marked rather than the kept ones: outlines of adjacent kept heads share edges, so a
-    row of them reads as one block, while each crossed cell stands on its own.
+    row of them reads as one block, while each crossed cell stands on its own. With ``block_importance`` a
+    bar per block stands beside the rows (what skipping the whole block costs).
     """
     importance = HeadImportance.coerce(importance)
     scores, method = importance.scores, importance.method
@@ -44,8 +75,14 @@ def plot_head_importance(importance: Union[HeadImportance, ScoresLike], path: Un
     if pruning_config is not None and (pruning_config.depth, pruning_config.teacher_num_heads) != (depth, heads):
         raise ValueError(f"pruning_config is for {pruning_config.depth} x {pruning_config.teacher_num_heads} heads, "
                          f"the scores are {depth} x {heads}")
+    blocks = None if block_importance is None else BlockImportance.coerce(block_importance)
+    if blocks is not None and blocks.num_blocks != depth:
+        raise ValueError(f"block importance has {blocks.num_blocks} blocks, the head scores {depth}")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(4.0, heads * 0.45 + 2), max(3.0, depth * 0.32 + 1.5)))
+    size = (max(4.0, heads * 0.45 + 2) + (2.5 if blocks else 0), max(3.0, depth * 0.32 + 1.5))
+    fig, axes = plt.subplots(1, 2 if blocks else 1, figsize=size, squeeze=False,
+                             gridspec_kw=dict(width_ratios=[heads, max(3, heads // 4)]) if blocks else None)
+    ax = axes[0][0]
     try:
         image = ax.imshow(scores.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
         fig.colorbar(image, ax=ax, label=f"{method or 'importance'} score")
@@ -64,6 +101,40 @@ def plot_head_importance(importance: Union[HeadImportance, ScoresLike], path: Un
             label += (f": removed heads crossed out ({pruning_config.strategy}, ratio "
                       f"{pruning_config.pruning_ratio:g} removed)")
         ax.set_title(label, fontsize=9)
+        if blocks is not None:
+            _block_bars(axes[0][1], blocks, _removed_blocks(pruning_config, depth))
+            axes[0][1].set_yticks(range(depth))
+            axes[0][1].set_title(f"block importance ({blocks.method or 'scores'})\nlight: window, dark: global",
+                                 fontsize=8)
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_block_importance(importance: Union[BlockImportance, Sequence[float]], path: Union[str, os.PathLike],
+                          pruning_config: Optional[PruningConfig] = None, title: Optional[str] = None) -> str:
+    """Bars of the block scores (window blocks light, global dark; blocks ``pruning_config`` removes hatched).
+
+    A ``kd_loss`` record that carries the cosine of its frames (``metadata['cosine']``) gets a second
+    panel with it, so the two rankings read side by side. PNG.
+    """
+    importance = BlockImportance.coerce(importance)
+    depth = importance.num_blocks
+    cosine = importance.metadata.get("cosine") if importance.method == "kd_loss" else None
+    panels = 2 if isinstance(cosine, list) and len(cosine) == depth else 1
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, panels, figsize=(3.5 * panels + 1, max(2.5, depth * 0.3 + 1.2)), squeeze=False)
+    try:
+        removed = _removed_blocks(pruning_config, depth)
+        _block_bars(axes[0][0], importance, removed)
+        if panels == 2:
+            _block_bars(axes[0][1], importance, removed, values=cosine, label="cosine score (same frames)")
+        for row in axes:
+            for ax in row:
+                ax.set_yticks(range(depth))
+                ax.set_ylabel("block")
+        fig.suptitle(title or f"Block importance ({importance.method or 'scores'}; light: window, dark: global"
+                     + ("; removed blocks hatched" if removed else "") + ")", fontsize=9)
         return save_figure(fig, path)
     finally:
         plt.close(fig)
@@ -145,4 +216,4 @@ def plot_fidelity_vs_ratio(analysis: Mapping[str, Any], path: Union[str, os.Path
         plt.close(fig)
 
 
-__all__ = ["plot_head_importance", "plot_channel_importance", "plot_fidelity_vs_ratio"]
+__all__ = ["plot_head_importance", "plot_block_importance", "plot_channel_importance", "plot_fidelity_vs_ratio"]

@@ -1,17 +1,19 @@
-# ORION's stage-3 inference with the KD student's head-pruned EVA-02-L backbone.
+# ORION's stage-3 inference with the KD student's pruned EVA-02-L backbone.
 #
 # A KD run ends with KDExportStudentHook writing, into its work_dir, the student checkpoint and
 # an inference config that inherits THIS file with the trained backbone's exact settings (which
-# teacher heads each block kept). ORION's launcher sets that work_dir itself (the config path with
-# "configs" replaced by "work_dirs"; a --work-dir of the user's is overridden), so from ORION's root,
+# teacher blocks, heads and SwiGLU channels it kept: selected_blocks, selected_heads_per_layer, ...).
+# ORION's launcher sets that work_dir itself (the config path with "configs" replaced by "work_dirs";
+# a --work-dir of the user's is overridden), so from ORION's root,
 # with ORION's own launcher (stored without the executable bit, hence "bash"):
 #
 #   bash adzoo/orion/orion_dist_eval.sh adzoo/orion/work_dirs/orion_stage3_kd_train/student_pruned_infer.py \
 #       adzoo/orion/work_dirs/orion_stage3_kd_train/student_pruned.pth 8
 #
 # Everything but img_backbone comes from ORION's own inference config. The img_backbone below is
-# the template for a uniform 8-of-16 student; a checkpoint loads strictly only into a backbone
-# that keeps the same heads (its meta['img_backbone']), which is what the written config sets.
+# the template for a uniform 8-of-16 student with every block; a checkpoint loads only into a
+# backbone that keeps the same blocks, heads and channels (its meta['img_backbone']), which is what
+# the written config sets.
 
 _base_ = ['./orion_stage3_infer.py']
 

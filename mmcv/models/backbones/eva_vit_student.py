@@ -442,7 +442,8 @@ class EVAViTStudent(RecordedSelection):
                 raise ValueError(f"{name}: expected teacher block indices in [0, {self.depth}), got {bad}")
         hidden_map, attn_map = resolve_block_maps(self.depth, self.kept_blocks, self.window_block_indexes, block_map)
         heads = dict(zip(self.kept_blocks, self.selected_heads))
-        taps = BackboneTaps(hidden_blocks=tuple(hidden_blocks), attn_blocks=tuple(b for b in attn_blocks if b in attn_map),
+        taps = BackboneTaps(hidden_blocks=tuple(hidden_blocks),
+                            attn_blocks=tuple(b for b in attn_blocks if b in attn_map),
                             num_query_samples=num_query_samples, generator=generator,
                             query_index=dict(query_index or {}), block_map=hidden_map, attn_map=attn_map,
                             head_map=[list(heads[attn_map.get(t, hidden_map[t])]) for t in range(self.depth)])

@@ -17,9 +17,9 @@ sums every key containing 'loss'). Alpha follows the iteration (``resolve_distil
 set by ``mmcv/runner/hooks/kd_hooks.py``). Which blocks, heads and SwiGLU channels the student keeps:
 ``mmcv/models/utils/student_selection.py``; the teacher always keeps all. Distillation taps are keyed by
 teacher block: a depth-pruned student records teacher block ``t`` at its kept block ``block_map[t]``
-(``eva_taps.default_block_map``, overridden by ``kd_config.block_map``). With ``kd_config.label_fraction < 1`` every frame is
-distilled but the task loss reaches the student only through the labelled frames
-(``mmcv/models/utils/label_subset.py``). This file is a plugin: Python 3.8, torch 2.0-2.4, no mmengine.
+(``eva_taps.default_block_map``, overridden by ``kd_config.block_map``). With
+``kd_config.label_fraction < 1`` every frame is distilled but the task loss reaches the student only
+through the labelled frames (``mmcv/models/utils/label_subset.py``). This file is a plugin: Python 3.8, torch 2.0-2.4, no mmengine.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from mmcv.models.backbones.eva_taps import resolve_block_maps
 from mmcv.models.backbones.eva_vit_student import EVAViTStudent
 from mmcv.models.builder import DETECTORS, build_backbone, build_loss
 from mmcv.models.utils.checkpoint_io import (atomic_torch_save, atomic_write, load_checkpoint_file, require_finite,
@@ -172,6 +173,7 @@ class OrionStudent(nn.Module):
                              f"free vl_tokens(img_feats, **data) (ORION's heads keep temporal memory); set "
                              f"vl_distill_weight=0")
 
+        self._check_block_map()
         teacher_cfg = dict(teacher_backbone) if teacher_backbone else self._default_teacher_cfg(student_cfg)
         teacher = build_backbone(teacher_cfg)
         if not isinstance(teacher, EVAViTStudent) or teacher.teacher_num_heads != self.img_backbone.teacher_num_heads:
@@ -203,10 +205,34 @@ class OrionStudent(nn.Module):
                     f"trainable {sum(p.numel() for p in self.parameters() if p.requires_grad) / 1e6:.2f} M of "
                     f"{sum(p.numel() for p in self.parameters()) / 1e6:.2f} M parameters")
         self._print("[OrionStudent] teacher heads kept, per teacher block: " + "; ".join(
-            f"{layer}: {heads}" for layer, heads in zip(self.img_backbone.kept_blocks, self.img_backbone.selected_heads)))
+            f"{block}: {heads}" for block, heads in zip(self.img_backbone.kept_blocks,
+                                                        self.img_backbone.selected_heads)))
 
     # ------------------------------------------------------------------ configuration
 
+
+    def _check_block_map(self) -> None:
+        """Refuse, when the model is built, a ``kd_config.block_map`` or a depth selection the taps cannot serve.
+
+        Checks the map (ranges, kept blocks, window/global kinds) and that the attention part still has a
+        block to distil: the attention of removed teacher blocks is dropped unless the map names it, and
+        explicitly configured ``attention_blocks`` must all be recorded.
+        """
+        backbone = self.img_backbone
+        try:
+            _, attn_map = resolve_block_maps(backbone.depth, backbone.kept_blocks, backbone.window_block_indexes,
+                                             self.kd_config.get("block_map"))
+        except ValueError as err:
+            raise ValueError(f"OrionStudent: kd_config.{err}" if str(err).startswith("block_map") else
+                             f"OrionStudent: {err}") from None
+        _, attn_blocks, _ = self.distill_loss.tap_request(backbone.depth)
+        dropped = [t for t in attn_blocks if t not in attn_map]
+        explicit = getattr(self.distill_loss, "attention_blocks", None) is not None
+        if dropped and (explicit or len(dropped) == len(attn_blocks)):
+            raise ValueError(f"OrionStudent: the attention part distils teacher blocks {attn_blocks} but the student "
+                             f"removes {dropped} (it keeps {list(backbone.kept_blocks)}); map them to kept blocks of "
+                             f"the same kind with kd_config.block_map, choose distillation_loss.attention_blocks "
+                             f"among the kept ones, or set kd_config.attention_distill_weight=0")
 
     @staticmethod
     def _default_teacher_cfg(student_cfg: Mapping[str, Any]) -> Dict[str, Any]:

@@ -456,7 +456,8 @@ class CombinedKDLoss(nn.Module):
         :func:`default_distill_blocks`), empty when the feature weight is 0;
         ``attn_blocks`` likewise for attention. The output part needs no tap
         (it uses the backbone's returned features). Configured blocks must be
-        ``< depth``.
+        ``< depth``. ``depth`` is the TEACHER's: blocks are teacher indices, and a
+        depth-pruned student records them at its kept blocks (``eva_taps``).
         """
         default = default_distill_blocks(depth)
 

@@ -1,7 +1,8 @@
-"""HeadImportance and ChannelImportance: per-block scores of heads / SwiGLU channels and their files.
+"""HeadImportance, ChannelImportance and BlockImportance: scores of heads / SwiGLU channels / whole blocks, and files.
 
-Both are ``[blocks, units]`` score matrices with the same file formats (.json, .npz, .pkl); the
-``format`` entry says which unit a file scores, so a channel file is never read as head scores.
+Heads and channels are ``[blocks, units]`` score matrices with the same file formats (.json, .npz,
+.pkl); blocks are one score per teacher block, ``[depth]``, in .json. The ``format`` entry says
+which unit a file scores, so a channel or block file is never read as head scores.
 
 The tools compute the scores (``tools/head_pruning/importance.py``); the pruning policy
 (``pruning_config.py``) turns them into a selection. Files are written atomically; pickle files
@@ -14,7 +15,7 @@ import json
 import os
 import pickle
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Sequence, Union
+from typing import Any, Dict, List, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ from mmcv.models.utils.checkpoint_io import atomic_write, atomic_write_json, jso
 
 IMPORTANCE_FORMAT = "orion-kd-head-importance"
 CHANNEL_IMPORTANCE_FORMAT = "orion-kd-channel-importance"
+BLOCK_IMPORTANCE_FORMAT = "orion-kd-block-importance"
+_UNIT_OF_FORMAT = {IMPORTANCE_FORMAT: "head", CHANNEL_IMPORTANCE_FORMAT: "channel", BLOCK_IMPORTANCE_FORMAT: "block"}
 ScoresLike = Union[torch.Tensor, np.ndarray, Sequence[Sequence[float]]]
 
 
@@ -81,7 +84,7 @@ class HeadImportance:
     @classmethod
     def coerce(cls, value: Union["HeadImportance", ScoresLike]) -> "HeadImportance":
         """``value`` itself, or bare scores wrapped (method ``''``), checked either way; the other unit is refused."""
-        if isinstance(value, HeadImportance) and type(value) is not cls:
+        if isinstance(value, (HeadImportance, BlockImportance)) and type(value) is not cls:
             raise ValueError(f"expected {cls.UNIT} importance ({cls.__name__}), got {value.UNIT} importance "
                              f"({type(value).__name__}, method {value.method!r})")
         return value if isinstance(value, cls) else cls(scores=value, method="")
@@ -135,8 +138,7 @@ class HeadImportance:
             with open(path, "rb") as handle:
                 payload = pickle.load(handle)
         if not isinstance(payload, Mapping) or payload.get("format") != cls.FORMAT or "scores" not in payload:
-            other = {IMPORTANCE_FORMAT: "head", CHANNEL_IMPORTANCE_FORMAT: "channel"}.get(
-                payload.get("format") if isinstance(payload, Mapping) else None)
+            other = _UNIT_OF_FORMAT.get(payload.get("format") if isinstance(payload, Mapping) else None)
             found = f"; it holds {other} importance" if other else ""
             raise ValueError(f"{path}: not a {cls.UNIT[:-1]} importance file (expected format {cls.FORMAT!r}{found})")
         return cls(scores=payload["scores"], method=payload.get("method", ""), num_samples=payload.get("num_samples", 0),
@@ -155,15 +157,122 @@ class ChannelImportance(HeadImportance):
         return int(self.scores.shape[1])
 
 
-def load_importance(path: Union[str, "os.PathLike[str]"], allow_pickle: bool = False) -> HeadImportance:
-    """A head or channel importance file, whichever ``path`` holds (:class:`ChannelImportance` for channels)."""
+@dataclass
+class BlockImportance:
+    """Importance of each whole teacher block (higher = more important): what skipping the block costs.
+
+    ``scores``: float64 tensor [depth], one per teacher block; ``method``: ``'kd_loss'`` (the
+    distillation loss of the teacher with the block skipped against the full teacher) or ``'cosine'``
+    (ShortGPT's block influence, 1 - cos(block input, block output)), see
+    ``tools/head_pruning/block_importance.py``; ``num_samples``: images seen; ``source``: what was
+    measured; ``metadata``: settings, the backbone geometry (``backbone``) and, for ``kd_loss``, the
+    loss parts and the cosine scores of the same frames.
+    """
+
+    scores: torch.Tensor
+    method: str
+    num_samples: int = 0
+    source: str = ""
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+    FORMAT = BLOCK_IMPORTANCE_FORMAT
+    UNIT = "blocks"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scores, torch.Tensor):
+            scores = self.scores.detach().cpu().to(torch.float64)
+        else:
+            try:
+                scores = torch.as_tensor(np.asarray(self.scores, dtype=np.float64))
+            except (TypeError, ValueError):
+                raise ValueError(f"BlockImportance.scores: expected one number per block, got "
+                                 f"{type(self.scores).__name__} {str(self.scores)[:80]}") from None
+        if scores.ndim != 1 or scores.shape[0] < 1:
+            raise ValueError(f"BlockImportance.scores: expected a [depth] array (one score per block), got shape "
+                             f"{tuple(scores.shape)}")
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError(f"BlockImportance.scores: contains NaN or inf values ({self.method})")
+        if not isinstance(self.method, str):
+            raise ValueError(f"BlockImportance.method: expected a string, got {self.method!r}")
+        if not isinstance(self.metadata, Mapping):
+            raise ValueError(f"BlockImportance.metadata: expected a mapping, got {type(self.metadata).__name__}")
+        geometry = self.metadata.get("backbone")
+        depth = geometry.get("depth") if isinstance(geometry, Mapping) else None
+        if depth is not None and depth != scores.shape[0]:
+            raise ValueError(f"BlockImportance: metadata.backbone.depth is {depth} but there are {scores.shape[0]} "
+                             f"scores (one per block expected)")
+        self.scores = scores
+        self.num_samples = int(self.num_samples)
+        self.metadata = dict(self.metadata)
+
+    @classmethod
+    def coerce(cls, value: Union["BlockImportance", torch.Tensor, np.ndarray, Sequence[float]]) -> "BlockImportance":
+        """``value`` itself, or bare scores wrapped (method ``''``), checked either way; head/channel records refused."""
+        if isinstance(value, HeadImportance):
+            raise ValueError(f"expected block importance (BlockImportance), got {value.UNIT} importance "
+                             f"({type(value).__name__}, method {value.method!r})")
+        return value if isinstance(value, cls) else cls(scores=value, method="")
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.scores.shape[0])
+
+    def order(self) -> List[int]:
+        """Block indices from the least to the most important (ties: the lower index first)."""
+        return sorted(range(self.num_blocks), key=lambda b: (float(self.scores[b]), b))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(format=self.FORMAT, version=1, method=self.method, num_samples=self.num_samples,
+                    source=self.source, metadata=self.metadata, scores=self.scores.tolist())
+
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> str:
+        """Write the record as ``.json``, atomically."""
+        _check_json_path(path)
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Union[str, "os.PathLike[str]"]) -> "BlockImportance":
+        """Read a file written by :meth:`save`; anything else is one error naming the file and the key."""
+        path = os.fspath(path)
+        _check_json_path(path)
+        payload = read_json(path, "block importance file")
+        if not isinstance(payload, Mapping) or payload.get("format") != cls.FORMAT:
+            other = _UNIT_OF_FORMAT.get(payload.get("format") if isinstance(payload, Mapping) else None)
+            found = f"; it holds {other} importance" if other else ""
+            raise ValueError(f"{path}: not a block importance file (expected format {cls.FORMAT!r}{found})")
+        if "scores" not in payload:
+            raise ValueError(f"{path}: 'scores': missing (expected one number per block)")
+        for key, kinds, what in (("method", str, "a string"), ("num_samples", int, "an integer"),
+                                 ("source", str, "a string"), ("metadata", Mapping, "an object")):
+            if key in payload and not isinstance(payload[key], kinds) or isinstance(payload.get(key), bool):
+                raise ValueError(f"{path}: {key!r}: expected {what}, got {payload[key]!r}")
+        try:
+            return cls(scores=payload["scores"], method=payload.get("method", ""),
+                       num_samples=payload.get("num_samples", 0), source=payload.get("source", ""),
+                       metadata=dict(payload.get("metadata") or {}))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+def _check_json_path(path: Union[str, "os.PathLike[str]"]) -> None:
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext != ".json":
+        raise ValueError(f"{os.fspath(path)}: block importance files are .json, got extension {ext!r}")
+
+
+def load_importance(path: Union[str, "os.PathLike[str]"], allow_pickle: bool = False
+                    ) -> Union[HeadImportance, BlockImportance]:
+    """A head, channel or block importance file, whichever ``path`` holds (:class:`ChannelImportance` for
+    channels, :class:`BlockImportance` for blocks)."""
     try:
         return HeadImportance.load(path, allow_pickle=allow_pickle)
     except ValueError as err:
+        if "it holds block importance" in str(err):
+            return BlockImportance.load(path)
         if "it holds channel importance" not in str(err):
             raise
     return ChannelImportance.load(path, allow_pickle=allow_pickle)
 
 
-__all__ = ["IMPORTANCE_FORMAT", "CHANNEL_IMPORTANCE_FORMAT", "ScoresLike", "HeadImportance", "ChannelImportance",
-           "load_importance", "importance_extension", "read_json"]
+__all__ = ["IMPORTANCE_FORMAT", "CHANNEL_IMPORTANCE_FORMAT", "BLOCK_IMPORTANCE_FORMAT", "ScoresLike", "HeadImportance",
+           "ChannelImportance", "BlockImportance", "load_importance", "importance_extension", "read_json"]

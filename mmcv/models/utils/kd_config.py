@@ -30,6 +30,7 @@ KD_CONFIG_KEYS = {
     "head_selection": None,
     "teacher_dtype": None,
     "label_fraction": 1.0,
+    "block_map": None,
 }
 FROZEN_PARTS_MODES = ("train", "eval")
 DEFAULT_WARMUP_EPOCHS = 1
@@ -39,6 +40,29 @@ HEAD_SELECTIONS = ("magnitude",)
 
 class KDConfigError(ValueError):
     """A mistake in ``kd_config`` (reported by the entry point as one line)."""
+
+
+def check_block_map(block_map: Any) -> Optional[Dict[int, int]]:
+    """``kd_config.block_map`` as ``{teacher_block: kept_teacher_block}`` (ints; digit-string keys, as a JSON or
+    ``--cfg-options`` round trip writes them, are read as ints), or None.
+
+    Which teacher block a depth-pruned student's taps stand for (``eva_taps.resolve_block_maps``); the
+    ranges, the kept blocks and the window/global kinds are checked when the student is built.
+    """
+    if block_map is None:
+        return None
+    if not isinstance(block_map, Mapping):
+        raise KDConfigError("kd_config.block_map: expected a dict {{teacher_block: kept_teacher_block}}, got {!r}"
+                            .format(block_map))
+    out: Dict[int, int] = {}
+    for key, value in block_map.items():
+        if isinstance(key, str) and key.isdigit():
+            key = int(key)
+        if isinstance(key, bool) or not isinstance(key, int) or isinstance(value, bool) or not isinstance(value, int):
+            raise KDConfigError("kd_config.block_map: expected integer teacher block indices, got {!r}: {!r}"
+                                .format(key, value))
+        out[key] = value
+    return out
 
 
 def validate_kd_config(kd_config: Optional[Mapping]) -> Dict[str, Any]:
@@ -162,6 +186,8 @@ def resolve_kd_config(kd_config: Optional[Mapping[str, Any]], teacher_backbone_p
         raise ValueError(f"kd_config.label_fraction: the fraction of training frames whose labels the task loss may "
                          f"use, a number in [0, 1], got {fraction!r} (1.0: all frames)")
     kd["label_fraction"] = float(fraction)
+    if kd.get("block_map") is not None:
+        kd["block_map"] = check_block_map(kd["block_map"])
     if kd["freeze_non_backbone"] is not True:
         raise ValueError("kd_config.freeze_non_backbone: only True is supported (backbone-only training)")
     return kd
@@ -223,5 +249,5 @@ def check_kd_config_copies(cfg: Mapping[str, Any]) -> None:
 
 
 __all__ = ["LOSS_KEYS_IN_KD_CONFIG", "MODEL_KEYS_IN_KD_CONFIG", "distillation_loss_config", "check_kd_config_copies",
-           "KD_CONFIG_KEYS", "FROZEN_PARTS_MODES", "HEAD_SELECTIONS", "DEFAULT_WARMUP_EPOCHS", "KDConfigError",
+           "KD_CONFIG_KEYS", "FROZEN_PARTS_MODES", "check_block_map", "HEAD_SELECTIONS", "DEFAULT_WARMUP_EPOCHS", "KDConfigError",
            "validate_kd_config", "warmup_iterations", "resolve_distillation_alpha", "resolve_kd_config"]

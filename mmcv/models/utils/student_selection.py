@@ -51,10 +51,17 @@ def _explicit(cfg: Mapping[str, Any], pruning: Any, kd: Mapping[str, Any], arg: 
     if len(given) > 1:
         raise ValueError(f"OrionStudent: give the {kind} selection once: {' and '.join(given)} are both set")
     if from_config:
-        return [list(u) for u in getattr(pruning, arg)], pruning.label
+        return _copied(getattr(pruning, arg)), pruning.label
     if cfg.get(arg) is not None:
-        return [list(u) for u in cfg[arg]], f"img_backbone.{arg}"
+        return _copied(cfg[arg]), f"img_backbone.{arg}"
     return None, ""
+
+
+def _copied(value: Any) -> Any:
+    """A copy of a selection (lists of unit lists, or a block list); anything else as given, for the checks."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    return [list(u) if isinstance(u, (list, tuple)) else u for u in value]
 
 
 def _by_magnitude(scores: torch.Tensor, counts: List[int], what: str) -> Tuple[Selection, str]:
