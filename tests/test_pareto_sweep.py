@@ -378,3 +378,17 @@ def test_stage_two_starts_from_the_stage_one_student_pruned_further(tmp_path):
     got = models["second"].img_backbone.state_dict()
     assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
     assert not torch.equal(got["blocks.0.attn.q_proj.weight"], before["blocks.0.attn.q_proj.weight"])
+
+
+def test_every_importance_is_scored_on_the_training_frames(monkeypatch, tmp_path):
+    """Heads, channels and blocks all read the study's importance loader (training frames), never the validation
+    loader the students are judged on."""
+    from types import SimpleNamespace
+
+    seen = []
+    study = SimpleNamespace(importance_loader="training frames", loader="validation frames", teacher="teacher",
+                            out=tmp_path, cfg=SimpleNamespace(model=dict(kd_config={})),
+                            importance=lambda unit, method, seed: seen.append((unit, method)) or unit)
+    monkeypatch.setattr(select, "block_importance", lambda model, loader, cfg: seen.append(("blocks", loader)))
+    sweep.score_importance(study)
+    assert seen == [("heads", "gradient"), ("channels", "gradient"), ("blocks", "training frames")]
