@@ -364,7 +364,7 @@ def run_sweep(args: argparse.Namespace) -> Dict[str, Any]:
     from tools.kd_study import Study, record_command, run_cells
     from tools.pareto_report import build_payload, write_outputs
 
-    out = Path(args.out)
+    out, started = Path(args.out), time.time()
     study = Study(out, args.epochs, args.frames, args.threads)
     importances = score_importance(study)
     geometry = describe_backbone(study.teacher.img_backbone)
@@ -389,8 +389,9 @@ def run_sweep(args: argparse.Namespace) -> Dict[str, Any]:
         bar.update()
     bar.close()
     command = " && ".join(record_command(out, "python tools/pareto_sweep.py " + " ".join(args.argv)))
-    payload = build_payload(done, records, speed, study.teacher_metrics,
-                            settings(args, study, command, speed, iterative), _public(iterative))
+    info = dict(settings(args, study, command, speed, iterative), cells_run=len(todo),
+                seconds=round(time.time() - started, 1))  # this invocation's wall time (cells run: cells_run)
+    payload = build_payload(done, records, speed, study.teacher_metrics, info, _public(iterative))
     for folder in [out] + ([Path(args.publish)] if args.publish else []):
         write_outputs(payload, folder)
     return payload
