@@ -5,6 +5,7 @@ the command line's checks."""
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import random
 
@@ -299,7 +300,11 @@ def _payload(records=RECORDS):
     choices = [dict(name="heads_width_t2", family="heads_width", target=2.0, reachable=True, predicted_speedup=2.0),
                dict(name="heads_t2", family="heads", target=2.0, reachable=False, fastest_reachable=1.63)]
     speed = {"heads_width_t2": dict(speedup=1.9, ratio_per_round=dict(speedup=[1.8, 1.9, 2.1]))}
-    return report.build_payload(records, choices, speed, dict(det_f1=0.8), dict(command="python x"), None)
+    settings = dict(command="python tools/pareto_sweep.py", seeds=[0, 1, 2], epochs=1, frames=512, iterations=64,
+                    threads=1, jobs=2, importance_frames=64, importance=dict(heads="gradient", blocks="kd_loss"),
+                    validation_frames=256, seconds=600.0, cells_run=6,
+                    timing=dict(rounds=21, batch=16, threads=1, environment=dict(cpu_model="cpu")))
+    return report.build_payload(records, choices, speed, dict(det_f1=0.8), settings, None)
 
 
 def test_sweep_json_schema_round_trips_and_names_what_is_wrong(tmp_path):
@@ -309,6 +314,9 @@ def test_sweep_json_schema_round_trips_and_names_what_is_wrong(tmp_path):
         broken = dict(payload, **{key: None})
         with pytest.raises(ValueError, match=f"sweep.json: key '{key}'"):
             report.check_sweep(broken, "sweep.json")
+    with pytest.raises(ValueError, match=r"settings without \['seconds'\]"):
+        report.check_sweep(dict(payload, settings={k: v for k, v in payload["settings"].items() if k != "seconds"}),
+                           "sweep.json")
     with pytest.raises(ValueError, match="not a Pareto sweep"):
         report.check_sweep({"format": "other"}, "x.json")
     two_seeds = _payload([r for r in RECORDS if r["seed"] < 2])
@@ -316,6 +324,12 @@ def test_sweep_json_schema_round_trips_and_names_what_is_wrong(tmp_path):
         report.check_sweep(two_seeds, "sweep.json")
     path = report.plot_front(payload["groups"], payload["unreachable"], tmp_path / "front.png")
     assert (tmp_path / "front.png").stat().st_size > 10000 and path.endswith("front.png")
+    from tools import render_results
+    (tmp_path / "sweep.json").write_text(json.dumps(payload))
+    block = render_results.pareto_block(tmp_path / "sweep.json")
+    assert "took 10.0 min for 6 KD runs, 2 at a time" in block and payload["table"] in block
+    assert "- At the 2x budget the best selection, heads + width (measured 1.90x), keeps 96.0%" in block
+    assert render_results.pareto_block(tmp_path / "absent.json") == render_results.NO_PARETO
 
 
 # --------------------------------------------------------------------------- command line

@@ -22,6 +22,9 @@ SWEEP_VERSION = 1
 COMPARED = METRICS + ("worst", "backbone_cosine")
 #: The budgets the docs judge, with the retention (worst metric) the best selection should keep there.
 HEADLINE_TARGETS: Dict[float, float] = {2.0: 0.98, 3.0: 0.96}
+#: What sweep.json's settings must say (the docs quote them).
+SETTINGS = ("command", "seeds", "epochs", "frames", "iterations", "threads", "jobs", "importance_frames", "importance",
+            "validation_frames", "timing", "seconds", "cells_run")
 FAMILY_LABELS = {"heads": "heads only", "heads_width": "heads + width", "heads_width_depth": "heads + width + depth",
                  "random": "random (counts of heads + width + depth)"}
 
@@ -273,6 +276,9 @@ def check_sweep(payload: Any, label: str) -> Dict[str, Any]:
         if not isinstance(payload.get(key), kind):
             raise ValueError(f"{label}: key {key!r}: expected {kind.__name__}, got "
                              f"{type(payload.get(key)).__name__}")
+    missing = [k for k in SETTINGS if k not in payload["settings"]]
+    if missing:
+        raise ValueError(f"{label}: settings without {missing}")
     for row in payload["groups"]:
         missing = [k for k in ("family", "target", "schedule", "seeds", "retained", "worst", "measured_speedup")
                    if k not in row]

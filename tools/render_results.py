@@ -289,7 +289,8 @@ def pareto_block(path: Path) -> str:
             f"{', '.join(str(x) for x in s['seeds'])}; importance on the first {s['importance_frames']} training "
             f"frames (heads and channels: {s['importance']['heads']}, blocks: {s['importance']['blocks']}); speedups "
             f"measured on this machine's CPU ({s['timing']['environment']['cpu_model']}, {s['timing']['threads']} "
-            f"thread(s), {s['timing']['rounds']} alternating rounds on {s['timing']['batch']} images).\n\n"
+            f"thread(s), {s['timing']['rounds']} alternating rounds on {s['timing']['batch']} images); the command "
+            f"took {s['seconds'] / 60:.1f} min for {s['cells_run']} KD runs, {s['jobs']} at a time.\n\n"
             f"![speed / accuracy front](pareto/pareto.png)\n\n{sweep['table']}\n\nAgainst the targets:\n\n"
             + "\n".join(f"- {h['sentence']} {h['side_by_side']}" for h in sweep["headline"])
             + "\n\nPaired comparisons (A minus B per "
