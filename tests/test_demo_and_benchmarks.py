@@ -107,6 +107,35 @@ def test_benchmark_backbone_reports_its_raw_times_and_the_architecture_ceiling(t
     assert saved["peak_memory_ratio"] == memory["student"]["forward_extra_mb"] / memory["teacher"]["forward_extra_mb"]
 
 
+def test_benchmark_backbone_times_a_budget_and_a_depth_pruned_configuration(tmp_path, capsys):
+    from mmcv.models.utils.pruning_config import PruningConfig
+    from tools.benchmark_backbone import main, orion_l_ceiling
+    out = tmp_path / "budget.json"
+    common = ["--depth", "3", "--image-size", "64", "--repeats", "2", "--warmup", "0", "--skip-math"]
+    result = main([*common, "--skip-memory", "--target-speedup", "1.4", "--out", str(out),
+                   "--save-config", str(tmp_path / "chosen.json")])
+    budget = result["budget"]
+    config = PruningConfig.load(tmp_path / "chosen.json")
+    assert budget["config_file"] == str(tmp_path / "chosen.json") and budget["target_speedup"] == 1.4
+    assert budget["predicted_speedup"] >= 1.4 and budget["predicted_speedup"] == pytest.approx(result["ceiling"])
+    assert budget["measured_speedup"] == result["speedup"] and len(result["ratio_per_round"]["speedup"]) == 2
+    assert budget["measured_over_analytic"] == pytest.approx(result["speedup"] / result["ceiling"])
+    assert result["student_heads"] == [len(h) if b in config.kept_blocks else 0
+                                       for b, h in enumerate(config.selected_heads_per_layer)]
+    assert "measured / analytic" in capsys.readouterr().out
+    # a configuration without block 2: timed at its own depth, memory measured in a child that drops it too
+    removed = PruningConfig([[0, 1], [2, 3, 4], []], 16, 0.8, num_heads=[2, 3, 0], selected_blocks=[0, 1])
+    removed.save(tmp_path / "removed.json")
+    result = main([*common, "--pruning-config", str(tmp_path / "removed.json"), "--out", str(tmp_path / "r.json")])
+    assert result["student_blocks"] == [0, 1] and result["student_heads"] == [2, 3, 0]
+    assert result["ceiling"] == pytest.approx(orion_l_ceiling([2, 3, 0], [2730, 2730, 0], 64), rel=1e-12)
+    assert result["params_m"]["student"] < result["params_m"]["teacher"] / 2
+    assert result["forward_memory_mb"]["student"]["model_rss_mb"] < result["forward_memory_mb"]["teacher"]["model_rss_mb"]
+    with pytest.raises(SystemExit):
+        main(["--depth", "6", "--image-size", "64", "--pruning-config", str(tmp_path / "removed.json")])
+    assert "time it at its own depth, --depth 3" in capsys.readouterr().err
+
+
 def test_benchmark_kd_step_reports_its_raw_times_and_memory(tmp_path):
     from tools.benchmark_kd_step import main
     out = tmp_path / "kd.json"

@@ -18,6 +18,7 @@ module:
 - ``tools/head_pruning/block_importance.py``: whole blocks skipped (KD loss, ShortGPT cosine), skip fidelity;
 - ``tools/head_pruning/sites.py``: finding the backbone, its heads and MLPs, mask and pruning hooks, geometry;
 - ``tools/head_pruning/analysis.py`` and ``plots.py``: impact tables and figures;
+- ``tools/head_pruning/budget.py``: :func:`prune_to_budget`, heads, channels and whole blocks for a target speedup;
 - ``tools/head_pruning/cli.py``: the command line.
 
 Command line (run from the repository root, standalone or inside ORION)::
@@ -28,6 +29,8 @@ Command line (run from the repository root, standalone or inside ORION)::
     python tools/head_pruning_utils.py importance --unit blocks --method kd_loss --config CFG --out blocks.json
     python tools/head_pruning_utils.py prune-config --importance imp.json --pruning-ratio 0.5 \
         --channel-importance ch.json --mlp-hidden 1536 --out joint.json
+    python tools/head_pruning_utils.py prune-config --importance imp.json --channel-importance ch.json \
+        --block-importance blocks.json --target-speedup 2 --config CFG --checkpoint CKPT --out budget.json
     python tools/head_pruning_utils.py analyze --importance imp.json --config CFG --checkpoint CKPT --out a.json \
         [--block-importance blocks.json]
     python tools/head_pruning_utils.py plot --importance imp.json --pruning-config prune.json --out heads.png \
@@ -52,6 +55,7 @@ from mmcv.models.utils.pruning_config import (BLOCK_NORMALIZATIONS, STRATEGIES, 
                                               validate_pruning_config)
 from mmcv.models.utils.pruning_cost import UnitCosts, analytic_unit_costs  # noqa: E402
 from tools.head_pruning.analysis import analyze_pruning_impact, format_impact_table  # noqa: E402
+from tools.head_pruning.budget import BudgetResult, UnreachableTargetError, prune_to_budget  # noqa: E402
 from tools.head_pruning.block_importance import (BLOCK_METHODS, analyze_block_importance,  # noqa: E402
                                                  compute_block_importance, compute_block_importance_cosine,
                                                  compute_block_importance_kd_loss, format_block_table, skipped_blocks)
@@ -80,7 +84,8 @@ __all__ = [
     "format_impact_table", "plot_head_importance", "plot_channel_importance", "plot_fidelity_vs_ratio",
     "head_mask_hooks", "channel_mask_hooks", "channel_prune_hooks", "compute_block_importance",
     "compute_block_importance_kd_loss", "compute_block_importance_cosine", "analyze_block_importance",
-    "format_block_table", "plot_block_importance", "skipped_blocks", "main",
+    "format_block_table", "plot_block_importance", "skipped_blocks", "prune_to_budget", "BudgetResult",
+    "UnreachableTargetError", "main",
 ]
 
 if __name__ == "__main__":

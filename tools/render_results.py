@@ -182,6 +182,7 @@ def _bench_table(path: Path, result: Mapping[str, Any]) -> str:
             rows.append(f"| efficiency | {result['efficiency']:.1%} of the ceiling |")
         else:
             rows.append("| above the ceiling | see the note below the table |")
+        rows += _budget_rows(result)
         if "sdpa_vs_math_speedup" in result:
             rows.append(f"| teacher sdpa vs math | {result['sdpa_vs_math_speedup']:.3f}x |")
         if "peak_memory_ratio" in result:
@@ -213,6 +214,58 @@ def _bench_table(path: Path, result: Mapping[str, Any]) -> str:
         return "\n".join(rows) + "\n"
     scalars = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}
     return f"`{rel}`:\n\n| key | value |\n|---|---|\n" + "\n".join(f"| {k} | {_fmt(v)} |" for k, v in scalars.items()) + "\n"
+
+
+def _budget_rows(result: Mapping[str, Any]) -> List[str]:
+    """A ``--target-speedup`` run: the target, what the budget predicted, what was measured, the student's blocks."""
+    budget = result.get("budget")
+    if not budget:
+        return []
+    blocks = result.get("student_blocks")
+    kept = f"{len(blocks)} of {result['depth']} (removed {budget['chosen']['removed_blocks']})" if blocks else "all"
+    heads = _range([h for h in result["student_heads"] if h])
+    hidden = _range([c for c in result["student_mlp_hidden"] if c])
+    return [f"| budget target | {budget['target_speedup']:g}x ({budget['cost_model'].split(';')[0]}) |",
+            f"| predicted / measured | {budget['predicted_speedup']:.3f}x / {budget['measured_speedup']:.3f}x "
+            f"(measured / analytic {budget['measured_over_analytic']:.1%}) |",
+            f"| student blocks kept | {kept} |",
+            f"| student per kept block | {heads} heads, {hidden} SwiGLU channels |"]
+
+
+def _range(values: Sequence[int]) -> str:
+    return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+
+BUDGET_BENCH = "docs/bench/budget_orion_l_depth12_3x.json"
+
+
+def budget_block(path: Path) -> str:
+    """The ORION-L budget run (``benchmark_backbone.py --target-speedup``): target, predicted, measured, student."""
+    if not path.exists():
+        return (f"No run is committed yet: `python tools/benchmark_backbone.py --depth 12 --target-speedup 3 "
+                f"--skip-math --out {BUDGET_BENCH}`, then `python tools/render_results.py`.\n")
+    result = load_json(path)
+    budget, rounds = result["budget"], result["ratio_spread"]["speedup"]
+    load = result.get("load_average") or [float("nan")]
+    after = result.get("load_average_after") or [float("nan")]
+    rows = [f"`{_rel(path)}`: depth {result['depth']} ({result['image_size']}x{result['image_size']}, "
+            f"{result['dtype']} on {result['device_name']}, {result['threads']} threads, torch {result['torch']}, "
+            f"{result['repeats']} alternating rounds, load average {load[0]:.2f} before and {after[0]:.2f} after):", "",
+            "| quantity | value |", "|---|---|"] + _budget_rows(result)[1:]
+    rows += [f"| target | {budget['target_speedup']:g}x |",
+             f"| measured per round | {rounds['min']:.3f}-{rounds['max']:.3f}x (median {rounds['median']:.3f}x) |",
+             f"| medians | teacher {result['median_s']['teacher_sdpa']:.2f} s, student "
+             f"{result['median_s']['student_sdpa']:.2f} s |"]
+    loaded = path.with_name(path.stem + "_loaded.json")
+    if loaded.exists():  # the same command while other jobs shared the cores
+        other = load_json(loaded)
+        teacher = other["time_spread_s"]["teacher_sdpa"]
+        rows += ["", f"The same command while other jobs shared the cores (`{_rel(loaded)}`, load average "
+                     f"{other['load_average'][0]:.2f} before and {other['load_average_after'][0]:.2f} after, teacher "
+                     f"rounds {teacher['min']:.2f}-{teacher['max']:.2f} s) measured {other['speedup']:.3f}x (per round "
+                     f"{other['ratio_spread']['speedup']['min']:.3f}-{other['ratio_spread']['speedup']['max']:.3f}x): "
+                     f"on a shared CPU the load decides, hence the load in every record."]
+    return "\n".join(rows) + "\n"
 
 
 def _load(result: Mapping[str, Any]) -> str:
@@ -257,6 +310,12 @@ def analytic_block() -> str:
                           (8, 1365)):
         rows.append(f"| {heads} of 16 heads, MLP {hidden} of {TEACHER_HIDDEN} | "
                     f"{orion_l_ceiling([heads] * 24, [hidden] * 24, 640):.3f}x |")
+    windows = [i for i in range(24) if i % 3 != 2]
+    for heads, hidden, removed in ((8, 1365, 8), (8, 1024, 6)):  # the first window blocks removed
+        kept = [i not in windows[:removed] for i in range(24)]
+        ceiling = orion_l_ceiling([heads * k for k in kept], [hidden * k for k in kept], 640)
+        rows.append(f"| {heads} of 16 heads, MLP {hidden}, {removed} of 24 blocks removed (window blocks) | "
+                    f"{ceiling:.3f}x |")
     return "\n".join(rows) + "\n"
 
 
@@ -306,14 +365,15 @@ def pareto_block(path: Path) -> str:
 
 
 def pareto_summary(path: Path) -> str:
-    """The Pareto sweep for README_KD.md: the plot and the targets in plain words."""
+    """The Pareto sweep for README_KD.md: the plot and, per headline budget, the best selection against its target."""
     if not path.exists():
         return NO_PARETO
-    sweep = _sweep(path)
-    return ("![retention after KD against measured speedup, per family](docs/pareto/pareto.png)\n\n"
-            + "\n".join(f"- {h['sentence']}" for h in sweep["headline"])
-            + "\n\nTable, paired verdicts and the iterative schedule: "
-              "[results](docs/results.md#speed-against-accuracy-the-pareto-front).\n")
+    parts = [f"at {h['target']:g}x {h['best_worst']['mean']:.1%} (target {h['threshold']:.0%}: "
+             + ("met)" if h["met"] else f"missed by {h['miss_pp']:.1f} points)") for h in _sweep(path)["headline"]]
+    text = ("Worst headline metric kept by the best selection: " + "; ".join(parts)) if parts else \
+        "No 2x or 3x budget in the sweep"
+    return ("![speed against accuracy: worst retention after KD against measured speedup, per family]"
+            f"(docs/pareto/pareto.png)\n{text}; [details](docs/results.md#the-pareto-front).\n")
 
 
 def _fmt(value: Any) -> str:
@@ -346,6 +406,7 @@ def renderers() -> Dict[str, Dict[str, Callable[[], str]]]:
                       "reproducibility": lambda: reproducibility_block(DOCS / "reproducibility")},
         "README_KD.md": {"fidelity": lambda: fidelity_block(DOCS / "head_importance" / "fidelity.json"),
                          "pareto": lambda: pareto_summary(PARETO)},
+        "docs/prune_to_budget.md": {"orion-l": lambda: budget_block(DOCS / "bench" / Path(BUDGET_BENCH).name)},
     }
 
 

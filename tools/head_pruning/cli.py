@@ -6,6 +6,10 @@
     prune-config  --importance imp.json --pruning-ratio 0.5 [--strategy global|cost] --out prune.json
                   [--channel-importance ch.json --mlp-pruning-ratio 0.4375 | --mlp-hidden 1536] [--channel-multiple 64]
                   [--unit-costs latency.json]  (joint heads + channels; cost: measured unit latency)
+    prune-config  --importance imp.json --target-speedup 2 --out prune.json [--channel-importance ch.json]
+                  [--block-importance blocks.json] [--axes heads,channels,blocks] [--measure | --unit-costs lat.json]
+                  [--config CFG [--checkpoint CKPT]]  (a budget: heads, channels and whole blocks chosen by
+                  importance per unit of cost; prints the predicted speedup, and with --config the measured one)
     analyze       --importance imp.json [--config CFG --checkpoint CKPT] --out analysis.json [--plot fid.png]
                   [--channel-importance ch.json --mlp-pruning-ratios 0.25 0.4375]
                   [--block-importance blocks.json [cosine.json]]  (per-block scores, fidelity with k blocks skipped)
@@ -40,6 +44,7 @@ from mmcv.models.utils.user_errors import check_writable_dir, describe_os_error,
 from mmcv.models.losses.kd_losses import CombinedKDLoss
 from mmcv.models.utils.checkpoint_io import atomic_write_json
 from tools.head_pruning.analysis import analyze_pruning_impact
+from tools.head_pruning.budget_cli import add_budget_options, run_budget
 from tools.head_pruning.block_importance import (BLOCK_METHODS, analyze_block_importance, compute_block_importance,
                                                  format_block_table)
 from tools.head_pruning.channel_importance import CHANNEL_METHODS, compute_channel_importance
@@ -295,9 +300,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--unit", choices=("heads", "channels", "blocks"), default="heads",
                    help="score attention heads, SwiGLU channels or whole blocks")
     p.add_argument("--out", required=True, help=".json, .npz or .pkl")
-    p = sub.add_parser("prune-config", help="choose the heads (and SwiGLU channels) to keep")
+    p = sub.add_parser("prune-config", help="choose the heads (and SwiGLU channels, and blocks for a budget) to keep")
     _add_common(p)
-    p.add_argument("--pruning-ratio", type=float, default=0.5, help="fraction of heads REMOVED (0.5: 16 -> 8)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--pruning-ratio", type=float, default=0.5, help="fraction of heads REMOVED (0.5: 16 -> 8)")
+    target.add_argument("--target-speedup", type=float,
+                        help="instead of ratios: the speedup over the teacher to reach; heads, channels and blocks "
+                             "are chosen by importance per unit of cost (tools/head_pruning/budget.py)")
+    add_budget_options(p)
     p.add_argument("--strategy", choices=STRATEGIES, default="uniform")
     p.add_argument("--min-heads-per-layer", type=int, default=1)
     _add_allocation(p, "one")
@@ -390,6 +400,8 @@ def _plot(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> None:
     if args.command == "importance":
         _importance_command(args)
+    elif args.command == "prune-config" and args.target_speedup is not None:
+        run_budget(args)
     elif args.command == "prune-config":
         config = create_pruning_config(_importance_from_args(args), args.pruning_ratio, args.strategy,
                                        args.min_heads_per_layer, args.block_normalization, **_joint_options(args))

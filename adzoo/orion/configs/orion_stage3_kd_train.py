@@ -48,6 +48,8 @@
 # img_backbone stays as below: num_heads / mlp_hidden are taken from the file when not given (a given
 # value must agree). Without a file, img_backbone=dict(..., num_heads=8, mlp_hidden=1536) with
 # head_selection='magnitude' keeps the heads and channels with the largest weight norms.
+# A configuration that also removes whole blocks (its selected_blocks) goes in the same place; depth and
+# window_block_indexes below stay the teacher's (24 blocks), and the student keeps each kept block's kind.
 
 _base_ = ['./orion_stage3_train.py']
 

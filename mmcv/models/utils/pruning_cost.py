@@ -5,6 +5,9 @@ unit of cost is among the best, so a global block's head (it attends over the wh
 priced at what it costs compared with a window block's head. Costs come from the analytic MAC model
 (:func:`analytic_unit_costs`, ``eva_cost.block_unit_macs``) or from measured latency per unit and block
 type (a file written by ``tools/benchmark_backbone.py --unit-latency``, :meth:`UnitCosts.load`).
+Whole blocks are priced as well (``tools/head_pruning/budget.py``): a kept block costs its heads and
+channels plus a fixed overhead per block type (norms, residual adds, window partition: measured, 0 in
+the MAC model), a removed block costs nothing, and the stem (patch embedding) is paid once.
 Plugin file: Python 3.8, torch 2.0-2.4, no mmengine.
 """
 from __future__ import annotations
@@ -31,6 +34,9 @@ class UnitCosts:
 
     ``unit``: ``'MACs'`` (analytic) or ``'seconds'`` (measured); ``source``: how they were obtained;
     ``metadata``: the geometry or the measurement settings. :meth:`per_block` spreads them over blocks.
+    ``block``: what a kept block costs beyond its heads and channels, per block type (what removing the
+    whole block saves on top of them; missing: 0, as in files written before it was measured);
+    ``fixed``: the stem (patch embedding), paid by every configuration.
     """
 
     head: Dict[str, float]
@@ -38,6 +44,8 @@ class UnitCosts:
     unit: str
     source: str = ""
     metadata: Dict[str, Any] = field(default_factory=dict)
+    block: Dict[str, float] = field(default_factory=dict)
+    fixed: float = 0.0
 
     def __post_init__(self) -> None:
         for kind, table in (("head", self.head), ("channel", self.channel)):
@@ -52,6 +60,20 @@ class UnitCosts:
                                      f"number, got {value!r}")
         self.head = {k: float(v) for k, v in self.head.items()}
         self.channel = {k: float(v) for k, v in self.channel.items()}
+        if not isinstance(self.block, Mapping):
+            raise ValueError(f"unit costs: expected the block overheads per block type {BLOCK_TYPES}, got {self.block!r}")
+        for block_type, value in list(self.block.items()) + [(None, self.fixed)]:
+            if block_type is not None and block_type not in BLOCK_TYPES:
+                raise ValueError(f"unit costs: unknown block type {block_type!r} (expected {BLOCK_TYPES})")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                what = "the stem" if block_type is None else f"the overhead of a {block_type} block"
+                raise ValueError(f"unit costs: {what} must be a number >= 0, got {value!r}")
+        self.block = {k: float(v) for k, v in self.block.items()}
+        self.fixed = float(self.fixed)
+
+    def block_overheads(self, window_per_block: Sequence[int]) -> List[float]:
+        """What each block costs beyond its heads and channels, by its type (0 where none was measured)."""
+        return [self.block.get("window" if window > 0 else "global", 0.0) for window in window_per_block]
 
     def per_block(self, window_per_block: Sequence[int]) -> Tuple[List[float], List[float]]:
         """(cost of one head, cost of one channel) for every block, by its type (window size > 0 or not)."""
@@ -66,8 +88,8 @@ class UnitCosts:
         return heads, channels
 
     def to_dict(self) -> Dict[str, Any]:
-        return dict(format=UNIT_COSTS_FORMAT, version=1, unit=self.unit, source=self.source, head=self.head,
-                    channel=self.channel, metadata=self.metadata)
+        return dict(format=UNIT_COSTS_FORMAT, version=2, unit=self.unit, source=self.source, head=self.head,
+                    channel=self.channel, block=self.block, fixed=self.fixed, metadata=self.metadata)
 
     def save(self, path: PathLike) -> str:
         """Write the costs as JSON (atomically)."""
@@ -77,7 +99,8 @@ class UnitCosts:
 
     @classmethod
     def load(cls, path: PathLike) -> "UnitCosts":
-        """Read a file written by :meth:`save` (e.g. ``benchmark_backbone.py --unit-latency``)."""
+        """Read a file written by :meth:`save` (e.g. ``benchmark_backbone.py --unit-latency``; version 1 files,
+        without block overheads or stem, load with both at 0)."""
         path = os.fspath(path)
         payload = read_json(path, "unit costs file")
         if not isinstance(payload, Mapping) or payload.get("format") != UNIT_COSTS_FORMAT:
@@ -85,7 +108,8 @@ class UnitCosts:
                              f"tools/benchmark_backbone.py --unit-latency)")
         try:
             return cls(head=dict(payload["head"]), channel=dict(payload["channel"]), unit=str(payload["unit"]),
-                       source=str(payload.get("source") or path), metadata=dict(payload.get("metadata") or {}))
+                       source=str(payload.get("source") or path), metadata=dict(payload.get("metadata") or {}),
+                       block=dict(payload.get("block") or {}), fixed=payload.get("fixed", 0.0))
         except KeyError as err:
             raise ValueError(f"{path}: unit costs file without the key {err}") from None
         except ValueError as err:
@@ -96,7 +120,9 @@ def analytic_unit_costs(geometry: Mapping[str, Any]) -> UnitCosts:
     """Analytic MACs of one head and one channel per block type, from a backbone geometry.
 
     ``geometry``: what ``describe_backbone`` records (``img_hw``, ``patch_size``, ``embed_dim``,
-    ``head_dim``, ``window_per_block``); a missing entry is an error naming it.
+    ``head_dim``, ``window_per_block``, optionally ``in_chans``, default 3); a missing entry is an error
+    naming it. The block overhead is 0 (the MAC model counts matmuls only); ``fixed`` is the patch
+    convolution.
     """
     missing = [k for k in ("img_hw", "patch_size", "embed_dim", "head_dim", "window_per_block") if not geometry.get(k)]
     if missing:
@@ -110,8 +136,11 @@ def analytic_unit_costs(geometry: Mapping[str, Any]) -> UnitCosts:
         head_cost, channel_cost = block_unit_macs(img_hw, int(geometry["patch_size"]), int(geometry["embed_dim"]),
                                                   int(geometry["head_dim"]), window)
         head[block_type], channel[block_type] = float(head_cost), float(channel_cost)
+    patch, embed = int(geometry["patch_size"]), int(geometry["embed_dim"])
+    stem = (img_hw[0] // patch) * (img_hw[1] // patch) * embed * int(geometry.get("in_chans") or 3) * patch * patch
     return UnitCosts(head=head, channel=channel, unit="MACs", source=f"analytic MACs at {img_hw[0]}x{img_hw[1]}",
-                     metadata=dict(img_hw=list(img_hw), window_per_block=list(geometry["window_per_block"])))
+                     metadata=dict(img_hw=list(img_hw), window_per_block=list(geometry["window_per_block"])),
+                     fixed=float(stem))
 
 
 def allocate_by_cost(scores: torch.Tensor, cost_per_block: Sequence[float], budget: float, floor: int
@@ -135,29 +164,36 @@ def allocate_by_cost(scores: torch.Tensor, cost_per_block: Sequence[float], budg
         raise ValueError(f"cost-aware allocation: the floor of {floor} per block costs {spent:.6g}, more than the "
                          f"budget {budget:.6g}")
     value = scores.double() / costs[:, None]
+    flags = chosen.flatten().tolist()  # plain Python in the loop: it visits up to every unit of the network
+    unit_cost = costs.tolist()
+    cheapest = min(unit_cost)
     for flat in torch.sort(value.flatten(), descending=True, stable=True).indices.tolist():
-        layer, unit = divmod(flat, units)
-        if not chosen[layer, unit] and spent + float(costs[layer]) <= budget + tolerance:
-            chosen[layer, unit] = True
-            spent += float(costs[layer])
-    return [torch.nonzero(chosen[layer]).flatten().tolist() for layer in range(depth)], spent
+        if spent + cheapest > budget + tolerance:
+            break  # nothing fits any more
+        cost = unit_cost[flat // units]
+        if not flags[flat] and spent + cost <= budget + tolerance:
+            flags[flat] = True
+            spent += cost
+    return [[unit for unit in range(units) if flags[layer * units + unit]] for layer in range(depth)], spent
 
 
 def round_to_multiple(scores: torch.Tensor, selection: Sequence[Sequence[int]], multiple: int,
-                      cost_per_block: Sequence[float], budget: float) -> List[List[int]]:
+                      cost_per_block: Sequence[float], budget: float, floor: int = 0) -> List[List[int]]:
     """Make every block keep a multiple of ``multiple`` units (its best ones), spending at most ``budget``.
 
     Matmul kernels run far slower at odd widths (measured on this CPU: a 1024 x 1365 SwiGLU runs at 56%
     of the FLOP rate of 1024 x 1536), so kept widths are rounded. Each block's count goes to the nearest
     multiple (half up, at least one multiple, at most all its units); then, while over ``budget``, the block
     whose last ``multiple`` kept units score least gives them up, and while a chunk still fits, the block
-    whose next ``multiple`` units score most per cost gains them. ``scores`` are the (normalised) scores.
+    whose next ``multiple`` units score most per cost gains them. ``scores`` are the (normalised) scores;
+    ``floor``: no block goes below it (rounded up to a multiple, at most all units).
     """
     depth, units = scores.shape
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     ranked = torch.gather(scores.double(), 1, order)
     costs = [float(c) for c in cost_per_block]
-    counts = [min(units, max(multiple, int(math.floor(len(kept) / multiple + 0.5)) * multiple)) for kept in selection]
+    least = min(units, max(multiple, -(-floor // multiple) * multiple))
+    counts = [min(units, max(least, int(math.floor(len(kept) / multiple + 0.5)) * multiple)) for kept in selection]
 
     def chunk(layer: int, start: int) -> float:
         return float(ranked[layer, start:start + multiple].sum())
@@ -167,9 +203,9 @@ def round_to_multiple(scores: torch.Tensor, selection: Sequence[Sequence[int]], 
 
     tolerance = 1e-9 * max(abs(budget), 1.0)
     while spent() > budget + tolerance:
-        shrinkable = [layer for layer in range(depth) if counts[layer] > multiple]
+        shrinkable = [layer for layer in range(depth) if counts[layer] - multiple >= least]
         if not shrinkable:
-            raise ValueError(f"rounding to multiples of {multiple}: one multiple per block already exceeds the budget")
+            raise ValueError(f"rounding to multiples of {multiple}: {least} units per block already exceed the budget")
         layer = min(shrinkable, key=lambda l: (chunk(l, counts[l] - multiple) / (multiple * costs[l]), l))
         counts[layer] -= multiple
     while True:
