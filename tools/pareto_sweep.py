@@ -1,6 +1,6 @@
 """The speed / accuracy front of the miniature world: retention after KD against measured speedup, per family.
 
-    python tools/pareto_sweep.py --quick                       # 1 target (2x), 3 seeds, 128 frames: a few minutes
+    python tools/pareto_sweep.py --quick                        # 2x only, 3 seeds, 128 frames: about 2 min on 2 cores
     python tools/pareto_sweep.py --jobs 2 --publish docs/pareto # the full sweep (docs/pareto/, docs/results.md)
 
 For each target speedup (default 1.3 1.6 2 2.5 3) and family, the budget (``tools/head_pruning/budget.py``)
