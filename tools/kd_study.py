@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -188,23 +188,33 @@ def heads_at_joint_speed(study: Study, cell: Cell) -> int:
     return int(choice["heads"])
 
 
-def write_cell_config(cell: Cell, cell_dir: Path, pruning_path: Path, study: Study) -> Path:
-    """The tiny KD config with the cell's pruning, alpha, label fraction, epochs and the shipped teacher."""
+def write_cell_config(cell: Any, cell_dir: Path, pruning_path: Path, study: Study, frames: Optional[int] = None,
+                      extra_kd: Optional[Dict[str, Any]] = None, extra_lines: Sequence[str] = (),
+                      stage: str = "") -> Path:
+    """The tiny KD config with the cell's pruning, alpha, label fraction, epochs and the shipped teacher.
+
+    ``cell``: anything with ``name``, ``training``, ``alpha`` and ``label_fraction`` (a :class:`Cell`, or a
+    cell of ``tools/pareto_sweep.py``); ``frames`` (default: the study's), ``extra_kd`` (more kd_config
+    keys), ``extra_lines`` (more config lines) and ``stage`` (a prefix of the files and of the ``train``
+    folder: one cell, several runs) for the tools that reuse this config.
+    """
     from mmcv.models.utils.checkpoint_io import atomic_write_text
     from tools.demo_support import write_kd_config
 
-    base = write_kd_config(TINY_KD_CONFIG, cell_dir / "base_config.py", pruning_path, cell_dir / "train",
-                           frames=study.frames, epochs=study.epochs)
+    train_dir = cell_dir / f"{stage}train"
+    base = write_kd_config(TINY_KD_CONFIG, cell_dir / f"{stage}base_config.py", pruning_path,
+                           train_dir, frames=study.frames if frames is None else frames, epochs=study.epochs)
     kd: Dict[str, Any] = dict(teacher_backbone_path=str(Path(study.teacher_path).resolve()),
                               label_fraction=cell.label_fraction)
     if cell.training == "task_only":
         kd.update(alpha_schedule="constant", distillation_alpha=0.0)
     elif cell.alpha is not None:
         kd.update(alpha_schedule="constant", distillation_alpha=cell.alpha)
+    kd.update(extra_kd or {})
     lines = [f"# Written by tools/kd_study.py for cell {cell.name}.", f"_base_ = [{str(base.resolve())!r}]",
-             f"model = dict(kd_config=dict(**{kd!r}))",
-             f"work_dir = {str(cell_dir / 'train')!r}", ""]
-    return Path(atomic_write_text(cell_dir / "config.py", "\n".join(lines)))
+             f"model = dict(kd_config=dict(**{kd!r}))", *extra_lines,
+             f"work_dir = {str(train_dir)!r}", ""]
+    return Path(atomic_write_text(cell_dir / f"{stage}config.py", "\n".join(lines)))
 
 
 def run_cell(study: Study, cell: Cell) -> Dict[str, Any]:
@@ -276,22 +286,25 @@ def run_study(args: argparse.Namespace) -> Dict[str, Any]:
         teacher=os.path.relpath(study.teacher_path, ROOT)))
 
 
-def run_cells(study: Study, cells: Sequence[Cell], jobs: int) -> Iterator[Dict[str, Any]]:
+def run_cells(study: Study, cells: Sequence[Any], jobs: int,
+              runner: Callable[[Study, Any], Dict[str, Any]] = run_cell) -> Iterator[Dict[str, Any]]:
     """Each cell's record as it finishes: in this process, or in ``jobs`` worker processes (``--threads`` each).
 
     Every cell seeds its own training, so a cell's result does not depend on ``jobs`` or on the order.
     Workers are spawned (not forked from a process that has run torch) and build their own Study.
+    ``runner`` (a module-level function, default :func:`run_cell`) trains and evaluates one cell.
     """
     if jobs <= 1 or len(cells) <= 1:
         for cell in cells:
-            yield run_cell(study, cell)
+            yield runner(study, cell)
         return
+    import functools
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     with context.Pool(min(jobs, len(cells)), initializer=_start_worker,
                       initargs=(str(study.out), study.epochs, study.frames, study.threads)) as pool:
-        yield from pool.imap_unordered(_run_cell_in_worker, cells)
+        yield from pool.imap_unordered(functools.partial(_run_cell_in_worker, runner), cells)
 
 
 _WORKER_STUDY: Optional[Study] = None
@@ -302,9 +315,9 @@ def _start_worker(out: str, epochs: int, frames: int, threads: int) -> None:
     _WORKER_STUDY = Study(Path(out), epochs, frames, threads)
 
 
-def _run_cell_in_worker(cell: Cell) -> Dict[str, Any]:
+def _run_cell_in_worker(runner: Callable[[Study, Any], Dict[str, Any]], cell: Any) -> Dict[str, Any]:
     assert _WORKER_STUDY is not None, "kd_study worker used before _start_worker"
-    return run_cell(_WORKER_STUDY, cell)
+    return runner(_WORKER_STUDY, cell)
 
 
 def record_command(out: Path, command: str) -> List[str]:

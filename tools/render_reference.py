@@ -27,7 +27,7 @@ SCRIPTS = ("demo_kd_50_pruning.py", "tools/head_pruning_utils.py", "adzoo/orion/
            "tools/install_into_orion.py", "tools/kd_study.py", "tools/train_tiny_teacher.py",
            "tools/benchmark_backbone.py", "tools/benchmark_kd_step.py", "tools/export_onnx.py",
            "tools/benchmark_onnx.py", "tools/gpu_check_summary.py", "tools/render_results.py",
-           "tools/render_reference.py", "tools/run_notebook.py")
+           "tools/render_reference.py", "tools/run_notebook.py", "tools/pareto_sweep.py")
 
 KD_KEY_DOCS = {
     "teacher_backbone_path": "the full ORION checkpoint; read once, memory-mapped, `weights_only=True`; it fills "

@@ -319,6 +319,63 @@ def analytic_block() -> str:
     return "\n".join(rows) + "\n"
 
 
+PARETO = DOCS / "pareto" / "sweep.json"
+NO_PARETO = ("No Pareto sweep is committed yet: run `python tools/pareto_sweep.py --jobs 2 --publish docs/pareto`, "
+             "then `python tools/render_results.py`.\n")
+
+
+def _sweep(path: Path) -> Mapping[str, Any]:
+    """docs/pareto/sweep.json, checked (``tools/pareto_report.check_sweep``); a wrong file is one RenderError."""
+    from tools.pareto_report import check_sweep
+
+    try:
+        return check_sweep(load_json(path), _rel(path))
+    except ValueError as err:
+        raise RenderError(str(err)) from None
+
+
+def pareto_block(path: Path) -> str:
+    """The Pareto sweep for docs/results.md: command, plot, table, the targets in plain words, paired verdicts."""
+    if not path.exists():
+        return NO_PARETO
+    sweep = _sweep(path)
+    s = sweep["settings"]
+    it = sweep.get("iterative") or {}
+    iterative = [line for line in sweep["verdicts"] if ", iterative vs " in line]
+    others = [line for line in sweep["verdicts"] if line not in iterative]
+    text = (f"Command (`{_rel(path)}`, with `pareto.png` and `report.md` beside it):\n\n```bash\n{s['command']}\n"
+            f"```\n\n{s['epochs']} epoch(s) of {s['frames']} frames per KD run ({s['iterations']} iterations), seeds "
+            f"{', '.join(str(x) for x in s['seeds'])}; importance on the first {s['importance_frames']} training "
+            f"frames (heads and channels: {s['importance']['heads']}, blocks: {s['importance']['blocks']}); speedups "
+            f"measured on this machine's CPU ({s['timing']['environment']['cpu_model']}, {s['timing']['threads']} "
+            f"thread(s), {s['timing']['rounds']} alternating rounds on {s['timing']['batch']} images); the command "
+            f"took {s['seconds'] / 60:.1f} min for {s['cells_run']} KD runs, {s['jobs']} at a time.\n\n"
+            f"![speed / accuracy front](pareto/pareto.png)\n\n{sweep['table']}\n\nAgainst the targets:\n\n"
+            + "\n".join(f"- {h['sentence']} {h['side_by_side']}" for h in sweep["headline"])
+            + "\n\nPaired comparisons (A minus B per "
+            "seed; 'ahead' or 'behind' when the mean difference lies more than 2 standard errors from 0, else 'not "
+            "separable'; retentions in percentage points):\n\n" + "\n".join(others) + "\n")
+    if it:
+        text += (f"\nOne-shot against iterative pruning at {it['target']:g}x ({it['family']}): stage 1 keeps the "
+                 f"selection for {it['intermediate_target']:.2f}x widened to hold the final one, {it['stage_frames']} "
+                 f"frames of KD; stage 2 prunes that student to the final selection and trains {it['stage_frames']} "
+                 f"more frames; one-shot trains the final selection for all {s['frames']}.\n\n"
+                 + ("\n".join(iterative) or "- no paired seeds") + "\n")
+    return text
+
+
+def pareto_summary(path: Path) -> str:
+    """The Pareto sweep for README_KD.md: the plot and, per headline budget, the best selection against its target."""
+    if not path.exists():
+        return NO_PARETO
+    parts = [f"at {h['target']:g}x {h['best_worst']['mean']:.1%} (target {h['threshold']:.0%}: "
+             + ("met)" if h["met"] else f"missed by {h['miss_pp']:.1f} points)") for h in _sweep(path)["headline"]]
+    text = ("Worst headline metric kept by the best selection: " + "; ".join(parts)) if parts else \
+        "No 2x or 3x budget in the sweep"
+    return ("![speed against accuracy: worst retention after KD against measured speedup, per family]"
+            f"(docs/pareto/pareto.png)\n{text}; [details](docs/results.md#the-pareto-front).\n")
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -343,10 +400,12 @@ def renderers() -> Dict[str, Dict[str, Callable[[], str]]]:
             "study": lambda: study_block(DOCS / "kd_study"),
             "study-joint": lambda: study_block(DOCS / "kd_study_joint"),
             "joint-speed": lambda: joint_speed_block(DOCS / "kd_study_joint" / "joint_speed_r0.5.json"),
+            "pareto": lambda: pareto_block(PARETO),
         },
         "README.md": {"demo": _demo(lambda report: "```\n" + demo_table(report) + "\n```\n"),
                       "reproducibility": lambda: reproducibility_block(DOCS / "reproducibility")},
-        "README_KD.md": {"fidelity": lambda: fidelity_block(DOCS / "head_importance" / "fidelity.json")},
+        "README_KD.md": {"fidelity": lambda: fidelity_block(DOCS / "head_importance" / "fidelity.json"),
+                         "pareto": lambda: pareto_summary(PARETO)},
         "docs/prune_to_budget.md": {"orion-l": lambda: budget_block(DOCS / "bench" / Path(BUDGET_BENCH).name)},
     }
 
