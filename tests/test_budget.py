@@ -68,7 +68,43 @@ def test_floors_hold_per_block_and_for_the_blocks():
     for b in kept:
         assert len(config.selected_heads_per_layer[b]) >= 3
         assert config.mlp_hidden[b] >= 64 and config.mlp_hidden[b] % 32 == 0  # 40 rounded up to a multiple of 32
-    assert result.config.metadata["budget"]["floors"] == dict(heads=3, channels=64, blocks=3, channel_multiple=32)
+    assert result.config.metadata["budget"]["floors"] == dict(heads=3, channels=64, blocks=3, channel_multiple=32,
+                                                             global_blocks=1)  # 1 of TINY's 2 global blocks
+
+
+GLOBALS_LEAST = torch.tensor([0.9, 0.1, 0.8, 0.2])  # TINY's global blocks 1 and 3 are the least important
+
+
+@pytest.mark.parametrize("floor, removable", [(None, 1), (2, 0), (1, 1), (0, 2)])
+def test_the_global_block_floor_holds_and_zero_allows_removing_every_global_block(floor, removable):
+    head, channel, _ = importances(6)
+    result = prune_to_budget(3.0, head, channel, GLOBALS_LEAST, axes=("heads", "channels", "blocks"), min_blocks=2,
+                             min_global_blocks=floor)
+    budget = result.config.metadata["budget"]
+    assert budget["floors"]["global_blocks"] == (1 if floor is None else floor)  # default: half of 2, rounded up
+    assert budget["teacher_global_blocks"] == [1, 3]
+    assert budget["removal_order"] == [1, 3, 2, 0][:removable] + [2, 0]  # past the floor, global blocks are skipped
+    for row in result.candidates:  # no candidate of the search removes more global blocks than the floor allows
+        assert len({1, 3} & set(row["removed_blocks"])) <= removable
+    assert len({1, 3} & set(result.config.kept_blocks)) >= 2 - removable
+    if floor == 0:  # nothing protects them: at 3x the least important blocks, both global ones, go
+        assert result.chosen["removed_blocks"] == [1, 3]
+    assert result.predicted_speedup >= 3.0
+
+
+@pytest.mark.parametrize("depth, expected", [(24, 4), (12, 2), (4, 1), (3, 1), (2, 0)])
+def test_the_default_global_block_floor_is_half_the_teachers_rounded_up(depth, expected):
+    # ORION's pattern (projects/configs/ in ORION's tree): every third block, from block 2, is global
+    geometry = dict(img_hw=[640, 640], patch_size=16, in_chans=3, embed_dim=1024, head_dim=64, num_heads=16,
+                    mlp_hidden=2730, window_per_block=[16 if b % 3 != 2 else 0 for b in range(depth)], depth=depth)
+    result = prune_to_budget(1.5, torch.rand(depth, 16) + 0.1, block_importance=torch.ones(depth),
+                             axes=("heads", "blocks"), geometry=geometry, min_blocks=1)
+    budget = result.config.metadata["budget"]
+    assert budget["floors"]["global_blocks"] == expected and len(budget["teacher_global_blocks"]) == depth // 3
+    assert all(len(set(budget["teacher_global_blocks"]) - set(r["removed_blocks"])) >= expected
+               for r in result.candidates)
+    with pytest.raises(ValueError, match=rf"min_global_blocks: expected an int in \[0, {depth // 3}\], got -1"):
+        prune_to_budget(1.5, torch.rand(depth, 16), geometry=geometry, min_global_blocks=-1)
 
 
 def test_a_cheap_important_head_is_kept_over_an_expensive_unimportant_one():
@@ -142,6 +178,23 @@ def test_an_unreachable_target_names_the_fastest_reachable_speedup():
     assert fastest == pytest.approx(reference_macs(mlp_hidden=341, heads_per_block=[16] * 4, **common) / floor)
     assert prune_to_budget(fastest * 0.999, head, channel, blocks, min_heads_per_layer=2, min_channels_per_layer=64,
                            min_blocks=3).predicted_speedup >= fastest * 0.999
+
+
+def test_the_fastest_reachable_speedup_keeps_the_global_block_floor():
+    head, channel, _ = importances(7)
+    with pytest.raises(UnreachableTargetError) as info:
+        prune_to_budget(50.0, head, channel, GLOBALS_LEAST, min_channels_per_layer=64, min_blocks=2)
+    assert "1 head(s), 64 channels, 2 of 4 blocks kept, 1 of 2 global blocks kept" in str(info.value)
+    common = {k: TINY[k] for k in ("img_hw", "patch_size", "in_chans", "embed_dim", "head_dim", "window_per_block")}
+    teacher = reference_macs(mlp_hidden=341, heads_per_block=[16] * 4, **common)
+    # the two least important blocks are global, but one must stay: global block 1 and window block 2 go
+    floor = reference_macs(mlp_hidden=[64, 0, 0, 64], heads_per_block=[1, 0, 0, 1], **common)
+    assert info.value.fastest_reachable == pytest.approx(teacher / floor, rel=1e-12)
+    with pytest.raises(UnreachableTargetError) as info:  # without the floor both global blocks may go
+        prune_to_budget(50.0, head, channel, GLOBALS_LEAST, min_channels_per_layer=64, min_blocks=2,
+                        min_global_blocks=0)
+    floor = reference_macs(mlp_hidden=[64, 0, 64, 0], heads_per_block=[1, 0, 1, 0], **common)
+    assert info.value.fastest_reachable == pytest.approx(teacher / floor, rel=1e-12)
 
 
 def test_calibrate_chooses_the_lowest_scoring_candidate_once_per_selection():
@@ -305,3 +358,17 @@ def test_prune_config_measure_prices_units_and_blocks_with_this_machines_times(t
     teacher = 2.0 + 4 * (1.0 + 0.5 * 16 + 0.01 * 341)
     assert budget["teacher_cost"] == pytest.approx(teacher) and "1 - kept importance mass" in budget["policy"]
     assert "seconds of heads + channels + block overhead + stem" in capsys.readouterr().out
+
+
+def test_prune_config_min_global_blocks_reaches_the_budget(tiny_files, capsys):
+    root, _ = tiny_files  # blocks.json: the global blocks 1 and 3 are the least important
+    args = ["prune-config", "--importance", str(root / "imp.json"), "--block-importance", str(root / "blocks.json"),
+            "--min-blocks", "2", "--target-speedup", "2.5"]
+    for extra, floor in (([], 1), (["--min-global-blocks", "0"], 0)):
+        out = root / f"global_floor_{floor}.json"
+        assert main([*args, *extra, "--out", str(out)]) == 0
+        config = PruningConfig.load(out)
+        assert config.metadata["budget"]["floors"]["global_blocks"] == floor
+        assert len({1, 3} & set(config.kept_blocks)) >= floor
+    assert main([*args, "--min-global-blocks", "3", "--out", str(root / "never.json")]) == 2
+    assert "min_global_blocks: expected an int in [0, 2], got 3" in capsys.readouterr().err

@@ -122,6 +122,7 @@ def test_benchmark_backbone_times_a_budget_and_a_depth_pruned_configuration(tmp_
     assert budget["measured_over_analytic"] == pytest.approx(result["speedup"] / result["ceiling"])
     assert result["student_heads"] == [len(h) if b in config.kept_blocks else 0
                                        for b, h in enumerate(config.selected_heads_per_layer)]
+    assert budget["floors"]["global_blocks"] == 1 and 2 in config.kept_blocks  # the proxy's one global block stays
     assert "measured / analytic" in capsys.readouterr().out
     # a configuration without block 2: timed at its own depth, memory measured in a child that drops it too
     removed = PruningConfig([[0, 1], [2, 3, 4], []], 16, 0.8, num_heads=[2, 3, 0], selected_blocks=[0, 1])

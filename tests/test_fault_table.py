@@ -176,7 +176,9 @@ ROWS: List[Row] = [
     Row("4-num-heads-wrong-total", train("--cfg-options", "model.img_backbone.num_heads=6"), 2,
         r"^error: .*pruning_ratio 0.5 is the fraction of heads REMOVED: it keeps 8 of 16 .*but the selection keeps 24 "
         r".*fix: keep 8 heads per block \(num_heads\), or set pruning_ratio to 0.625"),
-    Row("4-pruning-ratio-zero-does-not-suggest-one", train("--cfg-options", "model.kd_config.pruning_ratio=0.0"), 2,
+    # (num_heads given: without it, pruning_ratio 0 keeps every head, a valid student)
+    Row("4-pruning-ratio-zero-does-not-suggest-one",
+        train("--cfg-options", "model.kd_config.pruning_ratio=0.0", "model.img_backbone.num_heads=8"), 2,
         r"^error: .*pruning_ratio 0 is the fraction of heads REMOVED: it keeps 16 of 16 .*set pruning_ratio to 0.5, "
         r"the fraction this selection removes"),
     # 5: temporary files of a killed run are removed when a run starts

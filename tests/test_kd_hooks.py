@@ -284,7 +284,8 @@ def test_stage3_kd_config_changes_only_the_model_and_extension_points(tmp_path: 
     assert dict(m.distillation_loss) == dict(type="CombinedKDLoss")  # temperature and weights: kd_config
     assert all(m[k] == b[k] for k in b if k not in ("type", "img_backbone"))  # the rest of ORION's model
     bb = m.img_backbone
-    assert "pretrained" not in bb and bb.type == "EVAViTStudent" and (bb.num_heads, bb.teacher_num_heads) == (8, 16)
+    assert "pretrained" not in bb and bb.type == "EVAViTStudent" and (bb.num_heads, bb.teacher_num_heads) == (None, 16)
+    assert kd.pruning_ratio == 0.5 and kd.head_selection == "magnitude"  # 8 of 16 heads: the ratio sets the count
     assert list(bb.window_block_indexes) == [i for i in range(24) if i % 3 != 2]
     assert kd.frozen_parts_mode == "train"
     hooks = {h["type"]: h for h in cfg.custom_hooks}

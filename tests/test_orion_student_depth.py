@@ -147,3 +147,66 @@ def test_non_strict_load_of_the_teacher_checkpoint_takes_the_kept_blocks(teacher
     assert torch.equal(student.img_backbone.blocks[2].attn.q_proj.weight,
                        full["img_backbone.blocks.3.attn.q_proj.weight"][rows])
     assert torch.equal(student.img_backbone.blocks[1].norm1.weight, full["img_backbone.blocks.1.norm1.weight"])
+
+
+# --------------------------------------------------------------------------- the shipped KD config, file or ratio
+
+TINY_KD = "adzoo/orion/configs/orion_tiny_kd_train.py"
+
+
+def kd_model_cfg(teacher, tmp_path, *options):
+    """The shipped miniature KD config's model after train_kd.py's --cfg-options (teacher: the test's)."""
+    from adzoo.orion.train_kd import parse_args, prepare_config
+    args = parse_args([TINY_KD, "--work-dir", str(tmp_path / "wd"), "--cfg-options",
+                       f"model.kd_config.teacher_backbone_path={teacher}", *options])
+    return prepare_config(args).model
+
+
+def test_a_budgeted_file_plugs_into_the_shipped_kd_config_with_the_two_settings_of_a_heads_only_one(
+        teacher_ckpt, tmp_path, capsys):  # noqa: F811
+    counts = {0: (5, 64), 1: (12, 200), 3: (3, 128)}  # heads, channels per kept block; block 2 removed
+    g = torch.Generator().manual_seed(1)
+    heads = [sorted(torch.randperm(16, generator=g)[:counts[b][0]].tolist()) if b in counts else [] for b in range(4)]
+    channels = [sorted(torch.randperm(HIDDEN, generator=g)[:counts[b][1]].tolist()) if b in counts else []
+                for b in range(4)]
+    path = tmp_path / "budget.json"
+    PruningConfig(selected_heads_per_layer=heads, teacher_num_heads=16, pruning_ratio=1 - 20 / 48,
+                  selected_channels_per_layer=channels, teacher_mlp_hidden=HIDDEN, mlp_pruning_ratio=1 - 392 / 1023,
+                  selected_blocks=[0, 1, 3], metadata=dict(budget=dict(target_speedup=2.0))).save(path)
+    model = kd_model_cfg(teacher_ckpt, tmp_path, f"model.pruning_config={path}", "model.kd_config.head_selection=None")
+    assert model.kd_config.pruning_ratio == 0.5 and model.img_backbone.num_heads is None  # the config as shipped
+    capsys.readouterr()
+    student = build_model(model)
+    backbone = student.img_backbone
+    assert backbone.kept_blocks == (0, 1, 3) and backbone.num_heads_per_layer == [5, 12, 3]
+    assert backbone.mlp_hidden_per_layer == [64, 200, 128]
+    assert backbone.selected_heads == [heads[b] for b in (0, 1, 3)]
+    assert backbone.selected_channels == [channels[b] for b in (0, 1, 3)]
+    assert student.head_selection_source == f"pruning_config {path}"
+    printed = capsys.readouterr().out
+    assert printed.count("is budgeted (metadata.budget)") == 1 and "pruning_ratio / mlp_pruning_ratio do not " \
+        "apply" in printed
+    # a number given in img_backbone must still agree with the file
+    with pytest.raises(ValueError, match=r"head selection \(pruning_config .*budget.json\) does not fit img_backbone "
+                                         r"\(num_heads=8"):
+        build_model(kd_model_cfg(teacher_ckpt, tmp_path, f"model.pruning_config={path}",
+                                 "model.kd_config.head_selection=None", "model.img_backbone.num_heads=8"))
+
+
+def test_the_shipped_kd_config_takes_its_head_count_from_the_ratio_and_refuses_a_ratio_file_that_disagrees(
+        teacher_ckpt, tmp_path):  # noqa: F811
+    student = build_model(kd_model_cfg(teacher_ckpt, tmp_path))  # magnitude, no num_heads: pruning_ratio 0.5
+    assert student.img_backbone.num_heads_per_layer == [8] * 4 and student.img_backbone.kept_blocks == (0, 1, 2, 3)
+    assert "kd_config.head_selection='magnitude'" in student.head_selection_source
+    quarter = build_model(kd_model_cfg(teacher_ckpt, tmp_path, "model.kd_config.pruning_ratio=0.25"))
+    assert quarter.img_backbone.num_heads_per_layer == [12] * 4
+    path = tmp_path / "twelve.json"  # a ratio-based file (no metadata.budget) keeping 12 of 16: ratio 0.25
+    PruningConfig(selected_heads_per_layer=[list(range(12))] * 4, teacher_num_heads=16, pruning_ratio=0.25).save(path)
+    with pytest.raises(ValueError, match=r"head selection \(pruning_config .*twelve.json\) does not fit img_backbone "
+                                         r"\(num_heads=\[12, 12, 12, 12\].*pruning_ratio 0.5 is the fraction of heads "
+                                         r"REMOVED: it keeps 8 of 16"):
+        build_model(kd_model_cfg(teacher_ckpt, tmp_path, f"model.pruning_config={path}",
+                                 "model.kd_config.head_selection=None"))
+    agreed = build_model(kd_model_cfg(teacher_ckpt, tmp_path, f"model.pruning_config={path}",
+                                      "model.kd_config.head_selection=None", "model.kd_config.pruning_ratio=0.25"))
+    assert agreed.img_backbone.num_heads_per_layer == [12] * 4

@@ -36,9 +36,9 @@ if _ROOT is None and not os.environ.get("ORION_ROOT"):
 KD_CONFIG = "adzoo/orion/configs/orion_stage3_kd_train.py"
 #: load reads what train exported, budget_load what budget exported
 SCENARIOS = ("config", "epoch", "train", "load", "ddp", "fp16", "budget", "budget_load")
-#: What scenarios.BUDGET keeps of the tier's teacher (2 blocks, 4 heads, MLP width 85): block 1, heads 1 and 3, and
-#: every other SwiGLU channel.
-BUDGET = dict(blocks=[1], heads=[1, 3], channels=list(range(1, 85, 2)))
+#: What scenarios.BUDGET keeps of the tier's teacher (2 blocks, 4 heads, MLP width 85): block 1, heads 0, 1 and 3, and
+#: every third SwiGLU channel (counts the KD config's ratios, 0.5, would not keep: a budgeted file decides them).
+BUDGET = dict(blocks=[1], heads=[0, 1, 3], channels=list(range(1, 85, 3)))
 
 
 def tree_digest(root: Path) -> str:
@@ -208,6 +208,7 @@ def test_the_kd_config_takes_a_budgeted_file_like_a_heads_only_one_and_trains_in
     result = scenario(tier, "budget")
     assert result["head_selection"] is None and result["source"] == "pruning_config " + result["pruning_config"]
     assert not {"selected_blocks", "mlp_hidden", "selected_heads_per_layer"} & set(result["given_backbone"])
+    assert result["given_backbone"].get("num_heads") is None and kd["pruning_ratio"] == 0.5  # as shipped
     assert result["kept_blocks"] == BUDGET["blocks"] and result["selected_heads"] == [BUDGET["heads"]]
     assert result["selected_channels"] == [BUDGET["channels"]]
     assert result["initial_from_teacher_block"] == {"0": False, "1": True}  # the kept block starts as teacher block 1

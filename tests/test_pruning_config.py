@@ -276,6 +276,9 @@ def test_kept_blocks_round_trip_and_older_files_keep_every_block(tmp_path):
     assert loaded == config and loaded.to_model_kwargs()["selected_blocks"] == [0, 3]
     selection = load_pruning_selection(str(tmp_path / "budget.json"), teacher_num_heads=4, teacher_mlp_hidden=8)
     assert selection.blocks == [0, 3] and selection.heads == [[0, 1], [], [], [2, 3]]
+    assert not selection.budgeted  # no metadata.budget: chosen by ratios, checked against kd_config's
+    budget = budgeted(metadata=dict(budget=dict(target_speedup=2.0)))
+    assert load_pruning_selection(budget).budgeted and load_pruning_selection(budget.to_dict()).budgeted
     payload = json.loads((tmp_path / "budget.json").read_text())
     del payload["selected_blocks"], payload["selected_channels_per_layer"]
     older = dict(payload, version=2, selected_heads_per_layer=[[0, 1]] * 4, num_heads=[2] * 4,

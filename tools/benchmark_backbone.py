@@ -148,13 +148,13 @@ def budget_spec(args: argparse.Namespace) -> StudentSpec:
     result = prune_to_budget(args.target_speedup, heads, channels, heads.scores.mean(dim=1),
                              geometry=describe_backbone(teacher, args.image_size),
                              unit_costs=UnitCosts.load(args.unit_costs) if args.unit_costs else None,
-                             channel_multiple=args.channel_multiple)
+                             channel_multiple=args.channel_multiple, min_global_blocks=args.min_global_blocks)
     if args.save_config:
         result.config.save(args.save_config)
     spec = spec_of_config(result.config, f"budget {args.target_speedup:g}x", args.depth, args.image_size)
     record = dict(target_speedup=args.target_speedup, predicted_speedup=result.predicted_speedup,
                   cost_model=result.cost_model, chosen=result.chosen, config_file=args.save_config,
-                  fastest_reachable=result.fastest_reachable,
+                  fastest_reachable=result.fastest_reachable, floors=result.config.metadata["budget"]["floors"],
                   importance="magnitude of the random-init proxy; block score: mean head magnitude")
     print(f"[benchmark_backbone] budget {args.target_speedup:g}x: predicted {result.predicted_speedup:.3f}x "
           f"({result.cost_model}), blocks removed {result.chosen['removed_blocks']}"
@@ -240,6 +240,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="--target-speedup: every block keeps a multiple of this many channels (CPU GEMMs)")
     parser.add_argument("--unit-costs", help="--target-speedup: measured unit costs (--unit-latency) instead of "
                                              "analytic MACs")
+    parser.add_argument("--min-global-blocks", type=int, default=None,
+                        help="--target-speedup: global-attention blocks kept at least (default: half the proxy's, "
+                             "rounded up; 0 allows removing every one)")
     parser.add_argument("--image-size", type=int, default=640)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)

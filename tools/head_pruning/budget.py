@@ -12,7 +12,9 @@ The policy (:func:`prune_to_budget`):
 - within an axis, units are ranked by importance per unit of cost: heads and channels by their
   block-normalised (L2) score per cost (``pruning_cost.allocate_by_cost``), every kept block keeping
   ``min_heads_per_layer`` heads and ``min_channels_per_layer`` channels; blocks are removed in the order
-  of block score over the block's full cost (the least first), at most down to ``min_blocks`` kept;
+  of block score over the block's full cost (the least first), at most down to ``min_blocks`` kept, and a
+  global-attention block only while more than ``min_global_blocks`` stay (past that floor the order skips
+  global blocks: without any, no token attends across windows);
 - the split of the budget across axes is a small search: ``d`` blocks removed (0 up to the floor) times a
   head budget of ``k`` heads per kept block on average (a grid of eighths of the teacher's heads, and the
   floor), and the channels spend what is left of the target cost (rounded to ``channel_multiple``). When
@@ -63,6 +65,7 @@ class BlockCosts:
     source: str
     teacher_heads: int
     teacher_channels: int
+    global_blocks: List[int] = field(default_factory=list)
 
     @property
     def depth(self) -> int:
@@ -104,7 +107,8 @@ def block_costs(geometry: Optional[Mapping[str, Any]], unit_costs: Optional[Unit
     heads, channels = unit_costs.per_block(windows)
     costs = BlockCosts(head=heads, channel=channels, overhead=unit_costs.block_overheads(windows),
                        fixed=unit_costs.fixed, unit=unit_costs.unit, source=unit_costs.source or unit_costs.unit,
-                       teacher_heads=teacher_heads, teacher_channels=teacher_channels)
+                       teacher_heads=teacher_heads, teacher_channels=teacher_channels,
+                       global_blocks=[b for b, window in enumerate(windows) if not window > 0])
     return costs, unit_costs
 
 
@@ -127,6 +131,24 @@ def removal_order(scores: torch.Tensor, costs: BlockCosts) -> List[int]:
     return sorted(range(costs.depth), key=lambda b: (float(scores[b]) / full[b], b))
 
 
+def floored_order(order: Sequence[int], global_blocks: Sequence[int], min_global_blocks: int) -> List[int]:
+    """The blocks the budget may remove, in ``order``: a global block only while more than ``min_global_blocks``
+    global blocks stay kept (the others are skipped, the next removable block goes instead)."""
+    globals_left, removable = len(global_blocks), []
+    for block in order:
+        if block in global_blocks:
+            if globals_left <= min_global_blocks:
+                continue
+            globals_left -= 1
+        removable.append(block)
+    return removable
+
+
+def default_min_global_blocks(global_blocks: Sequence[int]) -> int:
+    """Half the teacher's global-attention blocks, rounded up (ORION-L: 4 of 8)."""
+    return -(-len(global_blocks) // 2)
+
+
 class Floors(NamedTuple):
     """The per-block and whole-network floors (channels already rounded up to ``channel_multiple``)."""
 
@@ -134,11 +156,14 @@ class Floors(NamedTuple):
     channels: int
     blocks: int
     channel_multiple: int
+    global_blocks: int = 0
 
-    def describe(self, axes: Sequence[str], depth: int) -> str:
+    def describe(self, axes: Sequence[str], depth: int, teacher_global: int = 0) -> str:
         parts = [f"{self.heads} head(s)" if "heads" in axes else "",
                  f"{self.channels} channels" if "channels" in axes else "",
-                 f"{self.blocks} of {depth} blocks kept" if "blocks" in axes else ""]
+                 f"{self.blocks} of {depth} blocks kept" if "blocks" in axes else "",
+                 f"{self.global_blocks} of {teacher_global} global blocks kept" if "blocks" in axes and teacher_global
+                 else ""]
         return "floors: " + ", ".join(p for p in parts if p) + (" per block" if "blocks" not in axes else "")
 
 
@@ -276,13 +301,16 @@ def _check_arguments(target_speedup: Any, axes: Optional[Sequence[str]], channel
     return float(target_speedup), tuple(a for a in AXES if a in axes)
 
 
-def _floors(depth: int, heads: int, channels: int, min_heads: Any, min_channels: Any, min_blocks: Any,
-            multiple: Any) -> Floors:
-    for name, value, high in (("min_heads_per_layer", min_heads, heads), ("min_channels_per_layer", min_channels,
-                              channels), ("min_blocks", min_blocks, depth), ("channel_multiple", multiple, channels)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-            raise ValueError(f"{name}: expected an int in [1, {high}], got {value!r}")
-    return Floors(min_heads, min(channels, -(-min_channels // multiple) * multiple), min_blocks, multiple)
+def _floors(costs: BlockCosts, min_heads: Any, min_channels: Any, min_blocks: Any, multiple: Any,
+            min_global: Any) -> Floors:
+    depth, heads, channels = costs.depth, costs.teacher_heads, costs.teacher_channels
+    for name, value, low, high in (
+            ("min_heads_per_layer", min_heads, 1, heads), ("min_channels_per_layer", min_channels, 1, channels),
+            ("min_blocks", min_blocks, 1, depth), ("channel_multiple", multiple, 1, channels),
+            ("min_global_blocks", min_global, 0, len(costs.global_blocks))):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{name}: expected an int in [{low}, {high}], got {value!r}")
+    return Floors(min_heads, min(channels, -(-min_channels // multiple) * multiple), min_blocks, multiple, min_global)
 
 
 def _head_grid(problem: _Problem) -> List[Optional[float]]:
@@ -355,7 +383,7 @@ def prune_to_budget(target_speedup: float, head_importance: Union[HeadImportance
                     unit_costs: Optional[UnitCosts] = None, axes: Optional[Sequence[str]] = None,
                     min_heads_per_layer: int = 1, min_channels_per_layer: int = 1, min_blocks: Optional[int] = None,
                     channel_multiple: int = 1, calibrate: Optional[Callable[[PruningConfig], float]] = None,
-                    ) -> BudgetResult:
+                    min_global_blocks: Optional[int] = None) -> BudgetResult:
     """The configuration predicted to run ``target_speedup`` times faster than the teacher (policy: module docstring).
 
     ``head_importance`` / ``channel_importance``: ``[blocks, units]`` scores (or the records);
@@ -363,7 +391,9 @@ def prune_to_budget(target_speedup: float, head_importance: Union[HeadImportance
     Costs: ``unit_costs`` (measured) or analytic MACs from ``geometry`` (default: the head importance's
     recorded ``backbone`` geometry). ``axes``: what may be pruned (default: heads, plus channels / blocks
     when their importance is given). Floors: ``min_heads_per_layer``, ``min_channels_per_layer`` (rounded up
-    to ``channel_multiple``) per kept block, ``min_blocks`` kept (default: two thirds, rounded up).
+    to ``channel_multiple``) per kept block, ``min_blocks`` kept (default: two thirds, rounded up),
+    ``min_global_blocks`` global-attention blocks kept (default: half the teacher's, rounded up; 0 allows
+    removing all).
     ``calibrate(config) -> float``, lower is better, scores the feasible candidates instead of the kept
     importance mass. A target no candidate meets raises :class:`UnreachableTargetError`.
     """
@@ -382,20 +412,23 @@ def prune_to_budget(target_speedup: float, head_importance: Union[HeadImportance
     if teacher_channels < 1:
         raise ValueError("the teacher's MLP width is unknown: pass channel_importance, or a geometry with mlp_hidden")
     costs, units = block_costs(geometry, unit_costs, depth, teacher_heads, teacher_channels)
-    floors = _floors(depth, teacher_heads, teacher_channels, min_heads_per_layer, min_channels_per_layer,
-                     -(-2 * depth // 3) if min_blocks is None else min_blocks, channel_multiple)
+    floors = _floors(costs, min_heads_per_layer, min_channels_per_layer,
+                     -(-2 * depth // 3) if min_blocks is None else min_blocks, channel_multiple,
+                     default_min_global_blocks(costs.global_blocks) if min_global_blocks is None else min_global_blocks)
     blocks = block_scores_of(block_importance, depth) if block_importance is not None else None
     problem = _Problem(normalize_block_scores(heads.scores), None if channels is None else
                        normalize_block_scores(channels.scores), blocks, costs, floors, axes,
                        costs.teacher_total() / target)
-    problem.order = removal_order(blocks, costs) if blocks is not None else list(range(depth))
-    max_removed = depth - floors.blocks if "blocks" in axes else 0
+    problem.order = floored_order(removal_order(blocks, costs) if blocks is not None else list(range(depth)),
+                                  costs.global_blocks, floors.global_blocks)
+    max_removed = min(depth - floors.blocks, len(problem.order)) if "blocks" in axes else 0
     candidates = [_candidate(problem, d, k) for d in range(max_removed + 1) for k in _head_grid(problem)]
     fastest = _fastest(problem, max_removed)
     scored_by = "calibrate(config), lower is better" if calibrate is not None else "1 - kept importance mass"
     budget = dict(policy=POLICY.format(scored_by), target_speedup=target, axes=list(axes),
                   floors=floors._asdict(), cost_model=costs.describe(), unit_costs=units.to_dict(),
-                  teacher_cost=costs.teacher_total(), fastest_reachable=fastest, removal_order=problem.order)
+                  teacher_cost=costs.teacher_total(), fastest_reachable=fastest, removal_order=problem.order,
+                  teacher_global_blocks=costs.global_blocks)
 
     def build(candidate: Candidate, extra: Optional[Dict[str, Any]] = None) -> PruningConfig:
         return _config(problem, candidate, heads.method, channels.method if channels is not None else "",
@@ -404,7 +437,8 @@ def prune_to_budget(target_speedup: float, head_importance: Union[HeadImportance
     _score(candidates, calibrate, build)
     feasible = [c for c in candidates if c.row["feasible"]]
     if not feasible:
-        raise UnreachableTargetError(target, fastest, axes, floors.describe(axes, depth), costs.describe())
+        raise UnreachableTargetError(target, fastest, axes, floors.describe(axes, depth, len(costs.global_blocks)),
+                                     costs.describe())
     best = min(feasible, key=lambda c: c.row["score"])  # first of equals: fewer blocks removed, more heads
     best.row["chosen"] = True
     config = build(best, dict(predicted_speedup=best.row["predicted_speedup"], chosen=dict(best.row)))
@@ -438,4 +472,5 @@ def format_candidates(result: BudgetResult, limit: int = 12) -> str:
 
 
 __all__ = ["AXES", "UnreachableTargetError", "BlockCosts", "block_costs", "block_scores_of", "removal_order",
-           "Floors", "Candidate", "BudgetResult", "prune_to_budget", "format_candidates"]
+           "floored_order", "default_min_global_blocks", "Floors", "Candidate", "BudgetResult", "prune_to_budget",
+           "format_candidates"]

@@ -33,6 +33,9 @@ def add_budget_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--axes", help=f"what the budget may prune, comma-separated from {','.join(AXES)} (default: heads, "
                                   f"and channels / blocks when their importance is given)")
     p.add_argument("--min-blocks", type=int, help="--target-speedup: blocks kept at least (default: two thirds)")
+    p.add_argument("--min-global-blocks", type=int,
+                   help="--target-speedup: global-attention blocks kept at least (default: half the teacher's, rounded "
+                        "up; 0 allows removing every one)")
     p.add_argument("--measure", action="store_true", help="--target-speedup: costs measured on this machine on "
                                                           "--config's backbone (default: analytic MACs)")
     p.add_argument("--calibrate-batches", type=int, default=4,
@@ -163,6 +166,7 @@ def run_budget(args: argparse.Namespace) -> BudgetResult:
                              geometry=teacher.geometry if teacher else None, unit_costs=_unit_costs(args, teacher),
                              min_heads_per_layer=args.min_heads_per_layer,
                              min_channels_per_layer=args.min_channels_per_layer, min_blocks=args.min_blocks,
+                             min_global_blocks=args.min_global_blocks,
                              channel_multiple=args.channel_multiple, calibrate=calibrate)
     measured = measure_speedup(teacher, result.config, args.repeats) if teacher else None
     result.config.metadata["budget"]["measured"] = measured

@@ -30,11 +30,16 @@
 # the iteration (KDAlphaScheduleHook): alpha_schedule='step' uses warmup_alpha for warmup_epochs
 # epochs of ORION's num_iters_per_epoch iterations (or warmup_iters iterations), then
 # finetune_alpha; alpha_schedule='constant' uses distillation_alpha (not both readings).
-# pruning_ratio is the FRACTION OF HEADS REMOVED (0.5: 16 -> 8); it must agree with num_heads.
+# pruning_ratio is the FRACTION OF HEADS REMOVED (0.5: 16 -> 8): it sets the heads kept per block
+# (img_backbone.num_heads, when given, must agree).
 # frozen_parts_mode='train' keeps the frozen heads/LLM in ORION's training behaviour (denoising
 # queries, activation checkpointing); 'eval' switches them to eval mode.
 # Which heads: kd_config.head_selection='magnitude', or a file from `tools/head_pruning_utils.py
-# prune-config` as model.pruning_config (with head_selection=None); a pruned student needs exactly one.
+# prune-config` as model.pruning_config (with head_selection=None); a pruned student needs exactly one:
+#   --cfg-options model.pruning_config=FILE model.kd_config.head_selection=None
+# The file decides the counts per block (heads, channels, kept blocks). pruning_ratio / mlp_pruning_ratio
+# are checked against a ratio-based file; a budgeted file (prune-config --target-speedup, its
+# metadata.budget: counts differ per block) is not checked against them, which the build logs in one line.
 #
 # Joint head + SwiGLU-width pruning (>= 1.8x faster backbone instead of <= 1.29x; README_KD.md,
 # "Joint head and MLP-width pruning"): write a joint configuration, e.g.
@@ -46,8 +51,8 @@
 #   model = dict(..., pruning_config='work_dirs/joint_prune.json',                 # heads and channels per block
 #                kd_config=dict(..., head_selection=None, mlp_pruning_ratio=1 - 1536 / 2730))  # optional width check
 # img_backbone stays as below: num_heads / mlp_hidden are taken from the file when not given (a given
-# value must agree). Without a file, img_backbone=dict(..., num_heads=8, mlp_hidden=1536) with
-# head_selection='magnitude' keeps the heads and channels with the largest weight norms.
+# value must agree). Without a file, img_backbone=dict(..., mlp_hidden=1536) with head_selection='magnitude'
+# keeps the heads (pruning_ratio's count) and channels with the largest weight norms.
 # A configuration that also removes whole blocks (its selected_blocks) goes in the same place; depth and
 # window_block_indexes below stay the teacher's (24 blocks), and the student keeps each kept block's kind.
 
@@ -109,7 +114,7 @@ model = dict(
     img_backbone=dict(
         _delete_=True,
         type='EVAViTStudent',
-        num_heads=8,  # heads kept per block
+        num_heads=None,  # heads kept per block: kd_config.pruning_ratio's, or model.pruning_config's file's
         teacher_num_heads=16,
         img_size=640,
         patch_size=16,

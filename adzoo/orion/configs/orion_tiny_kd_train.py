@@ -6,7 +6,13 @@
 #
 # The teacher checkpoint is made by `python tools/train_tiny_teacher.py` (the demo does it when
 # missing). alpha_schedule='step': alpha = 0.8 in the first epoch, then 0.6;
-# total = (1 - alpha) * task + alpha * distill. pruning_ratio is the fraction of heads REMOVED.
+# total = (1 - alpha) * task + alpha * distill. pruning_ratio is the fraction of heads REMOVED: it sets the
+# heads kept per block (img_backbone.num_heads, when given, must agree).
+#
+# A configuration file instead (heads only, joint, or budgeted with heads, channels and blocks per block):
+#   --cfg-options model.pruning_config=FILE model.kd_config.head_selection=None
+# The file decides the counts per block; pruning_ratio is checked against a ratio-based file and does not
+# apply to a budgeted one (prune-config --target-speedup: its metadata.budget), which the build logs.
 
 _base_ = ['./orion_tiny_train.py']
 
@@ -37,12 +43,14 @@ model = dict(
         output_distill_weight=0.2,
         freeze_non_backbone=True,
         frozen_parts_mode='train',
-        pruning_ratio=0.5,
+        pruning_ratio=0.5,  # 8 of 16 heads per block
         head_selection='magnitude',  # q/k/v weight norms; or None with model.pruning_config=FILE
     ),
     pruning_config=None,  # a file from tools/head_pruning_utils.py prune-config (then kd_config.head_selection=None)
     distillation_loss=dict(type='CombinedKDLoss'),  # temperature and weights: model.kd_config
-    img_backbone=dict(type='EVAViTStudent', num_heads=8, teacher_num_heads=16))
+    # num_heads=None: the heads kept per block come from kd_config.pruning_ratio, or from model.pruning_config's
+    # file (a number here must agree with them)
+    img_backbone=dict(type='EVAViTStudent', num_heads=None, teacher_num_heads=16))
 
 # 512 frames = 64 scenes; streaming order as in ORION's stage 3 (warm-up pieces for the first epoch).
 data = dict(

@@ -113,7 +113,10 @@ class OrionStudent(nn.Module):
             a dict with ``selected_heads_per_layer`` (+ ``selected_channels_per_layer``, ``selected_blocks``) or
             the head lists. A pruned student needs exactly one of this, ``img_backbone.selected_heads_per_layer``
             / ``selected_channels_per_layer`` / ``selected_blocks`` or ``kd_config.head_selection='magnitude'``
-            (heads and channels) per unit kind.
+            (heads and channels) per unit kind. A file decides the counts per block; a budgeted one
+            (``metadata.budget``) is not checked against ``kd_config.pruning_ratio`` / ``mlp_pruning_ratio``
+            (one log line says so). Without a file, ``img_backbone.num_heads`` defaults to
+            ``kd_config.pruning_ratio``'s count (``student_selection``).
         teacher_backbone: config of the teacher backbone; default: the student's config with every
             head kept (``EVAViTStudent``, ORION's arithmetic on the fused attention path).
         load_base_weights: fill the frozen parts from the teacher checkpoint (default True).
@@ -157,7 +160,7 @@ class OrionStudent(nn.Module):
                        "a teacher must be finite: use the trained ORION checkpoint, not a diverged one")
 
         student_cfg, selection_source = resolve_student_selection(dict(img_backbone), pruning_config, kd,
-                                                                  backbone_state, teacher_path)
+                                                                  backbone_state, teacher_path, log=self._print)
         super().__init__(img_backbone=student_cfg, **base_kwargs)
 
         self.kd_config = kd

@@ -396,12 +396,14 @@ def _channel_part(channel_importance: Any, mlp_pruning_ratio: Optional[float], s
 
 class PruningSelection(NamedTuple):
     """What a configuration says a student keeps: heads per block, channels per block (None: all), a label,
-    and the kept teacher blocks (None: all)."""
+    the kept teacher blocks (None: all), and whether a budget chose it (``metadata.budget``: counts per block
+    from a target speedup, not from a pruning ratio)."""
 
     heads: Selection
     channels: Optional[Selection]
     label: str
     blocks: Optional[List[int]] = None
+    budgeted: bool = False
 
 
 def load_pruning_selection(source: Union[PruningConfig, str, "os.PathLike[str]", Mapping[str, Any],
@@ -416,16 +418,19 @@ def load_pruning_selection(source: Union[PruningConfig, str, "os.PathLike[str]",
     caller, who knows the backbone.
     """
     label, recorded, recorded_hidden, channels, blocks = "pruning_config", None, None, None, None
+    metadata: Any = None
     if isinstance(source, (str, os.PathLike)):
         label, source = f"pruning_config {os.fspath(source)}", PruningConfig.load(source)
     if isinstance(source, PruningConfig):
         recorded, recorded_hidden, blocks = source.teacher_num_heads, source.teacher_mlp_hidden, source.selected_blocks
-        channels, source = source.selected_channels_per_layer, source.selected_heads_per_layer
+        channels, metadata = source.selected_channels_per_layer, source.metadata
+        source = source.selected_heads_per_layer
     elif isinstance(source, Mapping):
         if "selected_heads_per_layer" not in source:
             raise ValueError(f"pruning_config: expected key 'selected_heads_per_layer', got keys {sorted(source)}")
         recorded, recorded_hidden = source.get("teacher_num_heads"), source.get("teacher_mlp_hidden")
-        channels, blocks = source.get("selected_channels_per_layer"), source.get("selected_blocks")
+        channels, blocks, metadata = source.get("selected_channels_per_layer"), source.get("selected_blocks"), \
+            source.get("metadata")
         source = source["selected_heads_per_layer"]
     if not isinstance(source, (list, tuple)) or not all(isinstance(h, (list, tuple)) for h in source):
         raise ValueError(f"{label}: expected one list of head indices per block, got {type(source).__name__}")
@@ -443,8 +448,9 @@ def load_pruning_selection(source: Union[PruningConfig, str, "os.PathLike[str]",
             blocks = resolve_block_selection(len(source), blocks)
         except ValueError as err:
             raise ValueError(f"{label}: {err}") from None
+    budgeted = isinstance(metadata, Mapping) and metadata.get("budget") is not None
     return PruningSelection([list(h) for h in source], None if channels is None else [list(c) for c in channels],
-                            label, blocks)
+                            label, blocks, budgeted)
 
 
 __all__ = [

@@ -12,19 +12,25 @@ most for each unit kind:
   (``eva_surgery.channel_weight_norms``).
 
 A student that keeps every block (every head, every channel) needs no source for them. The per-block
-lists keep one entry per teacher block; the entries of removed blocks are ignored. Counts are checked against
-``num_heads`` / ``mlp_hidden`` and against ``kd_config.pruning_ratio`` / ``mlp_pruning_ratio`` by the
-same policy the tools use. Plugin file: Python 3.8, torch 2.0-2.4, no mmengine.
+lists keep one entry per teacher block; the entries of removed blocks are ignored.
+
+Counts: a configuration file decides them (``num_heads`` / ``mlp_hidden`` taken from it when not given);
+without one, ``img_backbone.num_heads`` when given, else ``kd_config.pruning_ratio`` (the fraction of heads
+REMOVED: ``round(heads * (1 - ratio))`` per block), else every head. A given ``num_heads`` / ``mlp_hidden``
+must agree with the selection, and the selection with ``kd_config.pruning_ratio`` / ``mlp_pruning_ratio``
+(the same policy the tools use), except for a budgeted configuration (``metadata.budget``: counts per block
+from a target speedup), to which the ratios do not apply. Plugin file: Python 3.8, torch 2.0-2.4, no mmengine.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from mmcv.models.utils.eva_surgery import channel_magnitude_scores, magnitude_scores
 from mmcv.models.utils.eva_surgery import resolve_block_selection
-from mmcv.models.utils.pruning_config import (allocate_uniform, load_pruning_selection, resolve_channel_selection,
+from mmcv.models.utils.pruning_config import (allocate_uniform, check_pruning_ratio, kept_per_block,
+                                              load_pruning_selection, resolve_channel_selection,
                                               resolve_head_selection, validate_channel_selection,
                                               validate_pruning_config)
 
@@ -69,16 +75,24 @@ def _by_magnitude(scores: torch.Tensor, counts: List[int], what: str) -> Tuple[S
 
 
 def resolve_student_selection(cfg: Dict[str, Any], pruning_config: Any, kd: Mapping[str, Any],
-                              backbone_state: Mapping[str, torch.Tensor], teacher_path: str
-                              ) -> Tuple[Dict[str, Any], str]:
-    """The student backbone config with its block, head (and channel) selection, and where it came from."""
+                              backbone_state: Mapping[str, torch.Tensor], teacher_path: str,
+                              log: Optional[Callable[[str], None]] = None) -> Tuple[Dict[str, Any], str]:
+    """The student backbone config with its block, head (and channel) selection, and where it came from.
+
+    ``log`` gets one line when a budgeted configuration sets the counts (the ratios do not apply to it).
+    """
     depth = cfg.get("depth", 12)
     teacher_heads = cfg.get("teacher_num_heads", 16)
     teacher_hidden = teacher_mlp_width(cfg, backbone_state)
     pruning = None
     if pruning_config is not None:
         loaded = load_pruning_selection(pruning_config, teacher_heads, teacher_hidden)
-        pruning = _Loaded(loaded.heads, loaded.channels, loaded.label, loaded.blocks)
+        pruning = _Loaded(loaded.heads, loaded.channels, loaded.label, loaded.blocks, loaded.budgeted)
+        if loaded.budgeted:
+            kd = dict(kd, pruning_ratio=None, mlp_pruning_ratio=None)
+            if log is not None:
+                log(f"[OrionStudent] {loaded.label} is budgeted (metadata.budget): its heads, channels and blocks "
+                    f"per block decide the counts; kd_config.pruning_ratio / mlp_pruning_ratio do not apply to it")
     blocks, block_source = _resolve_blocks(cfg, pruning, kd, depth)
     heads, head_source = _resolve_heads(cfg, pruning, kd, backbone_state, teacher_path, depth, teacher_heads, blocks)
     channels, channel_source = _resolve_channels(cfg, pruning, kd, backbone_state, teacher_path, depth, teacher_hidden,
@@ -98,9 +112,9 @@ class _Loaded:
     """A loaded configuration's selections under the argument names of ``EVAViTStudent``."""
 
     def __init__(self, heads: Selection, channels: Optional[Selection], label: str,
-                 blocks: Optional[List[int]] = None) -> None:
+                 blocks: Optional[List[int]] = None, budgeted: bool = False) -> None:
         self.selected_heads_per_layer, self.selected_channels_per_layer, self.label = heads, channels, label
-        self.selected_blocks = blocks
+        self.selected_blocks, self.budgeted = blocks, budgeted
 
 
 def _resolve_blocks(cfg: Mapping[str, Any], pruning: Optional[_Loaded], kd: Mapping[str, Any], depth: int
@@ -119,10 +133,14 @@ def _resolve_blocks(cfg: Mapping[str, Any], pruning: Optional[_Loaded], kd: Mapp
 def _resolve_heads(cfg: Mapping[str, Any], pruning: Optional[_Loaded], kd: Mapping[str, Any],
                    backbone_state: Mapping[str, torch.Tensor], teacher_path: str, depth: int, teacher_heads: int,
                    blocks: Optional[List[int]]) -> Tuple[Dict[str, Any], str]:
-    num_heads = cfg.get("num_heads", teacher_heads)
+    num_heads = cfg.get("num_heads")
     selection, source = _explicit(cfg, pruning, kd, "selected_heads_per_layer")
-    if selection is not None and pruning is not None and "num_heads" not in cfg:
-        num_heads = [len(heads) for heads in selection]
+    if selection is not None and pruning is not None and num_heads is None:
+        num_heads = [len(heads) for heads in selection]  # the file decides the counts
+    elif num_heads is None and kd.get("pruning_ratio") is not None:
+        num_heads = kept_per_block(teacher_heads, check_pruning_ratio(kd["pruning_ratio"], "kd_config.pruning_ratio"))
+    elif num_heads is None:
+        num_heads = teacher_heads
     kept = range(depth) if blocks is None else blocks
     if selection is None:
         counts = [len(heads) for heads in resolve_head_selection(depth, teacher_heads, num_heads, None, blocks)]
