@@ -31,7 +31,8 @@ from mmcv.models.utils.eva_cost import analytic_backbone_macs
 from mmcv.models.utils.head_importance import BlockImportance
 from tools.head_pruning.batches import features_of, images_of, take_batches
 from tools.head_pruning.batches import progress as progress_bar
-from tools.head_pruning.sites import describe_backbone, find_backbone, param_dtype_device, preserved_state, source_label
+from tools.head_pruning.importance import finish_importance
+from tools.head_pruning.sites import describe_backbone, find_backbone, param_dtype_device, preserved_state
 
 BLOCK_METHODS = ("kd_loss", "cosine")
 PathLike = Union[str, "os.PathLike[str]"]
@@ -144,18 +145,6 @@ def _resolve_kd_loss(kd_loss: Union[CombinedKDLoss, Mapping[str, Any], None]) ->
     return kd_loss
 
 
-def _finish(scores: torch.Tensor, method: str, images: int, model: nn.Module, backbone: nn.Module,
-            settings: Dict[str, Any], save_path: Optional[PathLike], seconds: float) -> BlockImportance:
-    metadata = dict(settings, seconds=round(seconds, 3))
-    with contextlib.suppress(Exception):
-        metadata["backbone"] = describe_backbone(backbone)
-    result = BlockImportance(scores=scores, method=method, num_samples=images, source=source_label(model, backbone),
-                             metadata=metadata)
-    if save_path is not None:
-        result.save(save_path)
-    return result
-
-
 def compute_block_importance_cosine(model: nn.Module, dataloader: Iterable, num_batches: Optional[int] = 8,
                                     save_path: Optional[PathLike] = None, progress: bool = True) -> BlockImportance:
     """ShortGPT block influence: ``I[b] = 1 - mean_{images, tokens} cos(x_in_t, x_out_t)`` of block ``b``.
@@ -179,8 +168,8 @@ def compute_block_importance_cosine(model: nn.Module, dataloader: Iterable, num_
             images += int(img.shape[0])
             batches += 1
     scores = 1.0 - sums / counts.clamp_min(1.0)
-    return _finish(scores, "cosine", images, model, backbone, dict(num_batches=batches), save_path,
-                   time.perf_counter() - start)
+    return finish_importance(scores, "cosine", images, model, backbone, dict(num_batches=batches), save_path,
+                             time.perf_counter() - start, kind=BlockImportance)
 
 
 def compute_block_importance_kd_loss(model: nn.Module, dataloader: Iterable, num_batches: Optional[int] = 8,
@@ -238,7 +227,8 @@ def compute_block_importance_kd_loss(model: nn.Module, dataloader: Iterable, num
                     feature_mode=loss.feature_loss.mode, output_mode=loss.output_loss.mode,
                     feature_loss=parts[:, 0].tolist(), output_loss=parts[:, 1].tolist(),
                     cosine=(1.0 - sums / counts.clamp_min(1.0)).tolist())
-    return _finish(scores, "kd_loss", count, model, backbone, settings, save_path, time.perf_counter() - start)
+    return finish_importance(scores, "kd_loss", count, model, backbone, settings, save_path,
+                             time.perf_counter() - start, kind=BlockImportance)
 
 
 def compute_block_importance(model: nn.Module, dataloader: Iterable, method: str = "kd_loss",

@@ -35,8 +35,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 def finish_importance(scores: torch.Tensor, method: str, num_samples: int, model: nn.Module, backbone: nn.Module,
                       settings: Dict[str, Any], save_path: Optional[PathLike], seconds: float,
-                      kind: Type[HeadImportance] = HeadImportance) -> HeadImportance:
-    """The result object (``kind``: HeadImportance or ChannelImportance) with settings and geometry; saved if asked."""
+                      kind: Type[Any] = HeadImportance) -> Any:
+    """The result object (``kind``: HeadImportance, ChannelImportance or BlockImportance) with settings and
+    geometry; saved if asked."""
     metadata = dict(settings, seconds=round(seconds, 3))
     with contextlib.suppress(Exception):
         metadata["backbone"] = describe_backbone(backbone)

@@ -49,6 +49,23 @@ def read_json(path: Union[str, "os.PathLike[str]"], what: str) -> Any:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
+def float64_scores(value: Any, owner: str, method: str, shape_text: str, what: str) -> torch.Tensor:
+    """``value`` as a finite float64 tensor of the shape ``shape_text`` describes (its rank: the commas + 1)."""
+    if isinstance(value, torch.Tensor):
+        scores = value.detach().cpu().to(torch.float64)
+    else:
+        try:
+            scores = torch.as_tensor(np.asarray(value, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise ValueError(f"{owner}.scores: expected {what}, got {type(value).__name__} {str(value)[:80]}") from None
+    rank = shape_text.split("]")[0].count(",") + 1
+    if scores.ndim != rank or min(scores.shape, default=0) < 1:
+        raise ValueError(f"{owner}.scores: expected a {shape_text}, got shape {tuple(scores.shape)}")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"{owner}.scores: contains NaN or inf values ({method})")
+    return scores
+
+
 @dataclass
 class HeadImportance:
     """Per-block, per-head importance scores (higher = more important); :class:`ChannelImportance` for channels.
@@ -69,15 +86,8 @@ class HeadImportance:
     UNIT = "heads"
 
     def __post_init__(self) -> None:
-        if isinstance(self.scores, torch.Tensor):
-            scores = self.scores.detach().cpu().to(torch.float64)
-        else:
-            scores = torch.as_tensor(np.asarray(self.scores, dtype=np.float64))
-        if scores.ndim != 2 or scores.shape[0] < 1 or scores.shape[1] < 1:
-            raise ValueError(f"{type(self).__name__}.scores: expected a [layers, {self.UNIT}] array, got shape "
-                             f"{tuple(scores.shape)}")
-        if not bool(torch.isfinite(scores).all()):
-            raise ValueError(f"{type(self).__name__}.scores: contains NaN or inf values ({self.method})")
+        scores = float64_scores(self.scores, type(self).__name__, self.method, f"[layers, {self.UNIT}] array",
+                                "numbers")
         self.scores = scores
         self.num_samples = int(self.num_samples)
 
@@ -179,19 +189,8 @@ class BlockImportance:
     UNIT = "blocks"
 
     def __post_init__(self) -> None:
-        if isinstance(self.scores, torch.Tensor):
-            scores = self.scores.detach().cpu().to(torch.float64)
-        else:
-            try:
-                scores = torch.as_tensor(np.asarray(self.scores, dtype=np.float64))
-            except (TypeError, ValueError):
-                raise ValueError(f"BlockImportance.scores: expected one number per block, got "
-                                 f"{type(self.scores).__name__} {str(self.scores)[:80]}") from None
-        if scores.ndim != 1 or scores.shape[0] < 1:
-            raise ValueError(f"BlockImportance.scores: expected a [depth] array (one score per block), got shape "
-                             f"{tuple(scores.shape)}")
-        if not bool(torch.isfinite(scores).all()):
-            raise ValueError(f"BlockImportance.scores: contains NaN or inf values ({self.method})")
+        scores = float64_scores(self.scores, "BlockImportance", self.method, "[depth] array (one score per block)",
+                                "one number per block")
         if not isinstance(self.method, str):
             raise ValueError(f"BlockImportance.method: expected a string, got {self.method!r}")
         if not isinstance(self.metadata, Mapping):
