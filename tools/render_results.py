@@ -372,12 +372,21 @@ def pareto_summary(path: Path) -> str:
     """The Pareto sweep for README_KD.md: the plot and, per headline budget, the best selection against its target."""
     if not path.exists():
         return NO_PARETO
-    parts = [f"at {h['target']:g}x {h['best_worst']['mean']:.1%} (target {h['threshold']:.0%}: "
-             + ("met)" if h["met"] else f"missed by {h['miss_pp']:.1f} points)") for h in _sweep(path)["headline"]]
-    text = ("Worst headline metric kept by the best selection: " + "; ".join(parts)) if parts else \
-        "No 2x or 3x budget in the sweep"
+    sweep = _sweep(path)
+    measured = {(g["family"], g["target"]): (g.get("measured_speedup") or {}).get("median") for g in sweep["groups"]
+                if g["schedule"] == "oneshot"}
+
+    def speed(h: Mapping[str, Any]) -> str:
+        value = measured.get((h["best_family"], h["target"]))
+        return "not timed" if value is None else f"measured {value:.2f}x"
+
+    parts = [f"at the {h['target']:g}x budget ({speed(h)}) "
+             f"{h['best_worst']['mean']:.1%} (target {h['threshold']:.0%}: "
+             + ("met)" if h["met"] else f"missed by {h['miss_pp']:.1f} points)") for h in sweep["headline"]]
+    text = ("Worst headline metric kept by the best selection, mean of the seeds:\n" + "; ".join(parts)) if parts \
+        else "No 2x or 3x budget in the sweep"
     return ("![speed against accuracy: worst retention after KD against measured speedup, per family]"
-            f"(docs/pareto/pareto.png)\n{text}; [details](docs/results.md#the-pareto-front).\n")
+            f"(docs/pareto/pareto.png) {text}; [details](docs/results.md#the-pareto-front).\n")
 
 
 def _fmt(value: Any) -> str:
