@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -332,6 +332,19 @@ def record_command(out: Path, command: str) -> List[str]:
     return commands
 
 
+def parse_with_quick(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                     quick: Mapping[str, Any]) -> argparse.Namespace:
+    """Parse ``argv`` (default: the command line), keep it as ``args.argv``, and apply ``quick``'s settings
+    when ``--quick`` is given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if args.quick:
+        for key, value in quick.items():
+            setattr(args, key, value)
+    return args
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="work_dirs/kd_study", help="study folder (rerun: finished cells skipped)")
@@ -357,12 +370,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=None,
                         help="cells trained at once, each in its own process (default: 2, or 1 on a 1-core machine); "
                              "results do not depend on it")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args.argv = argv
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    args = parse_with_quick(parser, argv, QUICK)
     for ratio in args.ratios:
         if not 0.0 < ratio < 1.0:
             parser.error(f"--ratios are fractions of heads removed, in (0, 1); got {ratio}")

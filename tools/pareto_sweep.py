@@ -439,12 +439,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--jobs", type=int, default=None, help="KD runs at once, each in its own process "
                                                                "(default: 2, or 1 on a 1-core machine)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args.argv = argv
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    from tools.kd_study import parse_with_quick
+
+    args = parse_with_quick(parser, argv, QUICK)
     check_args(parser, args)
     return args
 
